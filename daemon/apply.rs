@@ -1,0 +1,136 @@
+//! Apply: carry out a batch's plan on the cache, per strategy.
+//!
+//! - delete: remove the key (and supersede its fill in flight).
+//! - write-through: recompute the key now, on the applying thread, before the cursor moves: the
+//!   next read is a fresh hit. A key no family matches is removed instead.
+//! - write-behind: remove now, queue a recompute; a key queued twice within the delay is
+//!   recomputed once, by a bounded pool of workers.
+//! - tags and flushes: marks (see `cache`), O(1) however many keys they cover.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::{Config, Strategy};
+use crate::fill;
+use crate::rules::Plan;
+use crate::state::Shared;
+
+/// Applies one batch's plan. Blocking (write-through runs queries): call it on the tail thread.
+pub fn apply(shared: &Shared, config: &Config, plan: &Plan, conn: &Connection) {
+    let stats = &shared.stats;
+    if let Some(position) = plan.flush_all {
+        shared.cache.flush_all(position);
+    }
+    for (tag, &position) in &plan.tags {
+        shared.cache.invalidate_tag(tag, position);
+        stats.tag_invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+    for (key, action) in &plan.keys {
+        stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        match action.strategy {
+            Strategy::Delete => shared.cache.invalidate(key),
+            Strategy::WriteBehind => {
+                shared.cache.invalidate(key);
+                if config.match_key(key).is_some() {
+                    shared.write_behind.push(key);
+                }
+            }
+            Strategy::WriteThrough => match config.match_key(key) {
+                Some((family, params)) => {
+                    stats.recomputes.fetch_add(1, Ordering::Relaxed);
+                    fill::refresh_now(shared, conn, key, family, &params);
+                }
+                None => shared.cache.invalidate(key),
+            },
+        }
+    }
+}
+
+/// Keys waiting for a write-behind recompute, each at most once.
+pub struct WriteBehindQueue {
+    delay: Duration,
+    state: Mutex<Pending>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    keys: HashSet<String>,
+    due: VecDeque<(Instant, String)>,
+}
+
+impl WriteBehindQueue {
+    pub fn new(delay: Duration) -> WriteBehindQueue {
+        WriteBehindQueue {
+            delay,
+            state: Mutex::new(Pending::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Queues a recompute of `key` after the delay, unless one is already queued.
+    pub fn push(&self, key: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.keys.insert(key.to_owned()) {
+            let was_empty = state.due.is_empty();
+            state
+                .due
+                .push_back((Instant::now() + self.delay, key.to_owned()));
+            if was_empty {
+                self.wake.notify_waiters();
+            }
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .due
+            .len()
+    }
+
+    /// The next key that is due, or how long to wait for one (None: the queue is empty).
+    fn take_due(&self) -> Result<String, Option<Instant>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match state.due.front() {
+            None => Err(None),
+            Some((at, _)) if *at > Instant::now() => Err(Some(*at)),
+            Some(_) => {
+                let (_, key) = state.due.pop_front().ok_or(None)?;
+                state.keys.remove(&key);
+                Ok(key)
+            }
+        }
+    }
+}
+
+/// One write-behind worker: recomputes due keys until the daemon stops.
+pub async fn write_behind_worker(shared: Arc<Shared>) {
+    let queue = &shared.write_behind;
+    loop {
+        let notified = queue.wake.notified();
+        match queue.take_due() {
+            Ok(key) => {
+                let config = shared.config();
+                if let Some((family, params)) = config.match_key(&key) {
+                    shared.stats.recomputes.fetch_add(1, Ordering::Relaxed);
+                    let _ = fill::fill(&shared, Arc::from(key.as_str()), family, params).await;
+                }
+            }
+            Err(None) => notified.await,
+            Err(Some(at)) => {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+            }
+        }
+    }
+}

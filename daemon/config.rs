@@ -1,0 +1,778 @@
+//! The configuration: `config.toml` parsed into serde structs, then validated into the types the
+//! daemon runs on. Every problem is collected and reported at once with file:line:column, the way
+//! a user fixes them: all in one pass.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::template::Template;
+
+/// What a change to a watched table does to the keys a rule names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Remove the key; the next read misses and refills from the database.
+    Delete,
+    /// Remove now, recompute soon in the background.
+    WriteBehind,
+    /// Recompute now, before the change counts as applied: the next read is a fresh hit.
+    WriteThrough,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Delete => "delete",
+            Strategy::WriteBehind => "write-behind",
+            Strategy::WriteThrough => "write-through",
+        }
+    }
+}
+
+/// A row operation, as the capture triggers record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub const ALL: [Op; 3] = [Op::Insert, Op::Update, Op::Delete];
+
+    pub fn code(self) -> i64 {
+        match self {
+            Op::Insert => 1,
+            Op::Update => 2,
+            Op::Delete => 3,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.code() == code)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file format.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: Spanned<String>,
+    listen: Option<Spanned<String>>,
+    fresh_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    write_behind: RawWriteBehind,
+    #[serde(default)]
+    tail: RawTail,
+    #[serde(default)]
+    keys: BTreeMap<Spanned<String>, RawFamily>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    max_entries: Option<Spanned<i64>>,
+    ttl: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWriteBehind {
+    delay: Option<Spanned<String>>,
+    workers: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTail {
+    poll_interval: Option<Spanned<String>>,
+    batch_size: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct RawFamily {
+    query: Spanned<String>,
+    #[serde(default)]
+    many: bool,
+    ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    table: Spanned<String>,
+    on: Option<Vec<Op>>,
+    #[serde(default)]
+    keys: Vec<Spanned<String>>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    strategy: Option<Strategy>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+
+/// The daemon's configuration, validated.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from, when it came from one (reloads watch it).
+    pub path: Option<PathBuf>,
+    pub database: PathBuf,
+    pub listen: SocketAddr,
+    /// How long `?fresh=1` waits for the daemon to catch up before answering 503.
+    pub fresh_timeout: Duration,
+    pub cache: CacheSettings,
+    pub write_behind: WriteBehindSettings,
+    pub tail: TailSettings,
+    /// Key families, most specific pattern first (that is the order keys are matched in).
+    pub families: Vec<Arc<Family>>,
+    pub rules: Vec<Rule>,
+    /// For each watched table, the indexes of its rules in `rules`.
+    rules_by_table: HashMap<String, Vec<usize>>,
+    /// The text it was parsed from and the name of its file, to locate problems found later
+    /// (by `check` against the database).
+    pub source: String,
+    pub file: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    pub max_entries: u64,
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteBehindSettings {
+    pub delay: Duration,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TailSettings {
+    /// The fallback poll: file notifications are a doorbell, not the truth.
+    pub poll_interval: Duration,
+    /// How many outbox rows one batch reads at most.
+    pub batch_size: usize,
+}
+
+/// A key family: the keys one pattern matches, and the query that computes their values.
+#[derive(Debug)]
+pub struct Family {
+    pub pattern: Template,
+    pub query: String,
+    /// The value is a JSON array of row objects; otherwise one object (404 without a row).
+    pub many: bool,
+    pub ttl: Duration,
+    pub tags: Vec<Template>,
+    /// Set when a reload replaced this family: values it computed are no longer served.
+    pub retired: AtomicBool,
+    /// Values computed before this outbox position are no longer served (a family flush).
+    pub floor: AtomicU64,
+    /// Counters, kept across reloads that leave the family unchanged.
+    pub stats: FamilyStats,
+    /// Where the pattern and the query stand in the config text.
+    pub pattern_span: Range<usize>,
+    pub query_span: Range<usize>,
+    raw: RawFamily,
+}
+
+#[derive(Debug, Default)]
+pub struct FamilyStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub fills: AtomicU64,
+}
+
+/// A rule: what a change to one table does to the cache.
+#[derive(Debug)]
+pub struct Rule {
+    pub table: String,
+    pub on: Vec<Op>,
+    pub keys: Vec<Template>,
+    pub tags: Vec<Template>,
+    pub strategy: Strategy,
+    /// Where the table name and each key template stand in the config text.
+    pub table_span: Range<usize>,
+    pub key_spans: Vec<Range<usize>>,
+}
+
+/// One thing wrong with a config, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.line == 0 {
+                write!(f, "{}: {}", self.file, p.message)?;
+            } else {
+                write!(f, "{}:{}:{}: {}", self.file, p.line, p.column, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems while validating, turning byte spans into line and column.
+pub(crate) struct Problems<'s> {
+    source: &'s str,
+    found: Vec<Problem>,
+}
+
+impl<'s> Problems<'s> {
+    pub(crate) fn new(source: &'s str) -> Self {
+        Problems {
+            source,
+            found: Vec::new(),
+        }
+    }
+
+    pub(crate) fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, column) = line_column(self.source, span.start);
+        self.found.push(Problem {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
+
+    pub(crate) fn into_error(mut self, file: &str) -> ConfigError {
+        self.found.sort_by_key(|p| (p.line, p.column));
+        ConfigError {
+            file: file.to_owned(),
+            problems: self.found,
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = source.get(..offset).unwrap_or(source);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+impl Config {
+    /// Reads and validates a config file. Relative paths in it are relative to the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                line: 0,
+                column: 0,
+                message: format!("cannot read the config file: {e}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut config = Config::parse(&source, &file, base)?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses and validates config text. `file` names it in errors; `base` anchors relative paths.
+    pub fn parse(source: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(source).map_err(|e| {
+            let mut problems = Problems::new(source);
+            problems.at(e.span().unwrap_or(0..0), e.message().trim().to_owned());
+            problems.into_error(file)
+        })?;
+        let mut problems = Problems::new(source);
+        let mut config = validate(raw, base, &mut problems);
+        config.source = source.to_owned();
+        config.file = file.to_owned();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems.into_error(file))
+        }
+    }
+
+    /// The family whose pattern matches `key`, with the parameters the key gives it.
+    pub fn match_key(&self, key: &str) -> Option<(&Arc<Family>, Vec<(String, String)>)> {
+        self.families
+            .iter()
+            .find_map(|family| family.pattern.match_key(key).map(|params| (family, params)))
+    }
+
+    /// The rules that watch `table`.
+    pub fn rules_for(&self, table: &str) -> impl Iterator<Item = &Rule> {
+        self.rules_by_table
+            .get(table)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.rules[i])
+    }
+
+    /// Every watched table with the columns its rules' templates read, sorted: what capture
+    /// records for each change.
+    pub fn captured_columns(&self) -> BTreeMap<String, Vec<String>> {
+        let mut tables: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for rule in &self.rules {
+            let columns = tables.entry(rule.table.clone()).or_default();
+            for template in rule.keys.iter().chain(&rule.tags) {
+                for param in template.params() {
+                    if !columns.iter().any(|c| c == param) {
+                        columns.push(param.to_owned());
+                    }
+                }
+            }
+        }
+        for columns in tables.values_mut() {
+            columns.sort();
+        }
+        tables
+    }
+
+    /// Carries runtime state over from the running config: families whose definition did not
+    /// change keep their object (and so their cached values and counters); the others are retired,
+    /// which drops their cached values.
+    pub fn adopt_families_from(&mut self, running: &Config) {
+        for family in &mut self.families {
+            let same = running
+                .families
+                .iter()
+                .find(|old| old.pattern == family.pattern && old.raw == family.raw);
+            if let Some(old) = same {
+                *family = Arc::clone(old);
+            }
+        }
+        for old in &running.families {
+            if !self.families.iter().any(|f| Arc::ptr_eq(f, old)) {
+                old.retired
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+
+    /// The settings a reload may not change, with a message for each that differs.
+    pub fn fixed_settings_changed(&self, running: &Config) -> Vec<String> {
+        let mut changed = Vec::new();
+        if self.database != running.database {
+            changed.push(format!(
+                "`database` cannot change while the daemon runs (running: {}, file: {}); restart it",
+                running.database.display(),
+                self.database.display()
+            ));
+        }
+        if self.listen != running.listen {
+            changed.push(format!(
+                "`listen` cannot change while the daemon runs (running: {}, file: {}); restart it",
+                running.listen, self.listen
+            ));
+        }
+        changed
+    }
+}
+
+fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config {
+    let database = {
+        let path = PathBuf::from(raw.database.get_ref());
+        if raw.database.get_ref().is_empty() {
+            problems.at(
+                raw.database.span(),
+                "`database` is empty: name the app's SQLite file",
+            );
+        }
+        if path.is_absolute() {
+            path
+        } else {
+            base.join(path)
+        }
+    };
+    let listen = match &raw.listen {
+        None => DEFAULT_LISTEN.parse().expect("the default address parses"),
+        Some(text) => text.get_ref().parse().unwrap_or_else(|e| {
+            problems.at(
+                text.span(),
+                format!(
+                    "`listen` = {:?} is not an address like 127.0.0.1:8080: {e}",
+                    text.get_ref()
+                ),
+            );
+            DEFAULT_LISTEN.parse().expect("the default address parses")
+        }),
+    };
+    let fresh_timeout = duration(
+        raw.fresh_timeout.as_ref(),
+        "fresh_timeout",
+        Duration::from_secs(5),
+        problems,
+    );
+    let cache = CacheSettings {
+        max_entries: positive(
+            raw.cache.max_entries.as_ref(),
+            "cache.max_entries",
+            100_000,
+            problems,
+        ),
+        ttl: duration(
+            raw.cache.ttl.as_ref(),
+            "cache.ttl",
+            Duration::from_secs(600),
+            problems,
+        ),
+    };
+    let write_behind = WriteBehindSettings {
+        delay: duration(
+            raw.write_behind.delay.as_ref(),
+            "write_behind.delay",
+            Duration::from_millis(50),
+            problems,
+        ),
+        workers: positive(
+            raw.write_behind.workers.as_ref(),
+            "write_behind.workers",
+            4,
+            problems,
+        ) as usize,
+    };
+    let tail = TailSettings {
+        poll_interval: duration(
+            raw.tail.poll_interval.as_ref(),
+            "tail.poll_interval",
+            Duration::from_millis(500),
+            problems,
+        ),
+        batch_size: positive(
+            raw.tail.batch_size.as_ref(),
+            "tail.batch_size",
+            10_000,
+            problems,
+        ) as usize,
+    };
+    if tail.poll_interval.is_zero() {
+        if let Some(span) = raw.tail.poll_interval.as_ref().map(Spanned::span) {
+            problems.at(span, "`tail.poll_interval` must be above zero");
+        }
+    }
+
+    let mut families = Vec::new();
+    for (pattern_text, family) in raw.keys {
+        if let Some(f) = validate_family(&pattern_text, family, cache.ttl, problems) {
+            families.push(Arc::new(f));
+        }
+    }
+    // Most specific first: `book:top` wins over `book:{id}` for the key "book:top".
+    families.sort_by(|a, b| {
+        b.pattern
+            .literal_len()
+            .cmp(&a.pattern.literal_len())
+            .then_with(|| a.pattern.source().cmp(b.pattern.source()))
+    });
+
+    let mut rules = Vec::new();
+    for rule in raw.rules {
+        if let Some(r) = validate_rule(rule, problems) {
+            rules.push(r);
+        }
+    }
+    let mut rules_by_table: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, rule) in rules.iter().enumerate() {
+        rules_by_table
+            .entry(rule.table.clone())
+            .or_default()
+            .push(i);
+    }
+
+    Config {
+        path: None,
+        database,
+        listen,
+        fresh_timeout,
+        cache,
+        write_behind,
+        tail,
+        families,
+        rules,
+        rules_by_table,
+        source: String::new(),
+        file: String::new(),
+    }
+}
+
+fn validate_family(
+    pattern_text: &Spanned<String>,
+    raw: RawFamily,
+    default_ttl: Duration,
+    problems: &mut Problems<'_>,
+) -> Option<Family> {
+    let pattern = match Template::parse(pattern_text.get_ref(), false) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.at(
+                pattern_text.span(),
+                format!("key family `{pattern_text}`: {e}"),
+            );
+            return None;
+        }
+    };
+    let query = raw.query.get_ref().trim().to_owned();
+    if query.is_empty() {
+        problems.at(
+            raw.query.span(),
+            format!("key family `{pattern_text}`: `query` is empty"),
+        );
+    }
+    let ttl = duration(
+        raw.ttl.as_ref(),
+        &format!("keys.\"{pattern_text}\".ttl"),
+        default_ttl,
+        problems,
+    );
+    let mut tags = Vec::new();
+    for tag in &raw.tags {
+        match Template::parse(tag.get_ref(), true) {
+            Ok(t) => {
+                for param in t.params() {
+                    if !pattern.params().contains(&param) {
+                        problems.at(
+                            tag.span(),
+                            format!(
+                                "key family `{pattern_text}`: tag `{tag}` uses `{{{param}}}`, which the pattern does not have"
+                            ),
+                        );
+                    }
+                }
+                tags.push(t);
+            }
+            Err(e) => problems.at(
+                tag.span(),
+                format!("key family `{pattern_text}`: tag `{tag}`: {e}"),
+            ),
+        }
+    }
+    Some(Family {
+        pattern,
+        query,
+        many: raw.many,
+        ttl,
+        tags,
+        retired: AtomicBool::new(false),
+        floor: AtomicU64::new(0),
+        stats: FamilyStats::default(),
+        pattern_span: pattern_text.span(),
+        query_span: raw.query.span(),
+        raw,
+    })
+}
+
+fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
+    let table = raw.table.get_ref().clone();
+    if table.is_empty() {
+        problems.at(raw.table.span(), "rule: `table` is empty");
+        return None;
+    }
+    if table.starts_with("cachetail_") || table.starts_with("sqlite_") {
+        problems.at(
+            raw.table.span(),
+            format!("rule: table `{table}` is internal and cannot be watched"),
+        );
+        return None;
+    }
+    if raw.keys.is_empty() && raw.tags.is_empty() {
+        problems.at(
+            raw.table.span(),
+            format!("rule for table `{table}` names no `keys` and no `tags`: it would do nothing"),
+        );
+    }
+    let mut parse_all = |list: &[Spanned<String>], what: &str| -> Vec<Template> {
+        list.iter()
+            .filter_map(|t| match Template::parse(t.get_ref(), true) {
+                Ok(template) => Some(template),
+                Err(e) => {
+                    problems.at(
+                        t.span(),
+                        format!("rule for table `{table}`: {what} `{t}`: {e}"),
+                    );
+                    None
+                }
+            })
+            .collect()
+    };
+    let keys = parse_all(&raw.keys, "key");
+    let tags = parse_all(&raw.tags, "tag");
+    let key_spans = if keys.len() == raw.keys.len() {
+        raw.keys.iter().map(Spanned::span).collect()
+    } else {
+        Vec::new()
+    };
+    let mut on = raw.on.unwrap_or_else(|| Op::ALL.to_vec());
+    on.dedup();
+    if on.is_empty() {
+        problems.at(
+            raw.table.span(),
+            format!("rule for table `{table}`: `on` is empty: it would do nothing"),
+        );
+    }
+    Some(Rule {
+        table,
+        on,
+        keys,
+        tags,
+        strategy: raw.strategy.unwrap_or(Strategy::Delete),
+        table_span: raw.table.span(),
+        key_spans,
+    })
+}
+
+fn duration(
+    value: Option<&Spanned<String>>,
+    name: &str,
+    default: Duration,
+    problems: &mut Problems<'_>,
+) -> Duration {
+    let Some(text) = value else { return default };
+    humantime::parse_duration(text.get_ref().trim()).unwrap_or_else(|e| {
+        problems.at(
+            text.span(),
+            format!(
+                "`{name}` = {:?} is not a duration like \"50ms\", \"10s\" or \"10m\": {e}",
+                text.get_ref()
+            ),
+        );
+        default
+    })
+}
+
+fn positive(
+    value: Option<&Spanned<i64>>,
+    name: &str,
+    default: u64,
+    problems: &mut Problems<'_>,
+) -> u64 {
+    let Some(number) = value else { return default };
+    match u64::try_from(*number.get_ref()) {
+        Ok(n) if n > 0 => n,
+        _ => {
+            problems.at(
+                number.span(),
+                format!(
+                    "`{name}` must be a whole number above zero, not {}",
+                    number.get_ref()
+                ),
+            );
+            default
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "config.toml", Path::new("/srv"))
+    }
+
+    #[test]
+    fn the_reference_config_is_valid() {
+        let config = parse(include_str!("../config.toml")).expect("reference config");
+        assert_eq!(config.database, PathBuf::from("/srv/catalog.db"));
+        assert!(config.match_key("book:42").is_some());
+        assert!(config.match_key("top-books").is_some());
+        assert!(config.match_key("nothing:here").is_none());
+        let captured = config.captured_columns();
+        assert_eq!(
+            captured["reviews"],
+            vec!["book_id".to_owned(), "user_id".to_owned()]
+        );
+        assert_eq!(captured["books"], Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line_and_column() {
+        let err = parse(
+            "database = \"x.db\"\n[cache]\nttl = \"soon\"\n[keys.\"a:{id\"]\nquery = \"SELECT 1\"\n[[rules]]\ntable = \"t\"\nstrategy = \"delete\"\n",
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("config.toml:3:7: `cache.ttl`"), "{text}");
+        assert!(
+            text.contains("config.toml:4:7: key family `a:{id`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("config.toml:7:9: rule for table `t` names no `keys`"),
+            "{text}"
+        );
+        assert_eq!(err.problems.len(), 3);
+    }
+
+    #[test]
+    fn toml_errors_and_unknown_fields_are_located() {
+        let err = parse("database = \"x.db\"\nlisten = 5\n").expect_err("invalid");
+        assert!(err.to_string().starts_with("config.toml:2:10:"), "{err}");
+        let err = parse("database = \"x.db\"\n[cache]\nmax_entrys = 5\n").expect_err("invalid");
+        assert!(err.to_string().contains("config.toml:3:1:"), "{err}");
+        assert!(err.to_string().contains("max_entrys"), "{err}");
+        let err = parse(
+            "database = \"x.db\"\n[[rules]]\ntable = \"t\"\nkeys = [\"k\"]\nstrategy = \"later\"\n",
+        )
+        .expect_err("invalid");
+        assert!(err.to_string().contains("config.toml:5:12:"), "{err}");
+    }
+
+    #[test]
+    fn the_most_specific_family_matches_first() {
+        let config = parse(
+            "database = \"x.db\"\n[keys.\"book:{id}\"]\nquery = \"SELECT :id\"\n[keys.\"book:top\"]\nquery = \"SELECT 1\"\n",
+        )
+        .expect("valid");
+        let (family, _) = config.match_key("book:top").expect("matches");
+        assert_eq!(family.pattern.source(), "book:top");
+        let (family, params) = config.match_key("book:7").expect("matches");
+        assert_eq!(family.pattern.source(), "book:{id}");
+        assert_eq!(params, vec![("id".to_owned(), "7".to_owned())]);
+    }
+}

@@ -1,0 +1,276 @@
+//! Computing a key's value: the family's query with the key's parameters bound, run in one read
+//! transaction together with a read of the outbox head (the value's version), encoded as JSON.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, Statement};
+
+use crate::cache::{Begin, FillOutcome, FillTicket};
+use crate::config::Family;
+use crate::sqlite;
+use crate::state::Shared;
+
+/// Read connections for fills, reused across requests. SQLite in WAL mode lets them all read
+/// while the app writes.
+pub struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    max_idle: usize,
+}
+
+impl ReadPool {
+    pub fn new(path: PathBuf, max_idle: usize) -> ReadPool {
+        ReadPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        }
+    }
+
+    /// Runs `work` on an idle connection (opening one if none is idle). Blocking: call it from
+    /// a blocking thread.
+    pub fn with<R>(
+        &self,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+    ) -> rusqlite::Result<R> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_reader(&self.path)?,
+        };
+        let result = work(&conn);
+        // A connection left inside a transaction by an error is not reused.
+        if conn.is_autocommit() {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < self.max_idle {
+                idle.push(conn);
+            }
+        }
+        result
+    }
+}
+
+/// Opens a connection that can only read: a family's query can never write to the app's data.
+pub fn open_reader(path: &std::path::Path) -> rusqlite::Result<Connection> {
+    let conn = sqlite::open(path)?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
+/// A computed value: the outbox position it read at and its JSON (None: no row, a 404).
+pub struct Computed {
+    pub version: u64,
+    pub body: Option<Bytes>,
+}
+
+/// Runs `family`'s query for one key, in one read transaction with the outbox head.
+pub fn compute(
+    conn: &Connection,
+    family: &Family,
+    params: &[(String, String)],
+) -> rusqlite::Result<Computed> {
+    let tx = conn.unchecked_transaction()?;
+    let version: i64 = tx
+        .prepare_cached("SELECT coalesce(max(id), 0) FROM cachetail_outbox")?
+        .query_row([], |row| row.get(0))?;
+    let body = {
+        let mut stmt = tx.prepare_cached(&family.query)?;
+        bind_params(&mut stmt, params)?;
+        encode_rows(&mut stmt, family.many)?
+    };
+    tx.commit()?;
+    Ok(Computed {
+        version: u64::try_from(version).unwrap_or(0),
+        body,
+    })
+}
+
+/// Binds each `:name` of the statement to the key parameter of that name. A value that reads as
+/// a canonical integer is bound as an integer, so `WHERE id = :id` matches whatever the column's
+/// affinity; anything else is bound as text. Never spliced into the SQL.
+fn bind_params(stmt: &mut Statement<'_>, params: &[(String, String)]) -> rusqlite::Result<()> {
+    for index in 1..=stmt.parameter_count() {
+        let name = stmt.parameter_name(index).unwrap_or("");
+        let bare = name.trim_start_matches([':', '@', '$']);
+        let Some((_, value)) = params.iter().find(|(n, _)| n == bare) else {
+            return Err(rusqlite::Error::InvalidParameterName(name.to_owned()));
+        };
+        match canonical_integer(value) {
+            Some(i) => stmt.raw_bind_parameter(index, i)?,
+            None => stmt.raw_bind_parameter(index, value.as_str())?,
+        }
+    }
+    Ok(())
+}
+
+fn canonical_integer(text: &str) -> Option<i64> {
+    let i: i64 = text.parse().ok()?;
+    (i.to_string() == text).then_some(i)
+}
+
+/// Encodes the rows as JSON: an array of objects when `many`, else the first row's object
+/// (None when there is no row).
+fn encode_rows(stmt: &mut Statement<'_>, many: bool) -> rusqlite::Result<Option<Bytes>> {
+    let names: Vec<String> = stmt
+        .column_names()
+        .map(|n| serde_json::to_string(n).unwrap_or_else(|_| "\"?\"".to_owned()))
+        .collect();
+    let mut out = String::with_capacity(256);
+    let mut rows = stmt.raw_query();
+    if many {
+        out.push('[');
+    }
+    let mut count = 0usize;
+    while let Some(row) = rows.next()? {
+        if count > 0 {
+            out.push(',');
+        }
+        out.push('{');
+        for (i, name) in names.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(name);
+            out.push(':');
+            push_json(&mut out, row.get_ref(i)?);
+        }
+        out.push('}');
+        count += 1;
+        if !many {
+            break;
+        }
+    }
+    if many {
+        out.push(']');
+    } else if count == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Bytes::from(out)))
+}
+
+/// One SQLite value as JSON: numbers as numbers (non-finite reals as null), text as strings,
+/// blobs as lowercase hex strings.
+fn push_json(out: &mut String, value: ValueRef<'_>) {
+    match value {
+        ValueRef::Null => out.push_str("null"),
+        ValueRef::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
+        ValueRef::Real(r) if r.is_finite() => {
+            let text = serde_json::to_string(&r).unwrap_or_else(|_| "null".to_owned());
+            out.push_str(&text);
+        }
+        ValueRef::Real(_) => out.push_str("null"),
+        ValueRef::Text(bytes) => {
+            let text = String::from_utf8_lossy(bytes);
+            out.push_str(&serde_json::to_string(&*text).unwrap_or_else(|_| "null".to_owned()));
+        }
+        ValueRef::Blob(bytes) => {
+            out.push('"');
+            for b in bytes {
+                let _ = write!(out, "{b:02x}");
+            }
+            out.push('"');
+        }
+    }
+}
+
+/// The tags a family's value carries, rendered from the key's parameters.
+pub fn render_tags(family: &Family, params: &[(String, String)]) -> Box<[Arc<str>]> {
+    family
+        .tags
+        .iter()
+        .filter_map(|t| t.render_with(params))
+        .map(Arc::from)
+        .collect()
+}
+
+/// Fills a missed key: joins the fill in flight, or leads a new one on a blocking thread.
+pub async fn fill(
+    shared: &Arc<Shared>,
+    key: Arc<str>,
+    family: &Arc<Family>,
+    params: Vec<(String, String)>,
+) -> FillOutcome {
+    let mut waiter = match shared.cache.begin_fill(key, family) {
+        Begin::Join(waiter) => waiter,
+        Begin::Lead(ticket, waiter) => {
+            let shared = Arc::clone(shared);
+            // Its own task: the fill completes (and serves the joiners) even if the request that
+            // started it goes away.
+            tokio::spawn(async move {
+                let worker = Arc::clone(&shared);
+                let _ = tokio::task::spawn_blocking(move || {
+                    let outcome = worker
+                        .pool
+                        .with(|conn| compute(conn, ticket.family(), &params));
+                    finish(&worker, ticket, &params, outcome);
+                })
+                .await;
+            });
+            waiter
+        }
+    };
+    match waiter.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome
+            .clone()
+            .unwrap_or_else(|| Err(Arc::from("fill vanished"))),
+        Err(_) => Err(Arc::from("the fill was abandoned")),
+    }
+}
+
+/// Recomputes a key now and stores it, superseding any fill in flight (write-through). Blocking:
+/// runs on the applying thread with its own connection. Returns false (after removing the key,
+/// so nothing stale stays) when the query failed.
+pub fn refresh_now(
+    shared: &Shared,
+    conn: &Connection,
+    key: &str,
+    family: &Arc<Family>,
+    params: &[(String, String)],
+) -> bool {
+    let ticket = shared.cache.begin_refresh(Arc::from(key), family);
+    let outcome = compute(conn, family, params);
+    let ok = outcome.is_ok();
+    finish(shared, ticket, params, outcome);
+    if !ok {
+        shared.cache.invalidate(key);
+    }
+    ok
+}
+
+fn finish(
+    shared: &Shared,
+    ticket: FillTicket,
+    params: &[(String, String)],
+    outcome: rusqlite::Result<Computed>,
+) {
+    let family = Arc::clone(ticket.family());
+    family
+        .stats
+        .fills
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .stats
+        .fills
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let computed = match outcome {
+        Ok(c) => Ok((c.version, c.body, render_tags(&family, params))),
+        Err(e) => {
+            shared
+                .stats
+                .fill_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(key = %ticket.key(), family = %family.pattern, error = %e, "fill failed");
+            Err(Arc::from(format!(
+                "the query of key family `{}` failed: {e}",
+                family.pattern
+            )))
+        }
+    };
+    shared.cache.finish_fill(ticket, computed);
+}

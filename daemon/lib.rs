@@ -1,0 +1,163 @@
+//! cachetail keeps a cache of SQLite query results exactly as fresh as the database.
+//!
+//! The data path, one module per stage:
+//!
+//! ```text
+//! capture (triggers → outbox) → tail (cursor, wake-ups, batches) → rules (change → keys)
+//!     → apply (delete / write-through / write-behind) → cache (moka, stale-fill guard)
+//!     → serve (HTTP)
+//! ```
+//!
+//! with `config` (parse, validate), `check` (against the database) and `reload` beside it.
+//! [`run`] is the whole daemon; the `cachetail` binary is a thin CLI around it.
+
+pub mod apply;
+pub mod cache;
+pub mod capture;
+pub mod check;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod fill;
+pub mod reload;
+pub mod rules;
+pub mod serve;
+pub mod sqlite;
+pub mod state;
+pub mod tail;
+pub mod template;
+pub mod watch;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+
+pub use config::{Config, ConfigError};
+pub use state::Shared;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "the database {0} does not exist (cachetail never creates the app's database; check `database` in the config)"
+    )]
+    NoDatabase(PathBuf),
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("installing capture failed: {0}")]
+    Capture(#[from] capture::CaptureError),
+    #[error(transparent)]
+    Tail(#[from] tail::TailError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Checks the config against its database, installs capture, and opens the outbox: everything
+/// that must succeed before the daemon serves. Blocking.
+pub fn prepare(config: &Config) -> Result<tail::Outbox, Error> {
+    if !config.database.exists() {
+        return Err(Error::NoDatabase(config.database.clone()));
+    }
+    let open_error = |source| Error::Open {
+        path: config.database.clone(),
+        source,
+    };
+    let mut conn = sqlite::open(&config.database).map_err(open_error)?;
+    check::check_database(config, &conn)?;
+    let report = capture::install(&mut conn, config)?;
+    if report.changed() {
+        tracing::info!(created = ?report.created, dropped = ?report.dropped, "capture triggers installed");
+    }
+    Ok(tail::Outbox::open(&config.database)?)
+}
+
+/// Runs the daemon until `shutdown` resolves: capture installed, the tail applying the outbox,
+/// the config watched for reloads, the HTTP endpoint serving on `listener`. Then it stops
+/// accepting, lets in-flight requests finish, and returns with the cursor persisted.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let (config, outbox) =
+        tokio::task::spawn_blocking(move || prepare(&config).map(|outbox| (config, outbox)))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+    let shared = Arc::new(Shared::new(config, outbox.cursor()));
+    run_with(shared, outbox, listener, shutdown).await;
+    Ok(())
+}
+
+/// Runs the stages on an already prepared daemon state (used by `run` and the demo).
+pub async fn run_with(
+    shared: Arc<Shared>,
+    outbox: tail::Outbox,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config = shared.config();
+    let stop = Arc::new(AtomicBool::new(false));
+    let database_bell = Arc::new(tail::Doorbell::default());
+    let config_bell = Arc::new(tail::Doorbell::default());
+    let watcher = watch::watch_files(
+        &config.database,
+        config.path.as_deref(),
+        Arc::clone(&database_bell),
+        Arc::clone(&config_bell),
+    );
+    if let Err(e) = &watcher {
+        tracing::warn!(error = %e, poll = ?config.tail.poll_interval, "file notifications unavailable; polling only");
+    }
+
+    let tail_thread = {
+        let (shared, bell, stop) = (
+            Arc::clone(&shared),
+            Arc::clone(&database_bell),
+            Arc::clone(&stop),
+        );
+        std::thread::Builder::new()
+            .name("cachetail-tail".into())
+            .spawn(move || tail::run(shared, outbox, bell, stop))
+    };
+    let reload_thread = {
+        let (shared, bell, stop) = (
+            Arc::clone(&shared),
+            Arc::clone(&config_bell),
+            Arc::clone(&stop),
+        );
+        std::thread::Builder::new()
+            .name("cachetail-reload".into())
+            .spawn(move || reload::run(shared, bell, stop))
+    };
+    let workers: Vec<_> = (0..config.write_behind.workers)
+        .map(|_| tokio::spawn(apply::write_behind_worker(Arc::clone(&shared))))
+        .collect();
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, database = %config.database.display(), cursor = shared.applied(), "cachetail serving");
+    }
+
+    serve::serve(Arc::clone(&shared), listener, shutdown).await;
+
+    stop.store(true, Ordering::Release);
+    database_bell.ring();
+    config_bell.ring();
+    for worker in workers {
+        worker.abort();
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        for thread in [tail_thread, reload_thread].into_iter().flatten() {
+            let _ = thread.join();
+        }
+    })
+    .await;
+    drop(watcher);
+    tracing::info!(cursor = shared.applied(), "cachetail stopped");
+}

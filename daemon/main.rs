@@ -1,0 +1,216 @@
+//! The `cachetail` command: a thin CLI around the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use cachetail::{Config, capture, check, sqlite};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "cachetail",
+    version,
+    about = "Keeps a cache of SQLite query results exactly as fresh as the database"
+)]
+struct Cli {
+    /// Log format: human-readable text, or JSON lines for log shippers. Filter with RUST_LOG.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: install capture, apply changes, serve HTTP.
+    Run {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Check a config file and the database it names, without running (exit 2 on problems).
+    Check {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Install (or adjust) the outbox and the capture triggers, then exit.
+    Install {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Remove cachetail's triggers and tables; the app's data is left untouched.
+    Uninstall {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Build a demo catalog, run the daemon on it with a simulated app, print a live line.
+    Demo {
+        /// Where the demo's database and config go (replaced if present).
+        #[arg(long, default_value = "demo-data")]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 5_000)]
+        books: u32,
+        #[arg(long, default_value_t = 1_000)]
+        users: u32,
+        #[arg(long, default_value_t = 100_000)]
+        reviews: u32,
+        /// The simulated app's writes per second.
+        #[arg(long, default_value_t = 200)]
+        writes_per_second: u32,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            if let Some(config_error) = error.downcast_ref::<cachetail::ConfigError>() {
+                eprintln!("{config_error}");
+                return ExitCode::from(2);
+            }
+            if let Some(cachetail::Error::Config(config_error)) =
+                error.downcast_ref::<cachetail::Error>()
+            {
+                eprintln!("{config_error}");
+                return ExitCode::from(2);
+            }
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => run(&config),
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            if !config.database.exists() {
+                anyhow::bail!(cachetail::Error::NoDatabase(config.database.clone()));
+            }
+            let conn = sqlite::open(&config.database).context("opening the database")?;
+            check::check_database(&config, &conn)?;
+            println!(
+                "{}: ok ({} key families, {} rules, watching {})",
+                config.file,
+                config.families.len(),
+                config.rules.len(),
+                config
+                    .captured_columns()
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Install { config } => {
+            let config = Config::load(&config)?;
+            cachetail::prepare(&config)?;
+            println!("capture installed in {}", config.database.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall { config } => {
+            let config = Config::load(&config)?;
+            let mut conn = open_existing(&config.database)?;
+            let triggers = capture::uninstall(&mut conn)?;
+            println!(
+                "removed {triggers} triggers and cachetail's tables from {}",
+                config.database.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            dir,
+            listen,
+            books,
+            users,
+            reviews,
+            writes_per_second,
+            seconds,
+        } => {
+            cachetail::demo::run(cachetail::demo::DemoOptions {
+                dir,
+                listen,
+                books,
+                users,
+                reviews,
+                writes_per_second,
+                duration: seconds.map(Duration::from_secs),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn open_existing(path: &Path) -> anyhow::Result<rusqlite::Connection> {
+    if !path.exists() {
+        anyhow::bail!(cachetail::Error::NoDatabase(path.to_path_buf()));
+    }
+    Ok(sqlite::open(path)?)
+}
+
+fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        println!("cachetail listening on http://{}", listener.local_addr()?);
+        cachetail::run(config, listener, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

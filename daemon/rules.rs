@@ -1,0 +1,197 @@
+//! Rules: turn a batch of row changes into the cache actions it calls for.
+//!
+//! A key template takes its `{column}`s from the changed row: the new row on insert, the old one
+//! on delete, both on update (a review moved from book 3 to book 5 touches both books). Within a
+//! batch, actions on one key merge into one: the strongest strategy, the latest position.
+
+use std::collections::HashMap;
+
+use rusqlite::types::Value;
+
+use crate::capture::Layout;
+use crate::config::{Config, Op, Strategy};
+use crate::tail::Change;
+use crate::template::Template;
+
+/// What to do to one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyAction {
+    pub strategy: Strategy,
+    /// The latest change in the batch that touched the key.
+    pub position: u64,
+}
+
+/// The cache actions one batch calls for.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub keys: HashMap<String, KeyAction>,
+    /// Tag → the latest position that invalidated it.
+    pub tags: HashMap<String, u64>,
+    /// Set when a change could not be mapped to keys (unreadable row, or a template needing a
+    /// column the row's capture did not record): everything is dropped at this position.
+    pub flush_all: Option<u64>,
+}
+
+/// Maps each change through the rules that watch its table.
+pub fn plan(config: &Config, changes: &[Change]) -> Plan {
+    let mut plan = Plan::default();
+    for change in changes {
+        let row = match &change.row {
+            Ok(row) => row,
+            Err(reason) => {
+                tracing::warn!(
+                    position = change.position,
+                    reason,
+                    "an outbox row could not be read; dropping every cached value"
+                );
+                plan.flush_all = Some(change.position);
+                continue;
+            }
+        };
+        for rule in config.rules_for(&row.layout.table) {
+            if !rule.on.contains(&row.op) {
+                continue;
+            }
+            let images: &[Option<&Vec<Value>>] = match row.op {
+                Op::Insert => &[row.new.as_ref()],
+                Op::Delete => &[row.old.as_ref()],
+                Op::Update => &[row.old.as_ref(), row.new.as_ref()],
+            };
+            for image in images.iter().copied() {
+                let Some(image) = image else { continue };
+                for template in &rule.keys {
+                    match render(template, &row.layout, image) {
+                        Rendered::Key(key) => {
+                            let action = KeyAction {
+                                strategy: rule.strategy,
+                                position: change.position,
+                            };
+                            plan.keys
+                                .entry(key)
+                                .and_modify(|a| {
+                                    a.strategy = a.strategy.max(action.strategy);
+                                    a.position = a.position.max(action.position);
+                                })
+                                .or_insert(action);
+                        }
+                        Rendered::Null => {}
+                        Rendered::Uncaptured => plan.flush_all = Some(change.position),
+                    }
+                }
+                for template in &rule.tags {
+                    match render(template, &row.layout, image) {
+                        Rendered::Key(tag) => {
+                            let mark = plan.tags.entry(tag).or_insert(0);
+                            *mark = (*mark).max(change.position);
+                        }
+                        Rendered::Null => {}
+                        Rendered::Uncaptured => plan.flush_all = Some(change.position),
+                    }
+                }
+            }
+        }
+    }
+    plan
+}
+
+enum Rendered {
+    Key(String),
+    /// A column the template needs is NULL: no key is named.
+    Null,
+    /// A column the template needs was not captured for this row (the rules changed since).
+    Uncaptured,
+}
+
+fn render(template: &Template, layout: &Layout, image: &[Value]) -> Rendered {
+    let mut uncaptured = false;
+    let rendered = template.render(|column| {
+        let value = layout.value(image, column);
+        uncaptured |= value.is_none();
+        value
+    });
+    match rendered {
+        Some(key) => Rendered::Key(key),
+        None if uncaptured => Rendered::Uncaptured,
+        None => Rendered::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tail::RowChange;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"database = "x.db"
+[[rules]]
+table = "reviews"
+keys = ["book:{book_id}", "top"]
+strategy = "write-through"
+[[rules]]
+table = "reviews"
+on = ["delete"]
+keys = ["top"]
+tags = ["user:{user_id}"]
+"#,
+            "test.toml",
+            Path::new("."),
+        )
+        .expect("valid")
+    }
+
+    fn change(position: u64, op: Op, old: Option<[i64; 2]>, new: Option<[i64; 2]>) -> Change {
+        let layout = Arc::new(Layout {
+            id: 1,
+            table: "reviews".into(),
+            columns: vec!["book_id".into(), "user_id".into()],
+        });
+        let image = |v: [i64; 2]| v.iter().map(|&i| Value::Integer(i)).collect();
+        Change {
+            position,
+            row: Ok(RowChange {
+                layout,
+                op,
+                old: old.map(image),
+                new: new.map(image),
+            }),
+        }
+    }
+
+    #[test]
+    fn an_update_moving_a_row_touches_the_old_and_the_new_key() {
+        let plan = plan(
+            &config(),
+            &[change(7, Op::Update, Some([3, 1]), Some([5, 1]))],
+        );
+        let mut keys: Vec<_> = plan.keys.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["book:3", "book:5", "top"]);
+        assert!(plan.tags.is_empty(), "the delete-only rule did not fire");
+    }
+
+    #[test]
+    fn a_batch_merges_actions_per_key() {
+        let plan = plan(
+            &config(),
+            &[
+                change(1, Op::Insert, None, Some([3, 1])),
+                change(2, Op::Delete, Some([3, 9]), None),
+            ],
+        );
+        assert_eq!(plan.keys["book:3"].position, 2);
+        assert_eq!(plan.keys["top"].strategy, Strategy::WriteThrough);
+        assert_eq!(plan.tags["user:9"], 2);
+    }
+
+    #[test]
+    fn an_unreadable_change_drops_everything() {
+        let unreadable = Change {
+            position: 4,
+            row: Err("bad".into()),
+        };
+        assert_eq!(plan(&config(), &[unreadable]).flush_all, Some(4));
+    }
+}

@@ -1,0 +1,347 @@
+//! Serve: the HTTP endpoint (hyper 1, HTTP/1.1 with keep-alive).
+//!
+//! `GET /v1/keys/{key}` answers from the cache, filling a miss with the key family's query
+//! (concurrent misses of one key share one query). `GET /v1/status` and `GET /healthz` tell how
+//! the daemon is doing. A client's mistake gets a 4xx with a JSON error, never a 5xx.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::cache::Entry;
+use crate::fill;
+use crate::state::Shared;
+use crate::tail;
+
+/// Keys longer than this are refused (400): no family needs them, and they cost memory.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// How long open connections get to finish after shutdown is asked for.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Body = Full<Bytes>;
+
+/// Accepts connections until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let shared = Arc::clone(&shared);
+                let service = service_fn(move |request| {
+                    let shared = Arc::clone(&shared);
+                    async move { Ok::<_, Infallible>(handle(&shared, request).await) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections were still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path();
+    let is_get = request.method() == Method::GET;
+    if let Some(raw_key) = path.strip_prefix("/v1/keys/") {
+        if !is_get {
+            return method_not_allowed("GET");
+        }
+        let fresh = wants_fresh(request.uri().query());
+        return get_key(shared, raw_key, fresh).await;
+    }
+    match path {
+        "/healthz" if is_get => response(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            Bytes::from_static(b"ok\n"),
+        ),
+        "/v1/status" if is_get => status(shared).await,
+        "/healthz" | "/v1/status" => method_not_allowed("GET"),
+        "/" if is_get => json_response(
+            StatusCode::OK,
+            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "/v1/status", "/healthz"]}),
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no route {path}: try GET /v1/keys/{{key}} or GET /v1/status"),
+        ),
+    }
+}
+
+async fn get_key(shared: &Arc<Shared>, raw_key: &str, fresh: bool) -> Response<Body> {
+    let key = match decode_key(raw_key) {
+        Ok(key) => key,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+    };
+    let config = shared.config();
+    let Some((family, params)) = config.match_key(&key) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no key family matches the key {key:?}"),
+        );
+    };
+    if fresh && let Err(response) = wait_until_applied(shared, config.fresh_timeout).await {
+        return response;
+    }
+    if let Some(entry) = shared.cache.get(&key) {
+        shared.stats.hits.fetch_add(1, Ordering::Relaxed);
+        family.stats.hits.fetch_add(1, Ordering::Relaxed);
+        return value_response(&key, &entry, "hit");
+    }
+    shared.stats.misses.fetch_add(1, Ordering::Relaxed);
+    family.stats.misses.fetch_add(1, Ordering::Relaxed);
+    match fill::fill(shared, Arc::from(key.as_str()), family, params).await {
+        Ok(entry) => value_response(&key, &entry, "miss"),
+        Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message.to_string()),
+    }
+}
+
+/// Waits until the daemon has applied every change committed before now (read-your-writes).
+async fn wait_until_applied(shared: &Arc<Shared>, timeout: Duration) -> Result<(), Response<Body>> {
+    let reader = Arc::clone(shared);
+    let head = tokio::task::spawn_blocking(move || reader.pool.with(tail::head)).await;
+    let head = match head {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the outbox head: {e}"),
+            ));
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the outbox head: {e}"),
+            ));
+        }
+    };
+    let mut applied = shared.applied.subscribe();
+    match tokio::time::timeout(timeout, applied.wait_for(|&position| position >= head)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not fresh within {timeout:?}: the daemon has applied changes up to {} of {head}; retry, or read without ?fresh=1",
+                shared.applied()
+            ),
+        )),
+    }
+}
+
+fn value_response(key: &str, entry: &Entry, cache: &'static str) -> Response<Body> {
+    let mut response = match &entry.body {
+        Some(body) => response(StatusCode::OK, "application/json", body.clone()),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("the key {key:?} has no value: its family's query returned no row"),
+        ),
+    };
+    response
+        .headers_mut()
+        .insert("x-cache", HeaderValue::from_static(cache));
+    response
+}
+
+async fn status(shared: &Arc<Shared>) -> Response<Body> {
+    let reader = Arc::clone(shared);
+    let head = tokio::task::spawn_blocking(move || reader.pool.with(tail::head)).await;
+    let cursor = shared.applied();
+    let (head, head_error) = match head {
+        Ok(Ok(head)) => (Some(head), None),
+        Ok(Err(e)) => (None, Some(e.to_string())),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let config = shared.config();
+    let reload = shared.reload_state();
+    let s = &shared.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let families: Vec<_> = config
+        .families
+        .iter()
+        .map(|f| {
+            json!({
+                "pattern": f.pattern.source(),
+                "many": f.many,
+                "ttl_ms": f.ttl.as_millis() as u64,
+                "tags": f.tags.iter().map(|t| t.source()).collect::<Vec<_>>(),
+                "hits": load(&f.stats.hits),
+                "misses": load(&f.stats.misses),
+                "fills": load(&f.stats.fills),
+            })
+        })
+        .collect();
+    let rules: Vec<_> = config
+        .rules
+        .iter()
+        .map(|r| {
+            json!({
+                "table": r.table,
+                "on": r.on.iter().map(|o| o.name()).collect::<Vec<_>>(),
+                "keys": r.keys.iter().map(|k| k.source()).collect::<Vec<_>>(),
+                "tags": r.tags.iter().map(|t| t.source()).collect::<Vec<_>>(),
+                "strategy": r.strategy.name(),
+            })
+        })
+        .collect();
+    let body = json!({
+        "cursor": cursor,
+        "head": head,
+        "lag": head.map(|h| h.saturating_sub(cursor)),
+        "head_error": head_error,
+        "events": load(&s.events),
+        "batches": load(&s.batches),
+        "invalidations": load(&s.invalidations),
+        "tag_invalidations": load(&s.tag_invalidations),
+        "recomputes": load(&s.recomputes),
+        "hits": load(&s.hits),
+        "misses": load(&s.misses),
+        "fills": load(&s.fills),
+        "fill_errors": load(&s.fill_errors),
+        "apply_errors": load(&s.apply_errors),
+        "entries": shared.cache.entry_count(),
+        "write_behind_queue": shared.write_behind.depth(),
+        "config": {
+            "path": config.path.as_ref().map(|p| p.display().to_string()),
+            "database": config.database.display().to_string(),
+            "loaded_at": reload.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+            "reloads": reload.reloads,
+            "reload_failures": reload.failures,
+            "last_reload_error": reload.last_error,
+            "families": families,
+            "rules": rules,
+        },
+        "now": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+/// Decodes a percent-encoded key. Refuses bad escapes, invalid UTF-8, control characters and
+/// keys longer than `MAX_KEY_BYTES`.
+pub fn decode_key(raw: &str) -> Result<String, String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .ok_or("a `%` is not followed by two hex digits")?;
+            let hex =
+                std::str::from_utf8(hex).map_err(|_| "a `%` is not followed by two hex digits")?;
+            let byte = u8::from_str_radix(hex, 16)
+                .map_err(|_| "a `%` is not followed by two hex digits")?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let key = String::from_utf8(out).map_err(|_| "the key is not valid UTF-8".to_owned())?;
+    if key.is_empty() {
+        return Err("the key is empty".to_owned());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "the key is {} bytes long; at most {MAX_KEY_BYTES} are allowed",
+            key.len()
+        ));
+    }
+    if key.chars().any(char::is_control) {
+        return Err("the key contains a control character".to_owned());
+    }
+    Ok(key)
+}
+
+fn wants_fresh(query: Option<&str>) -> bool {
+    query
+        .unwrap_or("")
+        .split('&')
+        .any(|pair| matches!(pair, "fresh" | "fresh=1" | "fresh=true"))
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    response(status, "application/json", Bytes::from(body))
+}
+
+fn error(status: StatusCode, message: String) -> Response<Body> {
+    json_response(status, &json!({ "error": message }))
+}
+
+fn method_not_allowed(allowed: &'static str) -> Response<Body> {
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("only {allowed} is allowed here"),
+    );
+    response
+        .headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_percent_decoded_and_checked() {
+        assert_eq!(decode_key("book%3A42").as_deref(), Ok("book:42"));
+        assert_eq!(decode_key("book:42").as_deref(), Ok("book:42"));
+        assert_eq!(decode_key("caf%C3%A9").as_deref(), Ok("café"));
+        assert!(decode_key("bad%4").is_err());
+        assert!(decode_key("bad%zz").is_err());
+        assert!(decode_key("%FF").is_err());
+        assert!(decode_key("").is_err());
+        assert!(decode_key("a%0Ab").is_err());
+        assert!(decode_key(&"k".repeat(MAX_KEY_BYTES + 1)).is_err());
+    }
+}

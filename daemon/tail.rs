@@ -1,0 +1,277 @@
+//! Tail: reads the outbox in id order, in batches, each in one short read transaction; hands
+//! each batch to the rules and the applier; then advances the durable cursor and prunes.
+//!
+//! The cursor moves only after a batch's cache actions are done, so a crash replays the batch
+//! (at-least-once) and never skips one. Wake-ups come from file notifications (the `Doorbell`),
+//! with a fallback poll, because notifications are a doorbell, not the truth.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::capture::{self, CaptureError, Layout};
+use crate::config::{Config, Op};
+use crate::state::Shared;
+use crate::{apply, rules, sqlite};
+
+/// Rows deleted per pruning transaction: small, so the app's writers never wait long.
+const PRUNE_CHUNK: u64 = 2_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error("cachetail is not installed in this database (no cursor row): run `cachetail install`")]
+    NotInstalled,
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// One captured row change.
+#[derive(Debug)]
+pub struct RowChange {
+    pub layout: Arc<Layout>,
+    pub op: Op,
+    pub old: Option<Vec<Value>>,
+    pub new: Option<Vec<Value>>,
+}
+
+/// An outbox row: its position and the change it records, or why it could not be read (the
+/// applier then drops everything: a change it cannot see must not leave anything stale).
+#[derive(Debug)]
+pub struct Change {
+    pub position: u64,
+    pub row: Result<RowChange, String>,
+}
+
+/// The daemon's handle on the outbox: its connection, the capture layouts, and the cursor.
+pub struct Outbox {
+    conn: Connection,
+    layouts: HashMap<i64, Arc<Layout>>,
+    cursor: u64,
+    pruned_below: u64,
+}
+
+impl Outbox {
+    pub fn open(path: &Path) -> Result<Outbox, TailError> {
+        let conn = sqlite::open(path)?;
+        let cursor: Option<i64> = conn
+            .query_row(
+                "SELECT position FROM cachetail_cursor WHERE consumer = 'main'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
+                    TailError::NotInstalled
+                }
+                other => TailError::Sqlite(other),
+            })?;
+        let cursor = cursor.ok_or(TailError::NotInstalled)?;
+        let layouts = capture::load_layouts(&conn)?;
+        let oldest: i64 = conn.query_row(
+            "SELECT coalesce(min(id), 0) FROM cachetail_outbox",
+            [],
+            |row| row.get(0),
+        )?;
+        Ok(Outbox {
+            conn,
+            layouts,
+            cursor: u64::try_from(cursor).unwrap_or(0),
+            pruned_below: u64::try_from(oldest).unwrap_or(0),
+        })
+    }
+
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The newest outbox id (0 when nothing was ever captured).
+    pub fn head(&self) -> rusqlite::Result<u64> {
+        head(&self.conn)
+    }
+
+    /// Reads up to `limit` changes after the cursor, in id order.
+    pub fn read_batch(&mut self, limit: usize) -> Result<Vec<Change>, TailError> {
+        let mut raw = Vec::with_capacity(limit.min(4096));
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, capture, op, old, new FROM cachetail_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let mut rows = stmt.query(params![self.cursor as i64, limit as i64])?;
+            while let Some(row) = rows.next()? {
+                raw.push((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, Option<String>>(3)?,
+                    row.get::<_, Option<String>>(4)?,
+                ));
+            }
+        }
+        let mut changes = Vec::with_capacity(raw.len());
+        for (id, layout, op, old, new) in raw {
+            if !self.layouts.contains_key(&layout) {
+                // Capture was reinstalled (a reload changed the columns): learn the new layouts.
+                self.layouts = capture::load_layouts(&self.conn)?;
+            }
+            let row = self.decode(id, layout, op, old.as_deref(), new.as_deref());
+            changes.push(Change {
+                position: u64::try_from(id).unwrap_or(0),
+                row,
+            });
+        }
+        Ok(changes)
+    }
+
+    fn decode(
+        &self,
+        id: i64,
+        layout: i64,
+        op: i64,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<RowChange, String> {
+        let layout = self
+            .layouts
+            .get(&layout)
+            .ok_or_else(|| format!("outbox row {id} names unknown capture layout {layout}"))?;
+        let op = Op::from_code(op).ok_or_else(|| format!("outbox row {id} has unknown op {op}"))?;
+        let values = |text: Option<&str>| -> Result<Option<Vec<Value>>, String> {
+            match text {
+                None if layout.columns.is_empty() => Ok(Some(Vec::new())),
+                None => Ok(None),
+                Some(text) => capture::decode_values(text)
+                    .filter(|v| v.len() == layout.columns.len())
+                    .map(Some)
+                    .ok_or_else(|| format!("outbox row {id} has malformed values {text:?}")),
+            }
+        };
+        let (old, new) = match op {
+            Op::Insert => (None, values(new)?),
+            Op::Delete => (values(old)?, None),
+            Op::Update => (values(old)?, values(new)?),
+        };
+        Ok(RowChange {
+            layout: Arc::clone(layout),
+            op,
+            old,
+            new,
+        })
+    }
+
+    /// Makes `position` the durable cursor: every change up to it has been applied.
+    pub fn advance(&mut self, position: u64) -> Result<(), TailError> {
+        let updated = self.conn.prepare_cached(
+            "UPDATE cachetail_cursor SET position = ?1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE consumer = 'main'",
+        )?
+        .execute([position as i64])?;
+        if updated == 0 {
+            return Err(TailError::NotInstalled);
+        }
+        self.cursor = position;
+        Ok(())
+    }
+
+    /// Deletes applied rows, in small transactions. The row at the cursor stays: the newest row
+    /// is never deleted, so `max(id)` never goes down and ids are never reused.
+    pub fn prune(&mut self) -> rusqlite::Result<()> {
+        while self.pruned_below < self.cursor {
+            let end = (self.pruned_below + PRUNE_CHUNK).min(self.cursor);
+            self.conn
+                .prepare_cached("DELETE FROM cachetail_outbox WHERE id >= ?1 AND id < ?2")?
+                .execute(params![self.pruned_below as i64, end as i64])?;
+            self.pruned_below = end;
+        }
+        Ok(())
+    }
+}
+
+/// The newest outbox id.
+pub fn head(conn: &Connection) -> rusqlite::Result<u64> {
+    let id: i64 = conn
+        .prepare_cached("SELECT coalesce(max(id), 0) FROM cachetail_outbox")?
+        .query_row([], |row| row.get(0))?;
+    Ok(u64::try_from(id).unwrap_or(0))
+}
+
+/// A wake-up signal that is never lost: a ring while nobody waits is kept for the next wait.
+#[derive(Default)]
+pub struct Doorbell {
+    rung: Mutex<bool>,
+    bell: Condvar,
+}
+
+impl Doorbell {
+    pub fn ring(&self) {
+        *self.rung.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.bell.notify_all();
+    }
+
+    /// Waits until rung or `timeout` passes; returns whether it was rung.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut rung, _) = self
+            .bell
+            .wait_timeout_while(rung, timeout, |rung| !*rung)
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *rung, false)
+    }
+}
+
+/// The applying loop: batch after batch until `stop`. Runs on its own thread (SQLite is blocking).
+pub fn run(
+    shared: Arc<Shared>,
+    mut outbox: Outbox,
+    doorbell: Arc<Doorbell>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut backoff = Duration::from_millis(20);
+    while !stop.load(Ordering::Acquire) {
+        let config = shared.config();
+        match step(&shared, &config, &mut outbox) {
+            Ok(0) => {
+                doorbell.wait(config.tail.poll_interval);
+            }
+            Ok(_) => backoff = Duration::from_millis(20),
+            Err(e) => {
+                shared.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in = ?backoff, "applying the outbox failed; the cursor stays, the batch will be retried");
+                doorbell.wait(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    tracing::info!(cursor = outbox.cursor(), "tail stopped");
+}
+
+/// Reads, plans and applies one batch; returns how many changes it applied.
+pub fn step(shared: &Shared, config: &Config, outbox: &mut Outbox) -> Result<usize, TailError> {
+    let changes = outbox.read_batch(config.tail.batch_size)?;
+    let Some(last) = changes.last().map(|c| c.position) else {
+        return Ok(0);
+    };
+    let plan = rules::plan(config, &changes);
+    apply::apply(shared, config, &plan, outbox.conn());
+    outbox.advance(last)?;
+    shared.applied.send_replace(last);
+    shared
+        .stats
+        .events
+        .fetch_add(changes.len() as u64, Ordering::Relaxed);
+    shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = outbox.prune() {
+        tracing::warn!(error = %e, "pruning the outbox failed; it will be retried after the next batch");
+    }
+    Ok(changes.len())
+}
