@@ -481,7 +481,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
         poll_interval: duration(
             raw.tail.poll_interval.as_ref(),
             "tail.poll_interval",
-            Duration::from_millis(500),
+            Duration::from_millis(250),
             problems,
         ),
         batch_size: positive(

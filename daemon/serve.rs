@@ -86,7 +86,14 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             return method_not_allowed("GET");
         }
         let fresh = wants_fresh(request.uri().query());
-        return get_key(shared, raw_key, fresh).await;
+        // `Cache-Control: only-if-cached` (RFC 9111): answer from the cache or 504, never fill.
+        let only_if_cached = request
+            .headers()
+            .get_all(hyper::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("only-if-cached")));
+        return get_key(shared, raw_key, fresh, only_if_cached).await;
     }
     match path {
         "/healthz" if is_get => response(
@@ -107,7 +114,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
     }
 }
 
-async fn get_key(shared: &Arc<Shared>, raw_key: &str, fresh: bool) -> Response<Body> {
+async fn get_key(shared: &Arc<Shared>, raw_key: &str, fresh: bool, only_if_cached: bool) -> Response<Body> {
     let key = match decode_key(raw_key) {
         Ok(key) => key,
         Err(problem) => return error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
@@ -126,6 +133,9 @@ async fn get_key(shared: &Arc<Shared>, raw_key: &str, fresh: bool) -> Response<B
         shared.stats.hits.fetch_add(1, Ordering::Relaxed);
         family.stats.hits.fetch_add(1, Ordering::Relaxed);
         return value_response(&key, &entry, "hit");
+    }
+    if only_if_cached {
+        return error(StatusCode::GATEWAY_TIMEOUT, format!("the key {key:?} is not cached (only-if-cached)"));
     }
     shared.stats.misses.fetch_add(1, Ordering::Relaxed);
     family.stats.misses.fetch_add(1, Ordering::Relaxed);

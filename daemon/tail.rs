@@ -19,6 +19,10 @@ use crate::config::{Config, Op};
 use crate::state::Shared;
 use crate::{apply, rules, sqlite};
 
+/// The quick re-looks after a wake-up: 1, 2, 4, ... ms, up to the limit.
+const RECHECK_FIRST: Duration = Duration::from_millis(1);
+const RECHECK_LIMIT: Duration = Duration::from_millis(64);
+
 /// Rows deleted per pruning transaction: small, so the app's writers never wait long.
 const PRUNE_CHUNK: u64 = 2_000;
 
@@ -237,13 +241,28 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(20);
+    // After a wake-up that found nothing, look again a few times, quickly: a notification fires
+    // when the app writes the `-wal` file, a moment before the commit is published in the
+    // `-shm` index (which gives no notification), so the first look can be too early.
+    let mut recheck: Option<Duration> = None;
     while !stop.load(Ordering::Acquire) {
         let config = shared.config();
         match step(&shared, &config, &mut outbox) {
             Ok(0) => {
-                doorbell.wait(config.tail.poll_interval);
+                let wait = match recheck {
+                    Some(wait) if wait <= RECHECK_LIMIT => wait,
+                    _ => config.tail.poll_interval,
+                };
+                recheck = if doorbell.wait(wait) {
+                    Some(RECHECK_FIRST)
+                } else {
+                    recheck.map(|w| w * 2)
+                };
             }
-            Ok(_) => backoff = Duration::from_millis(20),
+            Ok(_) => {
+                backoff = Duration::from_millis(20);
+                recheck = Some(RECHECK_FIRST);
+            }
             Err(e) => {
                 shared.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, retry_in = ?backoff, "applying the outbox failed; the cursor stays, the batch will be retried");

@@ -17,5 +17,5 @@ CREATE TABLE IF NOT EXISTS reviews (
     rating  INTEGER NOT NULL CHECK (rating BETWEEN 1 AND 5),
     body    TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS reviews_by_book ON reviews (book_id);
+CREATE INDEX IF NOT EXISTS reviews_by_book ON reviews (book_id, rating);
 CREATE INDEX IF NOT EXISTS reviews_by_user ON reviews (user_id);
