@@ -48,21 +48,33 @@ impl Client {
 
     /// `GET path` (path already percent-encoded where needed).
     pub fn get(&mut self, path: &str) -> io::Result<Reply> {
-        self.request("GET", path, &[])
+        self.request("GET", path, &[], &[])
     }
 
     /// Sends a request on the kept-alive connection, reconnecting once if the daemon closed it.
-    pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<Reply> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<Reply> {
         if self.connection.is_some()
-            && let Ok(reply) = self.try_request(method, path, body)
+            && let Ok(reply) = self.try_request(method, path, headers, body)
         {
             return Ok(reply);
         }
         self.connection = None;
-        self.try_request(method, path, body)
+        self.try_request(method, path, headers, body)
     }
 
-    fn try_request(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<Reply> {
+    fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<Reply> {
         if self.connection.is_none() {
             let stream = TcpStream::connect_timeout(&self.address, self.timeout)?;
             stream.set_nodelay(true)?;
@@ -73,11 +85,11 @@ impl Client {
             .connection
             .as_mut()
             .ok_or_else(|| io::Error::other("no connection"))?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
-            self.address,
-            body.len()
-        );
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.address);
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
         let stream = connection.get_mut();
         stream.write_all(head.as_bytes())?;
         stream.write_all(body)?;

@@ -92,7 +92,10 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             .get_all(hyper::header::CACHE_CONTROL)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("only-if-cached")));
+            .any(|v| {
+                v.split(',')
+                    .any(|d| d.trim().eq_ignore_ascii_case("only-if-cached"))
+            });
         return get_key(shared, raw_key, fresh, only_if_cached).await;
     }
     match path {
@@ -114,7 +117,12 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
     }
 }
 
-async fn get_key(shared: &Arc<Shared>, raw_key: &str, fresh: bool, only_if_cached: bool) -> Response<Body> {
+async fn get_key(
+    shared: &Arc<Shared>,
+    raw_key: &str,
+    fresh: bool,
+    only_if_cached: bool,
+) -> Response<Body> {
     let key = match decode_key(raw_key) {
         Ok(key) => key,
         Err(problem) => return error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
@@ -135,7 +143,10 @@ async fn get_key(shared: &Arc<Shared>, raw_key: &str, fresh: bool, only_if_cache
         return value_response(&key, &entry, "hit");
     }
     if only_if_cached {
-        return error(StatusCode::GATEWAY_TIMEOUT, format!("the key {key:?} is not cached (only-if-cached)"));
+        return error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the key {key:?} is not cached (only-if-cached)"),
+        );
     }
     shared.stats.misses.fetch_add(1, Ordering::Relaxed);
     family.stats.misses.fetch_add(1, Ordering::Relaxed);

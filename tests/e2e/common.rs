@@ -1,0 +1,255 @@
+//! Test helpers: a catalog database written by separate processes (python3's sqlite3 module and
+//! the sqlite3 CLI), the real `cachetail` binary on a free loopback port, and real HTTP.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cachetail::client::{Client, Reply, encode_key};
+use serde_json::Value;
+
+pub const CATALOG_SQL: &str = include_str!("../../examples/catalog.sql");
+pub const REFERENCE_CONFIG: &str = include_str!("../../config.toml");
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Polls `condition` until it returns Some, or panics after `DEADLINE` with `what`.
+pub fn eventually<T>(what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for: {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A temporary folder holding a catalog database: 5 books, 3 users, a few reviews.
+pub struct Catalog {
+    pub dir: tempfile::TempDir,
+}
+
+impl Catalog {
+    pub fn new() -> Catalog {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let catalog = Catalog { dir };
+        catalog.python(&format!(
+            "con.executescript({CATALOG_SQL:?})\n\
+             con.executemany('INSERT INTO books (id, title, author, year) VALUES (?, ?, ?, ?)', \
+                 [(i, f'Book {{i}}', f'Author {{i}}', 2000 + i) for i in range(1, 6)])\n\
+             con.executemany('INSERT INTO users (id, name) VALUES (?, ?)', [(i, f'user{{i}}') for i in range(1, 4)])\n\
+             con.executemany('INSERT INTO reviews (book_id, user_id, rating, body) VALUES (?, ?, ?, ?)', \
+                 [(1, 1, 4, 'good'), (1, 2, 2, 'meh'), (2, 1, 5, 'great')])"
+        ));
+        catalog
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("catalog.db")
+    }
+
+    /// Runs Python code as a separate writer process, with `con` connected to the catalog (a
+    /// plain `sqlite3.connect` with a normal 5 s busy timeout and no special pragma); commits.
+    pub fn python(&self, code: &str) -> String {
+        let script = format!(
+            "import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=5)\n{code}\ncon.commit()\ncon.close()\n"
+        );
+        let output = Command::new("python3")
+            .arg("-c")
+            .arg(&script)
+            .arg(self.db())
+            .output()
+            .expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "python3 writer failed: {}\n--- script ---\n{script}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs SQL through the `sqlite3` command-line shell, another separate writer.
+    pub fn sqlite_cli(&self, sql: &str) -> String {
+        let output = Command::new("sqlite3")
+            .arg(self.db())
+            .arg(sql)
+            .output()
+            .expect("the sqlite3 CLI runs (apt-get install sqlite3)");
+        assert!(
+            output.status.success(),
+            "sqlite3 failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Writes `config.toml` next to the database.
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let path = self.dir.path().join("config.toml");
+        // Write then rename, as editors do, so the daemon never reads a half-written file.
+        let tmp = self.dir.path().join(".config.toml.tmp");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, &path).expect("rename config");
+        path
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The reference config pointed at a free port, with `edit` applied to the text.
+pub fn reference_config(port: u16) -> String {
+    REFERENCE_CONFIG.replace(
+        "listen = \"127.0.0.1:8080\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    )
+}
+
+/// A running `cachetail run` process; killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub address: SocketAddr,
+    pub config: PathBuf,
+    client: Client,
+}
+
+impl Daemon {
+    /// Writes `config` (which must listen on `port`) and starts the daemon on it.
+    pub fn start(catalog: &Catalog, config: &str, port: u16) -> Daemon {
+        let config = catalog.write_config(config);
+        Daemon::start_existing(&config, port)
+    }
+
+    pub fn start_existing(config: &Path, port: u16) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn,cachetail=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cachetail");
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let mut daemon = Daemon {
+            child: Some(child),
+            address,
+            config: config.to_path_buf(),
+            client: Client::new(address),
+        };
+        eventually("the daemon answers /healthz", || {
+            if let Some(child) = daemon.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("the daemon exited early with {status}");
+            }
+            daemon
+                .client
+                .get("/healthz")
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        daemon
+    }
+
+    /// `GET /v1/keys/{key}`.
+    pub fn get(&mut self, key: &str) -> Reply {
+        self.client
+            .get(&format!("/v1/keys/{}", encode_key(key)))
+            .expect("GET a key")
+    }
+
+    /// `GET /v1/keys/{key}` answered from the cache only (504 when not cached).
+    pub fn peek(&mut self, key: &str) -> Reply {
+        self.client
+            .request(
+                "GET",
+                &format!("/v1/keys/{}", encode_key(key)),
+                &[("Cache-Control", "only-if-cached")],
+                &[],
+            )
+            .expect("GET a key, only if cached")
+    }
+
+    pub fn get_path(&mut self, path: &str) -> Reply {
+        self.client.get(path).expect("GET")
+    }
+
+    pub fn status(&mut self) -> Value {
+        self.client
+            .get("/v1/status")
+            .expect("GET /v1/status")
+            .json()
+            .expect("status is JSON")
+    }
+
+    /// Waits until the daemon has applied everything committed so far.
+    pub fn wait_caught_up(&mut self) -> Value {
+        let head = self.status()["head"].as_u64().expect("head");
+        eventually("the daemon catches up", || {
+            let status = self.status();
+            (status["cursor"].as_u64()? >= head).then_some(status)
+        })
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the daemon did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// kill -9: no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A reply's JSON body.
+pub fn json(reply: &Reply) -> Value {
+    reply
+        .json()
+        .unwrap_or_else(|_| panic!("a JSON body, got {} {:?}", reply.status, reply.text()))
+}
+
+/// The `X-Cache` header of a reply.
+pub fn x_cache(reply: &Reply) -> &str {
+    reply.header("x-cache").unwrap_or("")
+}

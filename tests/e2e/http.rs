@@ -1,0 +1,187 @@
+//! The HTTP endpoint: answers, errors, stampedes, read-your-writes.
+
+use std::sync::{Arc, Barrier};
+
+use cachetail::client::Client;
+
+use crate::common::*;
+use crate::strategies::catalog_config;
+
+#[test]
+fn clients_mistakes_get_clear_4xx_answers() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+
+    let unknown = daemon.get("nothing:1");
+    assert_eq!(unknown.status, 404);
+    assert!(
+        json(&unknown)["error"]
+            .as_str()
+            .expect("error")
+            .contains("no key family matches")
+    );
+
+    let no_row = daemon.get("book:999");
+    assert_eq!(no_row.status, 404);
+    assert!(
+        json(&no_row)["error"]
+            .as_str()
+            .expect("error")
+            .contains("no row")
+    );
+
+    for path in [
+        "/v1/keys/bad%zz",
+        "/v1/keys/%FF%FE",
+        "/v1/keys/a%0Ab",
+        "/v1/keys/",
+    ] {
+        let reply = daemon.get_path(path);
+        assert_eq!(reply.status, 400, "{path}");
+        assert!(
+            json(&reply)["error"]
+                .as_str()
+                .expect("error")
+                .contains("malformed key")
+        );
+    }
+    let long = format!("/v1/keys/book:{}", "9".repeat(5000));
+    assert_eq!(daemon.get_path(&long).status, 400);
+    assert_eq!(daemon.get_path("/nope").status, 404);
+    let mut client = Client::new(daemon.address);
+    let post = client
+        .request("POST", "/v1/keys/book:1", &[], b"{}")
+        .expect("POST");
+    assert_eq!(post.status, 405);
+
+    // A percent-encoded key is the same key.
+    let encoded = daemon.get_path("/v1/keys/book%3A1");
+    assert_eq!(json(&encoded)["id"], 1);
+    assert_eq!(encoded.header("content-type"), Some("application/json"));
+}
+
+#[test]
+fn key_parameters_are_bound_never_spliced() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    for attack in [
+        "1 OR 1=1",
+        "1; DROP TABLE reviews",
+        "1' OR '1'='1",
+        "1) UNION SELECT 1,2,3,4 --",
+    ] {
+        let reply = daemon.get(&format!("book:{attack}"));
+        assert_eq!(
+            reply.status, 404,
+            "{attack} matched no row, as a literal value"
+        );
+    }
+    assert_eq!(catalog.sqlite_cli("SELECT count(*) FROM reviews"), "3");
+}
+
+#[test]
+fn a_hundred_concurrent_misses_of_one_key_run_one_query() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    // A deliberately slow family (tens of milliseconds), so that the misses really overlap.
+    let config = catalog_config(port, "delete", "50ms")
+        + r#"
+[keys."slow:{id}"]
+query = """WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000)
+           SELECT :id AS id, count(*) AS spins FROM n"""
+"#;
+    let mut daemon = Daemon::start(&catalog, &config, port);
+    let address = daemon.address;
+    let barrier = Arc::new(Barrier::new(100));
+    let threads: Vec<_> = (0..100)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                let mut client = Client::new(address);
+                client.get("/healthz").expect("connect");
+                barrier.wait();
+                client.get("/v1/keys/slow:7").expect("GET")
+            })
+        })
+        .collect();
+    let replies: Vec<_> = threads
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && json(r)["spins"] == 300000)
+    );
+    let status = daemon.status();
+    let family = status["config"]["families"]
+        .as_array()
+        .expect("families")
+        .iter()
+        .find(|f| f["pattern"] == "slow:{id}")
+        .expect("the slow family")
+        .clone();
+    assert_eq!(
+        family["fills"], 1,
+        "one query for 100 concurrent misses: {family}"
+    );
+    assert_eq!(
+        family["hits"].as_u64().unwrap_or(0) + family["misses"].as_u64().unwrap_or(0),
+        100
+    );
+}
+
+#[test]
+fn fresh_reads_see_the_readers_own_write_under_concurrent_writes() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    // A long poll interval: freshness must come from waiting for the cursor, not from luck.
+    let config = catalog_config(port, "delete", "50ms")
+        .replace("poll_interval = \"100ms\"", "poll_interval = \"2s\"");
+    let mut daemon = Daemon::start(&catalog, &config, port);
+    // Background writers keep the outbox moving.
+    let db = catalog.db();
+    let noise = std::thread::spawn(move || {
+        let script = "import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=5)\nfor i in range(300):\n    con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 1, 3)')\n    con.commit()\n";
+        std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(db)
+            .status()
+            .expect("noise writer")
+    });
+    for round in 1..=10 {
+        daemon.get("book:5");
+        catalog.python(
+            "con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (5, 2, 4)')",
+        );
+        let reply = daemon.get_path("/v1/keys/book:5?fresh=1");
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            json(&reply)["review_count"],
+            round,
+            "round {round} reads its own write"
+        );
+    }
+    assert!(noise.join().expect("noise").success());
+}
+
+#[test]
+fn status_reports_cursor_head_lag_and_counts() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    daemon.get("book:1");
+    daemon.get("book:1");
+    catalog.python("con.executemany('INSERT INTO reviews (book_id, user_id, rating) VALUES (?, 1, 3)', [(3,), (4,)])");
+    let status = daemon.wait_caught_up();
+    assert_eq!(status["cursor"], status["head"]);
+    assert_eq!(status["lag"], 0);
+    assert_eq!(status["events"], 2);
+    assert_eq!(status["hits"], 1);
+    assert_eq!(status["misses"], 1);
+    assert!(status["config"]["last_reload_error"].is_null());
+    assert_eq!(daemon.get_path("/healthz").text(), "ok\n");
+}

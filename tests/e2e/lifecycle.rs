@@ -1,0 +1,208 @@
+//! Starting, stopping, restarting; the CLI's check, install and uninstall; the library's `run`.
+
+use std::process::Command;
+
+use crate::common::*;
+use crate::strategies::catalog_config;
+
+fn cachetail(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cachetail"))
+        .args(args)
+        .output()
+        .expect("run cachetail")
+}
+
+#[test]
+fn a_restart_resumes_from_the_cursor_and_skips_no_change() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    catalog.python("for i in range(50):\n    con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (3, 1, 2)')");
+    let before = daemon.wait_caught_up();
+    assert_eq!(before["events"], 50);
+    assert!(daemon.stop().success(), "SIGTERM exits 0");
+    let cursor: u64 = catalog
+        .sqlite_cli("SELECT position FROM cachetail_cursor")
+        .parse()
+        .expect("cursor");
+    assert_eq!(
+        Some(cursor),
+        before["cursor"].as_u64(),
+        "the cursor was persisted"
+    );
+
+    // Changes made while the daemon is down are captured by the triggers all the same.
+    catalog.python("for i in range(70):\n    con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (4, 1, 2)')\n    con.commit()");
+    catalog.sqlite_cli("DELETE FROM reviews WHERE book_id = 3;");
+    let mut daemon = Daemon::start_existing(&daemon.config.clone(), port);
+    let after = daemon.wait_caught_up();
+    assert_eq!(
+        after["events"], 120,
+        "exactly the 70 inserts and 50 deletes made while down"
+    );
+    assert_eq!(after["cursor"].as_u64(), Some(cursor + 120));
+    assert_eq!(json(&daemon.get("book:4"))["review_count"], 70);
+    // Applied rows are pruned; the newest stays so that ids are never reused.
+    let left: u64 = catalog
+        .sqlite_cli("SELECT count(*) FROM cachetail_outbox")
+        .parse()
+        .expect("count");
+    assert!(left <= 1, "{left} applied rows left in the outbox");
+}
+
+#[test]
+fn check_accepts_the_reference_config_and_lists_every_problem_with_its_location() {
+    let catalog = Catalog::new();
+    let config = catalog.write_config(&reference_config(free_port()));
+    let ok = cachetail(&["check", "--config", config.to_str().expect("path")]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok"));
+
+    let broken = reference_config(free_port())
+        .replace(
+            "r.book_id = b.id WHERE b.id = :id",
+            "r.bookid = b.id WHERE b.id = :id",
+        )
+        .replace("keys = [\"user:{id}\"", "keys = [\"user:{uid}\"")
+        .replace(
+            "FROM users u WHERE u.id = :id",
+            "FROM users u WHERE u.id = :user",
+        );
+    let config = catalog.write_config(&broken);
+    let bad = cachetail(&["check", "--config", config.to_str().expect("path")]);
+    assert_eq!(bad.status.code(), Some(2));
+    let errors = String::from_utf8_lossy(&bad.stderr);
+    let lines: Vec<&str> = errors
+        .lines()
+        .filter(|l| l.contains("config.toml:"))
+        .collect();
+    assert!(lines.len() >= 3, "every problem listed: {errors}");
+    assert!(errors.contains("no such column: r.bookid"), "{errors}");
+    assert!(errors.contains("uses column `uid`"), "{errors}");
+    assert!(errors.contains("the pattern has no `{user}`"), "{errors}");
+    assert!(
+        lines.iter().all(|l| l
+            .split(':')
+            .nth(1)
+            .is_some_and(|n| n.parse::<u32>().is_ok())),
+        "{errors}"
+    );
+
+    let syntax = catalog.write_config("database = \"catalog.db\"\n[cache\n");
+    let bad = cachetail(&["check", "--config", syntax.to_str().expect("path")]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("config.toml:2:"));
+}
+
+#[test]
+fn install_is_idempotent_and_uninstall_leaves_the_apps_data() {
+    let catalog = Catalog::new();
+    let config = catalog.write_config(&reference_config(free_port()));
+    let config = config.to_str().expect("path");
+    assert!(cachetail(&["install", "--config", config]).status.success());
+    let schema_version = catalog.sqlite_cli("PRAGMA schema_version");
+    let triggers = catalog.sqlite_cli(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'cachetail_%'",
+    );
+    assert_eq!(
+        triggers, "9",
+        "insert, update and delete triggers on reviews, books and users"
+    );
+    assert!(cachetail(&["install", "--config", config]).status.success());
+    assert_eq!(
+        catalog.sqlite_cli("PRAGMA schema_version"),
+        schema_version,
+        "a second install changes nothing"
+    );
+    assert_eq!(catalog.sqlite_cli("PRAGMA journal_mode"), "wal");
+
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 1, 1)')");
+    assert_eq!(
+        catalog.sqlite_cli("SELECT count(*) FROM cachetail_outbox"),
+        "1"
+    );
+
+    assert!(
+        cachetail(&["uninstall", "--config", config])
+            .status
+            .success()
+    );
+    assert_eq!(
+        catalog.sqlite_cli("SELECT count(*) FROM sqlite_master WHERE name LIKE 'cachetail%'"),
+        "0"
+    );
+    assert_eq!(
+        catalog.sqlite_cli("SELECT count(*) FROM reviews"),
+        "4",
+        "the app's rows are untouched"
+    );
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 1, 1)')");
+}
+
+#[test]
+fn a_missing_database_or_table_is_a_clear_error() {
+    let catalog = Catalog::new();
+    let config =
+        catalog.write_config(&reference_config(free_port()).replace("catalog.db", "typo.db"));
+    let out = cachetail(&["run", "--config", config.to_str().expect("path")]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !catalog.path().join("typo.db").exists(),
+        "the app's database is never created"
+    );
+
+    let config = catalog.write_config(
+        &reference_config(free_port()).replace("table = \"users\"", "table = \"members\""),
+    );
+    let out = cachetail(&["run", "--config", config.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("table `members` does not exist"));
+}
+
+#[test]
+fn the_library_runs_on_a_given_listener_and_stops_on_shutdown() {
+    let catalog = Catalog::new();
+    let config = catalog.write_config(&reference_config(0));
+    let config = cachetail::Config::load(&config).expect("config");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = runtime.spawn(cachetail::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let mut client = cachetail::client::Client::new(address);
+    let book = eventually("the library serves", || client.get("/v1/keys/book:1").ok());
+    assert_eq!(json(&book)["review_count"], 2);
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 3)')");
+    eventually("the write-through lands", || {
+        let reply = client.get("/v1/keys/book:1").ok()?;
+        (json(&reply)["review_count"] == 3 && x_cache(&reply) == "hit").then_some(())
+    });
+    stop.send(()).expect("shutdown");
+    runtime
+        .block_on(daemon)
+        .expect("joined")
+        .expect("run returns Ok");
+    assert!(
+        std::net::TcpStream::connect(address).is_err(),
+        "the listener is closed"
+    );
+}

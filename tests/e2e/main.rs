@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `cachetail` binary (or library), a real SQLite file written by
+//! separate processes, real HTTP over loopback. One test binary, so the crate links once.
+
+mod common;
+mod http;
+mod lifecycle;
+mod reload;
+mod strategies;
