@@ -97,10 +97,19 @@ impl Expiry<Arc<str>, Arc<Entry>> for PerEntryTtl {
 
 const SHARDS: usize = 64;
 
+type FlightShard = Mutex<HashMap<Arc<str>, Flight>>;
+
+/// A computed value, ready to store: its version, its body (None: no row), its rendered tags.
+pub struct Filled {
+    pub version: u64,
+    pub body: Option<Bytes>,
+    pub tags: Box<[Arc<str>]>,
+}
+
 /// The cache: values, flights in progress, and invalidation marks.
 pub struct Cache {
     entries: moka::sync::Cache<Arc<str>, Arc<Entry>>,
-    flights: Box<[Mutex<HashMap<Arc<str>, Flight>>]>,
+    flights: Box<[FlightShard]>,
     hasher: RandomState,
     next_flight: AtomicU64,
     tag_marks: RwLock<HashMap<Arc<str>, u64>>,
@@ -210,7 +219,7 @@ impl Cache {
     pub fn finish_fill(
         &self,
         ticket: FillTicket,
-        computed: Result<(u64, Option<Bytes>, Box<[Arc<str>]>), Arc<str>>,
+        computed: Result<Filled, Arc<str>>,
     ) -> bool {
         let FillTicket {
             key,
@@ -219,7 +228,7 @@ impl Cache {
             done,
         } = ticket;
         let mut stored = false;
-        let outcome = computed.map(|(version, body, tags)| {
+        let outcome = computed.map(|Filled { version, body, tags }| {
             Arc::new(Entry {
                 version,
                 body,
@@ -302,15 +311,12 @@ mod tests {
         Arc::clone(&config.families[0])
     }
 
-    fn value(
-        version: u64,
-        text: &'static str,
-    ) -> Result<(u64, Option<Bytes>, Box<[Arc<str>]>), Arc<str>> {
-        Ok((
+    fn value(version: u64, text: &'static str) -> Result<Filled, Arc<str>> {
+        Ok(Filled {
             version,
-            Some(Bytes::from_static(text.as_bytes())),
-            vec![Arc::from("t")].into(),
-        ))
+            body: Some(Bytes::from_static(text.as_bytes())),
+            tags: vec![Arc::from("t")].into(),
+        })
     }
 
     fn lead(cache: &Cache, key: &str, family: &Arc<Family>) -> FillTicket {

@@ -199,7 +199,7 @@ fn decode_one(text: &str, start: usize) -> Option<(Value, usize)> {
             let body_start = start + 2;
             let len = text[body_start..].find('\'')?;
             let hex = &text[body_start..body_start + len];
-            if hex.len() % 2 != 0 {
+            if !hex.len().is_multiple_of(2) {
                 return None;
             }
             let blob = (0..hex.len())

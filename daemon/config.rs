@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::template::Template;
+use crate::template::{Params, Template};
 
 /// What a change to a watched table does to the keys a rule names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -339,7 +339,7 @@ impl Config {
     }
 
     /// The family whose pattern matches `key`, with the parameters the key gives it.
-    pub fn match_key(&self, key: &str) -> Option<(&Arc<Family>, Vec<(String, String)>)> {
+    pub fn match_key(&self, key: &str) -> Option<(&Arc<Family>, Params)> {
         self.families
             .iter()
             .find_map(|family| family.pattern.match_key(key).map(|params| (family, params)))
@@ -491,10 +491,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
             problems,
         ) as usize,
     };
-    if tail.poll_interval.is_zero() {
-        if let Some(span) = raw.tail.poll_interval.as_ref().map(Spanned::span) {
-            problems.at(span, "`tail.poll_interval` must be above zero");
-        }
+    if tail.poll_interval.is_zero()
+        && let Some(span) = raw.tail.poll_interval.as_ref().map(Spanned::span)
+    {
+        problems.at(span, "`tail.poll_interval` must be above zero");
     }
 
     let mut families = Vec::new();

@@ -40,7 +40,7 @@ impl Rng {
         Rng(seed | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -49,7 +49,7 @@ impl Rng {
 
     /// A number in `1..=n`.
     pub fn pick(&mut self, n: u32) -> i64 {
-        (self.next() % u64::from(n.max(1))) as i64 + 1
+        (self.next_u64() % u64::from(n.max(1))) as i64 + 1
     }
 
     /// A number in `1..=n`, skewed so that low numbers come up far more often (popular books).
@@ -78,7 +78,7 @@ pub fn build_catalog(path: &Path, books: u32, users: u32, reviews: u32) -> rusql
         for id in 1..=books {
             let title = format!(
                 "Book {id}: {}",
-                WORDS[(rng.next() % WORDS.len() as u64) as usize]
+                WORDS[(rng.next_u64() % WORDS.len() as u64) as usize]
             );
             insert.execute(params![
                 id,
@@ -292,7 +292,7 @@ fn simulated_app(
     let pause = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     while !stop.load(Ordering::Acquire) {
         let book = rng.popular(books);
-        let roll = rng.next() % 10;
+        let roll = rng.next_u64() % 10;
         let tx = conn.transaction()?;
         let mut expected = None;
         if roll < 6 {
@@ -345,7 +345,7 @@ fn simulated_readers(address: SocketAddr, books: u32, stop: &AtomicBool) {
     let mut client = Client::new(address);
     let mut rng = Rng::new(99);
     while !stop.load(Ordering::Acquire) {
-        let path = match rng.next() % 10 {
+        let path = match rng.next_u64() % 10 {
             0 => "/v1/keys/top-books".to_owned(),
             1 => "/v1/keys/catalog-stats".to_owned(),
             2 => format!("/v1/keys/book:{}:reviews", rng.popular(books)),

@@ -9,10 +9,11 @@ use bytes::Bytes;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Statement};
 
-use crate::cache::{Begin, FillOutcome, FillTicket};
+use crate::cache::{Begin, FillOutcome, FillTicket, Filled};
 use crate::config::Family;
 use crate::sqlite;
 use crate::state::Shared;
+use crate::template::Params;
 
 /// Read connections for fills, reused across requests. SQLite in WAL mode lets them all read
 /// while the app writes.
@@ -71,7 +72,7 @@ pub struct Computed {
 pub fn compute(
     conn: &Connection,
     family: &Family,
-    params: &[(String, String)],
+    params: &Params,
 ) -> rusqlite::Result<Computed> {
     let tx = conn.unchecked_transaction()?;
     let version: i64 = tx
@@ -92,7 +93,7 @@ pub fn compute(
 /// Binds each `:name` of the statement to the key parameter of that name. A value that reads as
 /// a canonical integer is bound as an integer, so `WHERE id = :id` matches whatever the column's
 /// affinity; anything else is bound as text. Never spliced into the SQL.
-fn bind_params(stmt: &mut Statement<'_>, params: &[(String, String)]) -> rusqlite::Result<()> {
+fn bind_params(stmt: &mut Statement<'_>, params: &Params) -> rusqlite::Result<()> {
     for index in 1..=stmt.parameter_count() {
         let name = stmt.parameter_name(index).unwrap_or("");
         let bare = name.trim_start_matches([':', '@', '$']);
@@ -180,7 +181,7 @@ fn push_json(out: &mut String, value: ValueRef<'_>) {
 }
 
 /// The tags a family's value carries, rendered from the key's parameters.
-pub fn render_tags(family: &Family, params: &[(String, String)]) -> Box<[Arc<str>]> {
+pub fn render_tags(family: &Family, params: &Params) -> Box<[Arc<str>]> {
     family
         .tags
         .iter()
@@ -194,7 +195,7 @@ pub async fn fill(
     shared: &Arc<Shared>,
     key: Arc<str>,
     family: &Arc<Family>,
-    params: Vec<(String, String)>,
+    params: Params,
 ) -> FillOutcome {
     let mut waiter = match shared.cache.begin_fill(key, family) {
         Begin::Join(waiter) => waiter,
@@ -231,7 +232,7 @@ pub fn refresh_now(
     conn: &Connection,
     key: &str,
     family: &Arc<Family>,
-    params: &[(String, String)],
+    params: &Params,
 ) -> bool {
     let ticket = shared.cache.begin_refresh(Arc::from(key), family);
     let outcome = compute(conn, family, params);
@@ -246,7 +247,7 @@ pub fn refresh_now(
 fn finish(
     shared: &Shared,
     ticket: FillTicket,
-    params: &[(String, String)],
+    params: &Params,
     outcome: rusqlite::Result<Computed>,
 ) {
     let family = Arc::clone(ticket.family());
@@ -259,7 +260,11 @@ fn finish(
         .fills
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let computed = match outcome {
-        Ok(c) => Ok((c.version, c.body, render_tags(&family, params))),
+        Ok(c) => Ok(Filled {
+            version: c.version,
+            body: c.body,
+            tags: render_tags(&family, params),
+        }),
         Err(e) => {
             shared
                 .stats

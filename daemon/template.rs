@@ -8,6 +8,9 @@ use std::fmt;
 
 use rusqlite::types::Value;
 
+/// The values a key gives its pattern's placeholders, by name, in order.
+pub type Params = Vec<(String, String)>;
+
 /// One piece of a template: literal text or a named placeholder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Part {
