@@ -216,11 +216,7 @@ impl Cache {
 
     /// Finishes a fill: stores the value unless the flight was superseded or a newer value is
     /// already cached, then wakes every request waiting on it. Returns whether it was stored.
-    pub fn finish_fill(
-        &self,
-        ticket: FillTicket,
-        computed: Result<Filled, Arc<str>>,
-    ) -> bool {
+    pub fn finish_fill(&self, ticket: FillTicket, computed: Result<Filled, Arc<str>>) -> bool {
         let FillTicket {
             key,
             id,
@@ -228,15 +224,21 @@ impl Cache {
             done,
         } = ticket;
         let mut stored = false;
-        let outcome = computed.map(|Filled { version, body, tags }| {
-            Arc::new(Entry {
-                version,
-                body,
-                family,
-                tags,
-                stored_at: Instant::now(),
-            })
-        });
+        let outcome = computed.map(
+            |Filled {
+                 version,
+                 body,
+                 tags,
+             }| {
+                Arc::new(Entry {
+                    version,
+                    body,
+                    family,
+                    tags,
+                    stored_at: Instant::now(),
+                })
+            },
+        );
         {
             let mut flights = self.shard(&key);
             if flights.get(&key).is_some_and(|f| f.id == id) {

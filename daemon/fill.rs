@@ -69,11 +69,7 @@ pub struct Computed {
 }
 
 /// Runs `family`'s query for one key, in one read transaction with the outbox head.
-pub fn compute(
-    conn: &Connection,
-    family: &Family,
-    params: &Params,
-) -> rusqlite::Result<Computed> {
+pub fn compute(conn: &Connection, family: &Family, params: &Params) -> rusqlite::Result<Computed> {
     let tx = conn.unchecked_transaction()?;
     let version: i64 = tx
         .prepare_cached("SELECT coalesce(max(id), 0) FROM cachetail_outbox")?
