@@ -30,3 +30,9 @@ CREATE TABLE IF NOT EXISTS cachetail_cursor (
 
 INSERT OR IGNORE INTO cachetail_cursor (consumer, position, updated_at)
 VALUES ('main', 0, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
+
+-- Flags: 'paused' = '1' while `cachetail pause` is in force.
+CREATE TABLE IF NOT EXISTS cachetail_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+);

@@ -27,6 +27,11 @@ pub fn apply(shared: &Shared, config: &Config, plan: &Plan, conn: &Connection) {
     if let Some(position) = plan.flush_all {
         shared.cache.flush_all(position);
     }
+    for (table, &position) in &plan.flush_tables {
+        for family in config.families.iter().filter(|f| f.reads_table(table)) {
+            family.floor.fetch_max(position, Ordering::AcqRel);
+        }
+    }
     for (tag, &position) in &plan.tags {
         shared.cache.invalidate_tag(tag, position);
         stats.tag_invalidations.fetch_add(1, Ordering::Relaxed);

@@ -62,6 +62,13 @@ pub struct InstallReport {
     pub created: Vec<String>,
     pub dropped: Vec<String>,
     pub unchanged: usize,
+    /// Tables that had no capture before this install (new, rebuilt by a migration, resumed, or
+    /// failing): a flush marker was written for each, so values read before are not served.
+    pub flushed: Vec<String>,
+    /// Tables that cannot be captured now (dropped, or a captured column is gone), with why.
+    pub failed: Vec<(String, String)>,
+    /// Capture is paused (`cachetail pause`): no trigger is installed.
+    pub paused: bool,
 }
 
 impl InstallReport {
@@ -70,26 +77,44 @@ impl InstallReport {
     }
 }
 
+/// The outbox op code of a flush marker: "changes to this table may have gone uncaptured".
+pub const FLUSH_OP: i64 = 0;
+
 /// Installs the outbox and the triggers the config's rules need, idempotently and in one
 /// transaction: triggers already right are left alone (so the schema does not change for
-/// nothing), stale ones are dropped, missing ones created.
+/// nothing), stale ones are dropped, missing ones created. A table that had no capture before
+/// gets a flush marker in the outbox, in the same transaction: whatever was written while it had
+/// none must not be served from the cache. A table that cannot be captured (gone, or a captured
+/// column is gone) is reported in `failed` and flushed; the others are installed all the same.
 pub fn install(conn: &mut Connection, config: &Config) -> Result<InstallReport, CaptureError> {
     ensure_wal(conn)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
+    let mut report = InstallReport {
+        paused: is_paused(&tx)?,
+        ..InstallReport::default()
+    };
 
     let mut desired: BTreeMap<String, String> = BTreeMap::new();
+    let mut layouts: BTreeMap<String, i64> = BTreeMap::new();
     for (table, columns) in config.captured_columns() {
-        check_columns(&tx, &table, &columns)?;
+        if let Err(e) = check_columns(&tx, &table, &columns) {
+            layouts.insert(table.clone(), layout_id(&tx, &table, &[])?);
+            report.failed.push((table, e.to_string()));
+            continue;
+        }
         let layout = layout_id(&tx, &table, &columns)?;
-        for op in Op::ALL {
-            let (name, sql) = trigger_sql(&table, op, layout, &columns);
+        layouts.insert(table.clone(), layout);
+        if report.paused {
+            continue;
+        }
+        let shape = TableShape::read(&tx, &table)?;
+        for (name, sql) in table_triggers(&table, layout, &columns, &shape) {
             desired.insert(name, sql);
         }
     }
 
     let existing = installed_triggers(&tx)?;
-    let mut report = InstallReport::default();
     for (name, sql) in &existing {
         if desired.get(name) != Some(sql) {
             tx.execute_batch(&format!(
@@ -107,8 +132,61 @@ pub fn install(conn: &mut Connection, config: &Config) -> Result<InstallReport, 
             report.created.push(name.clone());
         }
     }
+
+    let captured_before = |table: &str| {
+        existing
+            .keys()
+            .any(|name| name == &trigger_name(table, "insert"))
+    };
+    for (table, layout) in &layouts {
+        let failed = report.failed.iter().any(|(t, _)| t == table);
+        if failed || (!report.paused && !captured_before(table)) {
+            tx.execute(
+                "INSERT INTO cachetail_outbox (capture, op) VALUES (?1, ?2)",
+                params![layout, FLUSH_OP],
+            )?;
+            report.flushed.push(table.clone());
+        }
+    }
     tx.commit()?;
     Ok(report)
+}
+
+/// Pauses capture (for a migration that drops or rewrites a captured column): removes the
+/// triggers and records the pause, so that a running daemon does not reinstall them and serves
+/// reads from the database, bypassing the cache, until `resume`.
+pub fn pause(conn: &mut Connection) -> Result<usize, CaptureError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    tx.execute(
+        "INSERT OR REPLACE INTO cachetail_meta (key, value) VALUES ('paused', '1')",
+        [],
+    )?;
+    let triggers = installed_triggers(&tx)?;
+    for name in triggers.keys() {
+        tx.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS {}",
+            quote_identifier(name)
+        ))?;
+    }
+    tx.commit()?;
+    Ok(triggers.len())
+}
+
+/// Ends a pause: clears the flag and reinstalls capture; every watched table gets a flush marker.
+pub fn resume(conn: &mut Connection, config: &Config) -> Result<InstallReport, CaptureError> {
+    conn.execute_batch(SCHEMA)?;
+    conn.execute("DELETE FROM cachetail_meta WHERE key = 'paused'", [])?;
+    install(conn, config)
+}
+
+fn is_paused(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM cachetail_meta WHERE key = 'paused' AND value = '1'",
+        [],
+        |row| row.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
 }
 
 /// Removes every trigger and table cachetail installed. The app's own tables are not touched.
@@ -124,7 +202,8 @@ pub fn uninstall(conn: &mut Connection) -> Result<usize, CaptureError> {
     tx.execute_batch(
         "DROP TABLE IF EXISTS cachetail_outbox;
          DROP TABLE IF EXISTS cachetail_capture;
-         DROP TABLE IF EXISTS cachetail_cursor;",
+         DROP TABLE IF EXISTS cachetail_cursor;
+         DROP TABLE IF EXISTS cachetail_meta;",
     )?;
     tx.commit()?;
     Ok(triggers.len())
@@ -281,9 +360,142 @@ fn installed_triggers(conn: &Connection) -> rusqlite::Result<BTreeMap<String, St
         .collect()
 }
 
-/// The name and `CREATE TRIGGER` text of one capture trigger.
-fn trigger_sql(table: &str, op: Op, layout: i64, columns: &[String]) -> (String, String) {
-    let name = format!("{TRIGGER_PREFIX}{}_{}", op.name(), table);
+fn trigger_name(table: &str, kind: &str) -> String {
+    format!("{TRIGGER_PREFIX}{kind}_{table}")
+}
+
+/// What the replace triggers need to know of a table: its unique keys and whether it has rowids.
+struct TableShape {
+    without_rowid: bool,
+    /// Each UNIQUE constraint or index (and a WITHOUT ROWID table's primary key): its columns
+    /// with their collations. Expression indexes are left out (SQLite cannot name their values
+    /// from a trigger).
+    unique_keys: Vec<Vec<(String, String)>>,
+    primary_key: Vec<String>,
+}
+
+impl TableShape {
+    fn read(conn: &Connection, table: &str) -> rusqlite::Result<TableShape> {
+        let without_rowid: bool = conn
+            .query_row(
+                "SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main'",
+                [table],
+                |row| row.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
+        let mut primary_key: Vec<(i64, String)> = conn
+            .prepare("SELECT pk, name FROM pragma_table_info(?1) WHERE pk > 0")?
+            .query_map([table], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        primary_key.sort();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_index_list(?1) WHERE \"unique\" = 1")?
+            .query_map([table], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut unique_keys = Vec::new();
+        for index in indexes {
+            let columns: Vec<(i64, Option<String>, Option<String>)> = conn
+                .prepare("SELECT cid, name, coll FROM pragma_index_xinfo(?1) WHERE key = 1 ORDER BY seqno")?
+                .query_map([&index], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            if columns
+                .iter()
+                .any(|(cid, name, _)| *cid < 0 || name.is_none())
+            {
+                continue;
+            }
+            unique_keys.push(
+                columns
+                    .into_iter()
+                    .map(|(_, name, coll)| {
+                        (
+                            name.unwrap_or_default(),
+                            coll.unwrap_or_else(|| "BINARY".to_owned()),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        Ok(TableShape {
+            without_rowid,
+            unique_keys,
+            primary_key: primary_key.into_iter().map(|(_, name)| name).collect(),
+        })
+    }
+
+    /// `row` conflicts with the NEW row on some unique key (rowid included).
+    fn conflict(&self, row: &str) -> String {
+        let mut alternatives: Vec<String> = self
+            .unique_keys
+            .iter()
+            .map(|key| {
+                let terms: Vec<String> = key
+                    .iter()
+                    .map(|(column, coll)| {
+                        let c = quote_identifier(column);
+                        format!("{row}.{c} = NEW.{c} COLLATE {}", quote_identifier(coll))
+                    })
+                    .collect();
+                format!("({})", terms.join(" AND "))
+            })
+            .collect();
+        if !self.without_rowid {
+            alternatives.push(format!("{row}.rowid = NEW.rowid"));
+        }
+        alternatives.join(" OR ")
+    }
+
+    /// `row` is the OLD row itself.
+    fn is_old_row(&self, row: &str) -> String {
+        if self.without_rowid {
+            let terms: Vec<String> = self
+                .primary_key
+                .iter()
+                .map(|c| {
+                    let c = quote_identifier(c);
+                    format!("{row}.{c} IS OLD.{c}")
+                })
+                .collect();
+            format!("({})", terms.join(" AND "))
+        } else {
+            format!("{row}.rowid = OLD.rowid")
+        }
+    }
+
+    /// A unique key's column changes in this UPDATE (only then can it replace another row).
+    fn unique_column_changes(&self) -> String {
+        let mut columns: Vec<&str> = self
+            .unique_keys
+            .iter()
+            .flatten()
+            .map(|(c, _)| c.as_str())
+            .collect();
+        columns.sort_unstable();
+        columns.dedup();
+        let mut terms: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let c = quote_identifier(c);
+                format!("NEW.{c} IS NOT OLD.{c}")
+            })
+            .collect();
+        if !self.without_rowid {
+            terms.push("NEW.rowid IS NOT OLD.rowid".to_owned());
+        }
+        terms.join(" OR ")
+    }
+}
+
+/// The capture triggers of one table, by name: AFTER INSERT / UPDATE / DELETE, and BEFORE INSERT /
+/// UPDATE ones that record a row about to be replaced (REPLACE, `INSERT OR REPLACE`, `UPDATE OR
+/// REPLACE` fire no delete trigger for it unless the writer turned `recursive_triggers` on).
+fn table_triggers(
+    table: &str,
+    layout: i64,
+    columns: &[String],
+    shape: &TableShape,
+) -> Vec<(String, String)> {
     let values = |row: &str| -> String {
         if columns.is_empty() {
             return "NULL".to_owned();
@@ -294,22 +506,57 @@ fn trigger_sql(table: &str, op: Op, layout: i64, columns: &[String]) -> (String,
             .collect::<Vec<_>>()
             .join(" || ',' || ")
     };
-    let (event, targets, exprs) = match op {
-        Op::Insert => ("INSERT", "new", values("NEW")),
-        Op::Delete => ("DELETE", "old", values("OLD")),
-        Op::Update => (
-            "UPDATE",
-            "old, new",
-            format!("{}, {}", values("OLD"), values("NEW")),
-        ),
+    let t = quote_identifier(table);
+    let named = |kind: &str, body: String| -> (String, String) {
+        let name = trigger_name(table, kind);
+        let sql = format!("CREATE TRIGGER {} {body}", quote_identifier(&name));
+        (name, sql)
     };
-    let sql = format!(
-        "CREATE TRIGGER {} AFTER {event} ON {} BEGIN INSERT INTO cachetail_outbox (capture, op, {targets}) VALUES ({layout}, {}, {exprs}); END",
-        quote_identifier(&name),
-        quote_identifier(table),
-        op.code(),
-    );
-    (name, sql)
+    let outbox = "INSERT INTO cachetail_outbox";
+    let (insert, update, delete) = (Op::Insert.code(), Op::Update.code(), Op::Delete.code());
+    let replaced = "cachetail_replaced";
+    vec![
+        named(
+            "insert",
+            format!(
+                "AFTER INSERT ON {t} BEGIN {outbox} (capture, op, new) VALUES ({layout}, {insert}, {}); END",
+                values("NEW")
+            ),
+        ),
+        named(
+            "update",
+            format!(
+                "AFTER UPDATE ON {t} BEGIN {outbox} (capture, op, old, new) VALUES ({layout}, {update}, {}, {}); END",
+                values("OLD"),
+                values("NEW")
+            ),
+        ),
+        named(
+            "delete",
+            format!(
+                "AFTER DELETE ON {t} BEGIN {outbox} (capture, op, old) VALUES ({layout}, {delete}, {}); END",
+                values("OLD")
+            ),
+        ),
+        named(
+            "replace_insert",
+            format!(
+                "BEFORE INSERT ON {t} BEGIN {outbox} (capture, op, old) SELECT {layout}, {delete}, {} FROM {t} AS {replaced} WHERE {}; END",
+                values(replaced),
+                shape.conflict(replaced)
+            ),
+        ),
+        named(
+            "replace_update",
+            format!(
+                "BEFORE UPDATE ON {t} WHEN {} BEGIN {outbox} (capture, op, old) SELECT {layout}, {delete}, {} FROM {t} AS {replaced} WHERE ({}) AND NOT {}; END",
+                shape.unique_column_changes(),
+                values(replaced),
+                shape.conflict(replaced),
+                shape.is_old_row(replaced)
+            ),
+        ),
+    ]
 }
 
 #[cfg(test)]

@@ -2,13 +2,16 @@
 //! exist, every family's query prepares, only reads, and binds exactly its pattern's parameters.
 //! Run by `cachetail check`, at start-up, and before a reload takes effect.
 
+use std::sync::{Arc, Mutex};
+
 use rusqlite::Connection;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 
 use crate::capture::table_columns;
 use crate::config::{Config, ConfigError, Problems};
 
 /// Every problem the database reveals in `config`, located in the config file.
-pub fn check_database(config: &Config, conn: &Connection) -> Result<(), ConfigError> {
+pub fn check_database(config: &Config, conn: &mut Connection) -> Result<(), ConfigError> {
     let mut problems = Problems::new(&config.source);
     check_rules(config, conn, &mut problems);
     check_families(config, conn, &mut problems);
@@ -73,10 +76,43 @@ fn check_rules(config: &Config, conn: &Connection, problems: &mut Problems<'_>) 
     }
 }
 
-fn check_families(config: &Config, conn: &Connection, problems: &mut Problems<'_>) {
+fn check_families(config: &Config, conn: &mut Connection, problems: &mut Problems<'_>) {
+    // SQLite's authorizer reports every table a statement reads while it is prepared (through
+    // views and subqueries too): that is what a family depends on.
+    let reads = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&reads);
+    let watching = conn.authorizer(Some(move |context: AuthContext<'_>| {
+        if let AuthAction::Read { table_name, .. } = context.action {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if !seen.iter().any(|t| t == table_name) {
+                seen.push(table_name.to_owned());
+            }
+        }
+        Authorization::Allow
+    }));
+    // Without the authorizer, `reads` stays unknown: every flush then covers the family.
+    let reads = watching.is_ok().then_some(&*reads);
+    check_queries(config, conn, reads, problems);
+    let _ = conn.authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+}
+
+fn check_queries(
+    config: &Config,
+    conn: &Connection,
+    reads: Option<&Mutex<Vec<String>>>,
+    problems: &mut Problems<'_>,
+) {
     for family in &config.families {
         let name = family.pattern.source();
-        let stmt = match conn.prepare(&family.query) {
+        if let Some(reads) = reads {
+            reads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        let prepared = conn.prepare(&family.query);
+        if let (Some(reads), Ok(_)) = (reads, &prepared) {
+            let tables = std::mem::take(&mut *reads.lock().unwrap_or_else(|e| e.into_inner()));
+            let _ = family.reads.set(tables);
+        }
+        let stmt = match prepared {
             Ok(stmt) => stmt,
             Err(e) => {
                 problems.at(

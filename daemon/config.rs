@@ -7,8 +7,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -197,6 +197,9 @@ pub struct Family {
     pub floor: AtomicU64,
     /// Counters, kept across reloads that leave the family unchanged.
     pub stats: FamilyStats,
+    /// The tables its query reads, as SQLite's authorizer reported them when `check` prepared
+    /// it. Unknown (unset) means "assume it reads everything".
+    pub reads: OnceLock<Vec<String>>,
     /// Where the pattern and the query stand in the config text.
     pub pattern_span: Range<usize>,
     pub query_span: Range<usize>,
@@ -221,6 +224,15 @@ pub struct Rule {
     /// Where the table name and each key template stand in the config text.
     pub table_span: Range<usize>,
     pub key_spans: Vec<Range<usize>>,
+}
+
+impl Family {
+    /// Whether the family's query reads `table` (true when unknown: flushing too much is safe).
+    pub fn reads_table(&self, table: &str) -> bool {
+        self.reads
+            .get()
+            .is_none_or(|tables| tables.iter().any(|t| t.eq_ignore_ascii_case(table)))
+    }
 }
 
 /// One thing wrong with a config, located in the file.
@@ -601,6 +613,7 @@ fn validate_family(
         retired: AtomicBool::new(false),
         floor: AtomicU64::new(0),
         stats: FamilyStats::default(),
+        reads: OnceLock::new(),
         pattern_span: pattern_text.span(),
         query_span: raw.query.span(),
         raw,

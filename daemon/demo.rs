@@ -156,7 +156,7 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
         .build()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind(options.listen))?;
     let address = listener.local_addr()?;
-    let outbox = crate::prepare(&config)?;
+    let (outbox, _) = crate::prepare(&config)?;
     let shared = Arc::new(Shared::new(config, outbox.cursor()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let daemon = {

@@ -60,9 +60,13 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// How long start-up waits for an app transaction that holds the write lock.
+const LOCKED_AT_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Checks the config against its database, installs capture, and opens the outbox: everything
-/// that must succeed before the daemon serves. Blocking.
-pub fn prepare(config: &Config) -> Result<tail::Outbox, Error> {
+/// that must succeed before the daemon serves. Blocking. A database locked by an app writer is
+/// waited for (the install needs the write lock for a moment), up to two minutes.
+pub fn prepare(config: &Config) -> Result<(tail::Outbox, capture::InstallReport), Error> {
     if !config.database.exists() {
         return Err(Error::NoDatabase(config.database.clone()));
     }
@@ -71,12 +75,30 @@ pub fn prepare(config: &Config) -> Result<tail::Outbox, Error> {
         source,
     };
     let mut conn = sqlite::open(&config.database).map_err(open_error)?;
-    check::check_database(config, &conn)?;
-    let report = capture::install(&mut conn, config)?;
-    if report.changed() {
-        tracing::info!(created = ?report.created, dropped = ?report.dropped, "capture triggers installed");
-    }
-    Ok(tail::Outbox::open(&config.database)?)
+    check::check_database(config, &mut conn)?;
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    let report = loop {
+        match capture::install(&mut conn, config) {
+            Err(capture::CaptureError::Sqlite(e))
+                if is_busy(&e) && started.elapsed() < LOCKED_AT_START_TIMEOUT =>
+            {
+                tracing::warn!(error = %e, "the database is locked by another writer; waiting to install capture");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            other => break other?,
+        }
+    };
+    Ok((tail::Outbox::open(&config.database)?, report))
+}
+
+/// Whether an error means "another connection holds the lock".
+pub fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 /// Runs the daemon until `shutdown` resolves: capture installed, the tail applying the outbox,
@@ -87,11 +109,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let (config, outbox) =
-        tokio::task::spawn_blocking(move || prepare(&config).map(|outbox| (config, outbox)))
+    let (config, (outbox, report)) =
+        tokio::task::spawn_blocking(move || prepare(&config).map(|prepared| (config, prepared)))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;
     let shared = Arc::new(Shared::new(config, outbox.cursor()));
+    tail::note_install(&shared, &report);
     run_with(shared, outbox, listener, shutdown).await;
     Ok(())
 }
@@ -128,14 +151,15 @@ pub async fn run_with(
             .spawn(move || tail::run(shared, outbox, bell, stop))
     };
     let reload_thread = {
-        let (shared, bell, stop) = (
+        let (shared, bell, tail_bell, stop) = (
             Arc::clone(&shared),
             Arc::clone(&config_bell),
+            Arc::clone(&database_bell),
             Arc::clone(&stop),
         );
         std::thread::Builder::new()
             .name("cachetail-reload".into())
-            .spawn(move || reload::run(shared, bell, stop))
+            .spawn(move || reload::run(shared, bell, tail_bell, stop))
     };
     let workers: Vec<_> = (0..config.write_behind.workers)
         .map(|_| tokio::spawn(apply::write_behind_worker(Arc::clone(&shared))))

@@ -46,6 +46,17 @@ enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Pause capture for a migration that drops or rewrites a captured column: the triggers are
+    /// removed and a running daemon serves reads from the database until `resume`.
+    Pause {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Resume capture after `pause`: triggers reinstalled, values read before dropped.
+    Resume {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
     /// Remove cachetail's triggers and tables; the app's data is left untouched.
     Uninstall {
         #[arg(long, short, default_value = "config.toml")]
@@ -103,8 +114,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             if !config.database.exists() {
                 anyhow::bail!(cachetail::Error::NoDatabase(config.database.clone()));
             }
-            let conn = sqlite::open(&config.database).context("opening the database")?;
-            check::check_database(&config, &conn)?;
+            let mut conn = sqlite::open(&config.database).context("opening the database")?;
+            check::check_database(&config, &mut conn)?;
             println!(
                 "{}: ok ({} key families, {} rules, watching {})",
                 config.file,
@@ -123,6 +134,28 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let config = Config::load(&config)?;
             cachetail::prepare(&config)?;
             println!("capture installed in {}", config.database.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause { config } => {
+            let config = Config::load(&config)?;
+            let mut conn = open_existing(&config.database)?;
+            let triggers = capture::pause(&mut conn)?;
+            println!(
+                "capture paused: {triggers} triggers removed from {}; run your migration, then `cachetail resume`",
+                config.database.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { config } => {
+            let config = Config::load(&config)?;
+            let mut conn = open_existing(&config.database)?;
+            check::check_database(&config, &mut conn)?;
+            let report = capture::resume(&mut conn, &config)?;
+            println!(
+                "capture resumed: {} triggers installed; values read from {} before are dropped",
+                report.created.len(),
+                report.flushed.join(", ")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall { config } => {

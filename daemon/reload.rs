@@ -1,5 +1,6 @@
 //! Hot reload: when the config file changes, parse → validate → check against the database →
-//! adjust capture → swap. On any failure the running config stays in force and the error is
+//! swap. The tail then adjusts capture for the new rules (it owns the triggers, so two installers
+//! never undo each other). On any failure the running config stays in force and the error is
 //! logged (with line and column) and shown in `/v1/status`.
 
 use std::sync::Arc;
@@ -9,19 +10,26 @@ use std::time::{Duration, SystemTime};
 use crate::config::Config;
 use crate::state::Shared;
 use crate::tail::Doorbell;
-use crate::{capture, check, sqlite};
+use crate::{check, sqlite};
 
 /// Quiet time after the last file event before reloading: editors write in several steps.
 const SETTLE: Duration = Duration::from_millis(100);
 
 /// The reload loop, on its own thread until `stop`.
-pub fn run(shared: Arc<Shared>, bell: Arc<Doorbell>, stop: Arc<AtomicBool>) {
+pub fn run(
+    shared: Arc<Shared>,
+    bell: Arc<Doorbell>,
+    tail_bell: Arc<Doorbell>,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::Acquire) {
         if !bell.wait(Duration::from_secs(1)) || stop.load(Ordering::Acquire) {
             continue;
         }
         while bell.wait(SETTLE) {}
-        let _ = reload(&shared);
+        if reload(&shared).is_ok() {
+            tail_bell.ring();
+        }
     }
 }
 
@@ -59,11 +67,6 @@ fn load_checked(path: &std::path::Path, running: &Config) -> Result<Config, Stri
         return Err(fixed.join("\n"));
     }
     let mut conn = sqlite::open(&config.database).map_err(|e| e.to_string())?;
-    check::check_database(&config, &conn).map_err(|e| e.to_string())?;
-    let report = capture::install(&mut conn, &config)
-        .map_err(|e| format!("reinstalling capture failed: {e}"))?;
-    if report.changed() {
-        tracing::info!(created = ?report.created, dropped = ?report.dropped, "capture triggers adjusted");
-    }
+    check::check_database(&config, &mut conn).map_err(|e| e.to_string())?;
     Ok(config)
 }

@@ -5,12 +5,13 @@
 //! batch, actions on one key merge into one: the strongest strategy, the latest position.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rusqlite::types::Value;
 
 use crate::capture::Layout;
 use crate::config::{Config, Op, Strategy};
-use crate::tail::Change;
+use crate::tail::{Change, ChangeBody};
 use crate::template::Template;
 
 /// What to do to one key.
@@ -30,15 +31,22 @@ pub struct Plan {
     /// Set when a change could not be mapped to keys (unreadable row, or a template needing a
     /// column the row's capture did not record): everything is dropped at this position.
     pub flush_all: Option<u64>,
+    /// Tables whose changes may have gone uncaptured → the latest position of such a marker.
+    pub flush_tables: HashMap<Arc<str>, u64>,
 }
 
 /// Maps each change through the rules that watch its table.
 pub fn plan(config: &Config, changes: &[Change]) -> Plan {
     let mut plan = Plan::default();
     for change in changes {
-        let row = match &change.row {
-            Ok(row) => row,
-            Err(reason) => {
+        let row = match &change.body {
+            ChangeBody::Row(row) => row,
+            ChangeBody::Flush { table } => {
+                let mark = plan.flush_tables.entry(Arc::clone(table)).or_insert(0);
+                *mark = (*mark).max(change.position);
+                continue;
+            }
+            ChangeBody::Unreadable(reason) => {
                 tracing::warn!(
                     position = change.position,
                     reason,
@@ -121,7 +129,6 @@ mod tests {
     use super::*;
     use crate::tail::RowChange;
     use std::path::Path;
-    use std::sync::Arc;
 
     fn config() -> Config {
         Config::parse(
@@ -151,7 +158,7 @@ tags = ["user:{user_id}"]
         let image = |v: [i64; 2]| v.iter().map(|&i| Value::Integer(i)).collect();
         Change {
             position,
-            row: Ok(RowChange {
+            body: ChangeBody::Row(RowChange {
                 layout,
                 op,
                 old: old.map(image),
@@ -190,7 +197,7 @@ tags = ["user:{user_id}"]
     fn an_unreadable_change_drops_everything() {
         let unreadable = Change {
             position: 4,
-            row: Err("bad".into()),
+            body: ChangeBody::Unreadable("bad".into()),
         };
         assert_eq!(plan(&config(), &[unreadable]).flush_all, Some(4));
     }

@@ -23,9 +23,11 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::cache::Entry;
+use crate::config::Family;
 use crate::fill;
 use crate::state::Shared;
 use crate::tail;
+use crate::template::Params;
 
 /// Keys longer than this are refused (400): no family needs them, and they cost memory.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -137,6 +139,9 @@ async fn get_key(
     if fresh && let Err(response) = wait_until_applied(shared, config.fresh_timeout).await {
         return response;
     }
+    if shared.paused.load(Ordering::Acquire) {
+        return bypass(shared, &key, family, params).await;
+    }
     if let Some(entry) = shared.cache.get(&key) {
         shared.stats.hits.fetch_add(1, Ordering::Relaxed);
         family.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +158,44 @@ async fn get_key(
     match fill::fill(shared, Arc::from(key.as_str()), family, params).await {
         Ok(entry) => value_response(&key, &entry, "miss"),
         Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message.to_string()),
+    }
+}
+
+/// Answers straight from the database, storing nothing: capture is paused, so the cache could
+/// not be kept fresh.
+async fn bypass(
+    shared: &Arc<Shared>,
+    key: &str,
+    family: &Arc<Family>,
+    params: Params,
+) -> Response<Body> {
+    let (reader, family_for_query) = (Arc::clone(shared), Arc::clone(family));
+    let computed = tokio::task::spawn_blocking(move || {
+        reader
+            .pool
+            .with(|conn| fill::compute(conn, &family_for_query, &params))
+    })
+    .await;
+    match computed {
+        Ok(Ok(computed)) => {
+            let entry = Entry {
+                version: computed.version,
+                body: computed.body,
+                family: Arc::clone(family),
+                tags: Box::new([]),
+                stored_at: std::time::Instant::now(),
+            };
+            let mut response = value_response(key, &entry, "bypass");
+            response
+                .headers_mut()
+                .insert("x-cachetail-paused", HeaderValue::from_static("1"));
+            response
+        }
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the query of key family `{}` failed: {e}", family.pattern),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -260,6 +303,14 @@ async fn status(shared: &Arc<Shared>) -> Response<Body> {
         "apply_errors": load(&s.apply_errors),
         "entries": shared.cache.entry_count(),
         "write_behind_queue": shared.write_behind.depth(),
+        "paused": shared.paused.load(Ordering::Acquire),
+        "capture_failures": shared
+            .capture_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(table, reason)| json!({"table": table, "error": reason}))
+            .collect::<Vec<_>>(),
         "config": {
             "path": config.path.as_ref().map(|p| p.display().to_string()),
             "database": config.database.display().to_string(),

@@ -1,7 +1,7 @@
 //! What the stages share while the daemon runs: the config in force, the cache, the read pool,
 //! the applied position, counters, and the reload state.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -45,6 +45,10 @@ pub struct Shared {
     pub applied: watch::Sender<u64>,
     pub write_behind: WriteBehindQueue,
     pub reload: Mutex<ReloadState>,
+    /// Capture is paused (`cachetail pause`): reads bypass the cache.
+    pub paused: AtomicBool,
+    /// Tables that cannot be captured now, with why (shown in `/v1/status`).
+    pub capture_failures: Mutex<Vec<(String, String)>>,
 }
 
 impl Shared {
@@ -63,6 +67,8 @@ impl Shared {
                 loaded_at: Some(SystemTime::now()),
                 ..ReloadState::default()
             }),
+            paused: AtomicBool::new(false),
+            capture_failures: Mutex::new(Vec::new()),
         }
     }
 

@@ -45,12 +45,23 @@ pub struct RowChange {
     pub new: Option<Vec<Value>>,
 }
 
-/// An outbox row: its position and the change it records, or why it could not be read (the
-/// applier then drops everything: a change it cannot see must not leave anything stale).
+/// What one outbox row records.
+#[derive(Debug)]
+pub enum ChangeBody {
+    /// A row of a watched table changed.
+    Row(RowChange),
+    /// Changes to this table may have gone uncaptured (capture was just installed, reinstalled
+    /// after a migration, resumed, or cannot be installed): drop what was read from it before.
+    Flush { table: Arc<str> },
+    /// The row could not be read: the applier drops everything rather than leave anything stale.
+    Unreadable(String),
+}
+
+/// An outbox row: its position and what it records.
 #[derive(Debug)]
 pub struct Change {
     pub position: u64,
-    pub row: Result<RowChange, String>,
+    pub body: ChangeBody,
 }
 
 /// The daemon's handle on the outbox: its connection, the capture layouts, and the cursor.
@@ -59,6 +70,12 @@ pub struct Outbox {
     layouts: HashMap<i64, Arc<Layout>>,
     cursor: u64,
     pruned_below: u64,
+    /// `PRAGMA schema_version` when capture was last checked: a change means a migration may
+    /// have dropped triggers (rebuilt tables do).
+    schema_version: i64,
+    /// The config capture was last installed for (the tail owns capture: a reload swaps the
+    /// config, the tail installs the triggers it needs, so two installers never undo each other).
+    installed_for: usize,
 }
 
 impl Outbox {
@@ -79,6 +96,7 @@ impl Outbox {
             })?;
         let cursor = cursor.ok_or(TailError::NotInstalled)?;
         let layouts = capture::load_layouts(&conn)?;
+        let schema_version = schema_version(&conn)?;
         let oldest: i64 = conn.query_row(
             "SELECT coalesce(min(id), 0) FROM cachetail_outbox",
             [],
@@ -89,6 +107,8 @@ impl Outbox {
             layouts,
             cursor: u64::try_from(cursor).unwrap_or(0),
             pruned_below: u64::try_from(oldest).unwrap_or(0),
+            schema_version,
+            installed_for: 0,
         })
     }
 
@@ -98,6 +118,29 @@ impl Outbox {
 
     pub fn conn(&self) -> &Connection {
         &self.conn
+    }
+
+    /// Reinstalls capture if the schema changed since the last look (a migration rebuilt a
+    /// table, dropped or created one, altered columns, or someone paused or resumed capture).
+    pub fn recheck_capture(
+        &mut self,
+        shared: &Shared,
+        config: &Arc<Config>,
+    ) -> Result<(), TailError> {
+        let config_id = Arc::as_ptr(config) as usize;
+        if self.installed_for == 0 {
+            // The config `prepare` installed for.
+            self.installed_for = config_id;
+        }
+        let version = schema_version(&self.conn)?;
+        if version == self.schema_version && config_id == self.installed_for {
+            return Ok(());
+        }
+        let report = capture::install(&mut self.conn, config)?;
+        self.schema_version = schema_version(&self.conn)?;
+        self.installed_for = config_id;
+        note_install(shared, &report);
+        Ok(())
     }
 
     /// The newest outbox id (0 when nothing was ever captured).
@@ -129,16 +172,35 @@ impl Outbox {
                 // Capture was reinstalled (a reload changed the columns): learn the new layouts.
                 self.layouts = capture::load_layouts(&self.conn)?;
             }
-            let row = self.decode(id, layout, op, old.as_deref(), new.as_deref());
+            let body = self.decode(id, layout, op, old.as_deref(), new.as_deref());
             changes.push(Change {
                 position: u64::try_from(id).unwrap_or(0),
-                row,
+                body,
             });
         }
         Ok(changes)
     }
 
     fn decode(
+        &self,
+        id: i64,
+        layout: i64,
+        op: i64,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> ChangeBody {
+        match self.layouts.get(&layout) {
+            Some(l) if op == capture::FLUSH_OP => ChangeBody::Flush {
+                table: Arc::clone(&l.table),
+            },
+            _ => match self.decode_row(id, layout, op, old, new) {
+                Ok(row) => ChangeBody::Row(row),
+                Err(reason) => ChangeBody::Unreadable(reason),
+            },
+        }
+    }
+
+    fn decode_row(
         &self,
         id: i64,
         layout: i64,
@@ -198,6 +260,39 @@ impl Outbox {
             self.pruned_below = end;
         }
         Ok(())
+    }
+}
+
+fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA schema_version", [], |row| row.get(0))
+}
+
+/// Records what an install found: logs it, and sets the paused flag the endpoint obeys.
+pub fn note_install(shared: &Shared, report: &capture::InstallReport) {
+    if report.changed() {
+        tracing::info!(created = ?report.created, dropped = ?report.dropped, "capture triggers installed");
+    }
+    if !report.flushed.is_empty() {
+        tracing::warn!(tables = ?report.flushed, "capture (re)installed: values read from these tables before are dropped");
+    }
+    for (table, reason) in &report.failed {
+        tracing::error!(
+            table,
+            reason,
+            "cannot capture this table: its values are not cached until the config or the schema is fixed"
+        );
+    }
+    shared
+        .capture_failures
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone_from(&report.failed);
+    let was_paused = shared.paused.swap(report.paused, Ordering::AcqRel);
+    if was_paused != report.paused {
+        tracing::warn!(
+            paused = report.paused,
+            "capture pause changed: while paused, reads bypass the cache"
+        );
     }
 }
 
@@ -275,7 +370,12 @@ pub fn run(
 }
 
 /// Reads, plans and applies one batch; returns how many changes it applied.
-pub fn step(shared: &Shared, config: &Config, outbox: &mut Outbox) -> Result<usize, TailError> {
+pub fn step(
+    shared: &Shared,
+    config: &Arc<Config>,
+    outbox: &mut Outbox,
+) -> Result<usize, TailError> {
+    outbox.recheck_capture(shared, config)?;
     let changes = outbox.read_batch(config.tail.batch_size)?;
     let Some(last) = changes.last().map(|c| c.position) else {
         return Ok(0);

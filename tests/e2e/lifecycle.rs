@@ -17,9 +17,10 @@ fn a_restart_resumes_from_the_cursor_and_skips_no_change() {
     let catalog = Catalog::new();
     let port = free_port();
     let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let installed = daemon.wait_caught_up()["events"].as_u64().expect("events");
     catalog.python("for i in range(50):\n    con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (3, 1, 2)')");
     let before = daemon.wait_caught_up();
-    assert_eq!(before["events"], 50);
+    assert_eq!(before["events"].as_u64(), Some(installed + 50));
     assert!(daemon.stop().success(), "SIGTERM exits 0");
     let cursor: u64 = catalog
         .sqlite_cli("SELECT position FROM cachetail_cursor")
@@ -109,8 +110,8 @@ fn install_is_idempotent_and_uninstall_leaves_the_apps_data() {
         "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'cachetail_%'",
     );
     assert_eq!(
-        triggers, "9",
-        "insert, update and delete triggers on reviews, books and users"
+        triggers, "15",
+        "insert, update, delete and two replace triggers on reviews, books and users"
     );
     assert!(cachetail(&["install", "--config", config]).status.success());
     assert_eq!(
@@ -123,7 +124,7 @@ fn install_is_idempotent_and_uninstall_leaves_the_apps_data() {
     catalog
         .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 1, 1)')");
     assert_eq!(
-        catalog.sqlite_cli("SELECT count(*) FROM cachetail_outbox"),
+        catalog.sqlite_cli("SELECT count(*) FROM cachetail_outbox WHERE op <> 0"),
         "1"
     );
 
