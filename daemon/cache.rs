@@ -290,6 +290,11 @@ impl Cache {
         self.floor.fetch_max(position, Ordering::AcqRel);
     }
 
+    /// Up to `limit` cached keys, in no particular order (a sample for `verify`).
+    pub fn keys(&self, limit: usize) -> Vec<Arc<str>> {
+        self.entries.iter().take(limit).map(|(key, _)| Arc::clone(&*key)).collect()
+    }
+
     /// How many values are stored (some may be expired or marked stale and not yet evicted).
     pub fn entry_count(&self) -> u64 {
         self.entries.run_pending_tasks();

@@ -86,9 +86,9 @@ pub fn compute(conn: &Connection, family: &Family, params: &Params) -> rusqlite:
     })
 }
 
-/// Binds each `:name` of the statement to the key parameter of that name. A value that reads as
-/// a canonical integer is bound as an integer, so `WHERE id = :id` matches whatever the column's
-/// affinity; anything else is bound as text. Never spliced into the SQL.
+/// Binds each `:name` of the statement to the key parameter of that name. A value written the way
+/// a key renders a number (`42`, `1.5`) is bound as that number, so `WHERE id = :id` matches
+/// whatever the column's affinity; anything else is bound as text. Never spliced into the SQL.
 fn bind_params(stmt: &mut Statement<'_>, params: &Params) -> rusqlite::Result<()> {
     for index in 1..=stmt.parameter_count() {
         let name = stmt.parameter_name(index).unwrap_or("");
@@ -96,9 +96,12 @@ fn bind_params(stmt: &mut Statement<'_>, params: &Params) -> rusqlite::Result<()
         let Some((_, value)) = params.iter().find(|(n, _)| n == bare) else {
             return Err(rusqlite::Error::InvalidParameterName(name.to_owned()));
         };
-        match canonical_integer(value) {
-            Some(i) => stmt.raw_bind_parameter(index, i)?,
-            None => stmt.raw_bind_parameter(index, value.as_str())?,
+        if let Some(i) = canonical_integer(value) {
+            stmt.raw_bind_parameter(index, i)?;
+        } else if let Some(r) = canonical_real(value) {
+            stmt.raw_bind_parameter(index, r)?;
+        } else {
+            stmt.raw_bind_parameter(index, value.as_str())?;
         }
     }
     Ok(())
@@ -107,6 +110,12 @@ fn bind_params(stmt: &mut Statement<'_>, params: &Params) -> rusqlite::Result<()
 fn canonical_integer(text: &str) -> Option<i64> {
     let i: i64 = text.parse().ok()?;
     (i.to_string() == text).then_some(i)
+}
+
+/// A real written exactly as a key renders one (`1.5`, not `1.50` or `1e0`).
+fn canonical_real(text: &str) -> Option<f64> {
+    let r: f64 = text.parse().ok()?;
+    (r.is_finite() && r.to_string() == text).then_some(r)
 }
 
 /// Encodes the rows as JSON: an array of objects when `many`, else the first row's object

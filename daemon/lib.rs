@@ -26,6 +26,7 @@ pub mod sqlite;
 pub mod state;
 pub mod tail;
 pub mod template;
+pub mod verify;
 pub mod watch;
 
 use std::future::Future;

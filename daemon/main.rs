@@ -57,6 +57,15 @@ enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Ask the running daemon to recompute a sample of cached values and report stale ones
+    /// (exit 1 if any).
+    Verify {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// How many cached values to check at most.
+        #[arg(long, default_value_t = 1000)]
+        sample: usize,
+    },
     /// Remove cachetail's triggers and tables; the app's data is left untouched.
     Uninstall {
         #[arg(long, short, default_value = "config.toml")]
@@ -157,6 +166,20 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 report.flushed.join(", ")
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { config, sample } => {
+            let config = Config::load(&config)?;
+            let mut client = cachetail::client::Client::new(config.listen);
+            let reply = client
+                .request("POST", &format!("/v1/verify?sample={sample}"), &[], &[])
+                .with_context(|| format!("cannot reach the daemon at {}", config.listen))?;
+            let report = reply.json()?;
+            if reply.status != 200 {
+                anyhow::bail!("the daemon answered {}: {}", reply.status, report["error"]);
+            }
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            let stale = report["stale"].as_u64().unwrap_or(0);
+            Ok(if stale == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Uninstall { config } => {
             let config = Config::load(&config)?;

@@ -107,10 +107,12 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             Bytes::from_static(b"ok\n"),
         ),
         "/v1/status" if is_get => status(shared).await,
+        "/v1/verify" if request.method() == Method::POST => verify(shared, request.uri().query()).await,
+        "/v1/verify" => method_not_allowed("POST"),
         "/healthz" | "/v1/status" => method_not_allowed("GET"),
         "/" if is_get => json_response(
             StatusCode::OK,
-            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "/v1/status", "/healthz"]}),
+            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "/v1/status", "/v1/verify", "/healthz"]}),
         ),
         _ => error(
             StatusCode::NOT_FOUND,
@@ -301,6 +303,8 @@ async fn status(shared: &Arc<Shared>) -> Response<Body> {
         "fills": load(&s.fills),
         "fill_errors": load(&s.fill_errors),
         "apply_errors": load(&s.apply_errors),
+        "verified": load(&s.verified),
+        "stale_found": load(&s.stale_found),
         "entries": shared.cache.entry_count(),
         "write_behind_queue": shared.write_behind.depth(),
         "paused": shared.paused.load(Ordering::Acquire),
@@ -324,6 +328,27 @@ async fn status(shared: &Arc<Shared>) -> Response<Body> {
         "now": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
     });
     json_response(StatusCode::OK, &body)
+}
+
+/// `POST /v1/verify?sample=N`: recompute up to N cached values (default 1000, at most 100000)
+/// and report the stale ones.
+async fn verify(shared: &Arc<Shared>, query: Option<&str>) -> Response<Body> {
+    let sample = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("sample="))
+        .map(str::parse::<usize>);
+    let sample = match sample {
+        None => 1000,
+        Some(Ok(n)) if n > 0 => n.min(100_000),
+        Some(_) => return error(StatusCode::BAD_REQUEST, "`sample` must be a whole number above zero".to_owned()),
+    };
+    let worker = Arc::clone(shared);
+    let wait = shared.config().fresh_timeout;
+    match tokio::task::spawn_blocking(move || crate::verify::verify(&worker, sample, wait)).await {
+        Ok(report) => json_response(StatusCode::OK, &json!(report)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("verify failed: {e}")),
+    }
 }
 
 /// Decodes a percent-encoded key. Refuses bad escapes, invalid UTF-8, control characters and

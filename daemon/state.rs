@@ -25,6 +25,9 @@ pub struct Stats {
     pub fills: AtomicU64,
     pub fill_errors: AtomicU64,
     pub apply_errors: AtomicU64,
+    /// Cached values `verify` compared with the database, and how many of them were stale.
+    pub verified: AtomicU64,
+    pub stale_found: AtomicU64,
 }
 
 /// The outcome of the last config reloads.

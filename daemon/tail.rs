@@ -273,7 +273,7 @@ pub fn note_install(shared: &Shared, report: &capture::InstallReport) {
         tracing::info!(created = ?report.created, dropped = ?report.dropped, "capture triggers installed");
     }
     if !report.flushed.is_empty() {
-        tracing::warn!(tables = ?report.flushed, "capture (re)installed: values read from these tables before are dropped");
+        tracing::info!(tables = ?report.flushed, "capture (re)installed: values read from these tables before are dropped");
     }
     for (table, reason) in &report.failed {
         tracing::error!(

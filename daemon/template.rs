@@ -46,7 +46,8 @@ pub enum TemplateError {
 
 impl Template {
     /// Parses a template. `allow_adjacent` is false for family patterns, whose placeholders must
-    /// be separated by literal text so that a requested key splits one way only.
+    /// be separated by literal text so that a requested key splits one way only, and must be
+    /// names (letters, digits, `_`); true for rule templates, whose placeholders are column names.
     pub fn parse(source: &str, allow_adjacent: bool) -> Result<Template, TemplateError> {
         if source.is_empty() {
             return Err(TemplateError::Empty);
@@ -78,7 +79,10 @@ impl Template {
                     if !closed {
                         return Err(TemplateError::Unclosed(at));
                     }
-                    if !is_name(&name) {
+                    // A row template names columns, which may be any text ("key col"); a
+                    // pattern's placeholders become SQL `:name` parameters, so they are names.
+                    let valid = if allow_adjacent { !name.is_empty() } else { is_name(&name) };
+                    if !valid {
                         return Err(TemplateError::BadName(name));
                     }
                     if !literal.is_empty() {

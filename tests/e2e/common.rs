@@ -187,6 +187,17 @@ impl Daemon {
             .expect("GET a key, only if cached")
     }
 
+    pub fn post(&mut self, path: &str) -> Reply {
+        self.client.request("POST", path, &[], &[]).expect("POST")
+    }
+
+    /// Asks the daemon to recompute every cached value; returns the report.
+    pub fn verify(&mut self) -> Value {
+        let reply = self.post("/v1/verify?sample=100000");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        json(&reply)
+    }
+
     pub fn get_path(&mut self, path: &str) -> Reply {
         self.client.get(path).expect("GET")
     }

@@ -6,3 +6,4 @@ mod http;
 mod lifecycle;
 mod reload;
 mod strategies;
+mod write_shapes;
