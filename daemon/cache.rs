@@ -292,7 +292,11 @@ impl Cache {
 
     /// Up to `limit` cached keys, in no particular order (a sample for `verify`).
     pub fn keys(&self, limit: usize) -> Vec<Arc<str>> {
-        self.entries.iter().take(limit).map(|(key, _)| Arc::clone(&*key)).collect()
+        self.entries
+            .iter()
+            .take(limit)
+            .map(|(key, _)| Arc::clone(&*key))
+            .collect()
     }
 
     /// How many values are stored (some may be expired or marked stale and not yet evicted).

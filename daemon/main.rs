@@ -179,7 +179,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             println!("{}", serde_json::to_string_pretty(&report)?);
             let stale = report["stale"].as_u64().unwrap_or(0);
-            Ok(if stale == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if stale == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Uninstall { config } => {
             let config = Config::load(&config)?;

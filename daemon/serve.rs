@@ -107,7 +107,9 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             Bytes::from_static(b"ok\n"),
         ),
         "/v1/status" if is_get => status(shared).await,
-        "/v1/verify" if request.method() == Method::POST => verify(shared, request.uri().query()).await,
+        "/v1/verify" if request.method() == Method::POST => {
+            verify(shared, request.uri().query()).await
+        }
         "/v1/verify" => method_not_allowed("POST"),
         "/healthz" | "/v1/status" => method_not_allowed("GET"),
         "/" if is_get => json_response(
@@ -341,13 +343,21 @@ async fn verify(shared: &Arc<Shared>, query: Option<&str>) -> Response<Body> {
     let sample = match sample {
         None => 1000,
         Some(Ok(n)) if n > 0 => n.min(100_000),
-        Some(_) => return error(StatusCode::BAD_REQUEST, "`sample` must be a whole number above zero".to_owned()),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "`sample` must be a whole number above zero".to_owned(),
+            );
+        }
     };
     let worker = Arc::clone(shared);
     let wait = shared.config().fresh_timeout;
     match tokio::task::spawn_blocking(move || crate::verify::verify(&worker, sample, wait)).await {
         Ok(report) => json_response(StatusCode::OK, &json!(report)),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("verify failed: {e}")),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("verify failed: {e}"),
+        ),
     }
 }
 

@@ -81,7 +81,11 @@ impl Template {
                     }
                     // A row template names columns, which may be any text ("key col"); a
                     // pattern's placeholders become SQL `:name` parameters, so they are names.
-                    let valid = if allow_adjacent { !name.is_empty() } else { is_name(&name) };
+                    let valid = if allow_adjacent {
+                        !name.is_empty()
+                    } else {
+                        is_name(&name)
+                    };
                     if !valid {
                         return Err(TemplateError::BadName(name));
                     }

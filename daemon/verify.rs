@@ -50,8 +50,14 @@ pub fn verify(shared: &Shared, sample: usize, wait: Duration) -> VerifyReport {
             Outcome::Unverified => report.unverified += 1,
         }
     }
-    shared.stats.verified.fetch_add(report.checked, Ordering::Relaxed);
-    shared.stats.stale_found.fetch_add(report.stale, Ordering::Relaxed);
+    shared
+        .stats
+        .verified
+        .fetch_add(report.checked, Ordering::Relaxed);
+    shared
+        .stats
+        .stale_found
+        .fetch_add(report.stale, Ordering::Relaxed);
     report
 }
 
@@ -77,7 +83,10 @@ fn verify_key(shared: &Shared, key: &Arc<str>, wait: Duration) -> Outcome {
         let Some(entry) = shared.cache.get(key) else {
             return Outcome::Gone;
         };
-        let Ok(fresh) = shared.pool.with(|conn| fill::compute(conn, family, &params)) else {
+        let Ok(fresh) = shared
+            .pool
+            .with(|conn| fill::compute(conn, family, &params))
+        else {
             return Outcome::Unverified;
         };
         if fresh.version == head {

@@ -4,6 +4,7 @@
 mod common;
 mod http;
 mod lifecycle;
+mod migrations;
 mod reload;
 mod strategies;
 mod write_shapes;

@@ -80,8 +80,15 @@ impl Shapes {
     fn start() -> Shapes {
         let catalog = Catalog::new();
         let db = catalog.path().join("shapes.db");
-        let script = format!("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1])\ncon.executescript({SCHEMA:?})\ncon.commit()\n");
-        let ok = std::process::Command::new("python3").arg("-c").arg(script).arg(&db).status().expect("python3");
+        let script = format!(
+            "import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1])\ncon.executescript({SCHEMA:?})\ncon.commit()\n"
+        );
+        let ok = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&db)
+            .status()
+            .expect("python3");
         assert!(ok.success());
         let port = free_port();
         let daemon = Daemon::start(&catalog, &config(port), port);
@@ -91,9 +98,20 @@ impl Shapes {
     /// Python code run against shapes.db as its own process.
     fn write(&self, code: &str) {
         let db = self.catalog.path().join("shapes.db");
-        let script = format!("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=5)\n{code}\ncon.commit()\ncon.close()\n");
-        let out = std::process::Command::new("python3").arg("-c").arg(&script).arg(&db).output().expect("python3");
-        assert!(out.status.success(), "writer failed: {}", String::from_utf8_lossy(&out.stderr));
+        let script = format!(
+            "import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=5)\n{code}\ncon.commit()\ncon.close()\n"
+        );
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(&script)
+            .arg(&db)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "writer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Caches `keys`, runs `code` as a separate writer, waits for the daemon, then checks that
@@ -101,12 +119,20 @@ impl Shapes {
     fn scenario(&mut self, keys: &[&str], code: &str, gone: &[&str]) {
         for key in keys {
             let reply = self.daemon.get(key);
-            assert!(reply.status == 200 || reply.status == 404, "{key}: {}", reply.text());
+            assert!(
+                reply.status == 200 || reply.status == 404,
+                "{key}: {}",
+                reply.text()
+            );
         }
         self.write(code);
         self.daemon.wait_caught_up();
         for key in gone {
-            assert_eq!(self.daemon.peek(key).status, 504, "{key} was invalidated by: {code}");
+            assert_eq!(
+                self.daemon.peek(key).status,
+                504,
+                "{key} was invalidated by: {code}"
+            );
         }
         self.assert_nothing_stale(code);
         for key in keys {
@@ -150,7 +176,11 @@ fn replace_upsert_ignore_and_multi_row_inserts() {
         &["item:3", "grp:g1", "grp:g5"],
     );
     // INSERT OR IGNORE that ignores: nothing changes, nothing cached may be wrong.
-    s.scenario(&["item:3", "sku:D"], "con.execute(\"INSERT OR IGNORE INTO items (id, sku, grp) VALUES (3, 'D', 'g9')\")", &[]);
+    s.scenario(
+        &["item:3", "sku:D"],
+        "con.execute(\"INSERT OR IGNORE INTO items (id, sku, grp) VALUES (3, 'D', 'g9')\")",
+        &[],
+    );
     // One statement, several rows.
     s.scenario(
         &["grp:m1", "grp:m2"],
@@ -158,7 +188,11 @@ fn replace_upsert_ignore_and_multi_row_inserts() {
         &["grp:m1", "grp:m2"],
     );
     // UPDATE of the primary key: old and new keys.
-    s.scenario(&["item:10", "item:20"], "con.execute('UPDATE items SET id = 20 WHERE id = 10')", &["item:10", "item:20"]);
+    s.scenario(
+        &["item:10", "item:20"],
+        "con.execute('UPDATE items SET id = 20 WHERE id = 10')",
+        &["item:10", "item:20"],
+    );
 }
 
 #[test]
@@ -229,8 +263,15 @@ fn large_rolled_back_and_savepoint_transactions() {
         &[],
     );
     let after = s.daemon.wait_caught_up();
-    assert_eq!(after["head"], before["head"], "a rollback leaves nothing in the outbox");
-    assert_eq!(s.daemon.peek("grp:gone").status, 200, "still cached: nothing happened");
+    assert_eq!(
+        after["head"], before["head"],
+        "a rollback leaves nothing in the outbox"
+    );
+    assert_eq!(
+        s.daemon.peek("grp:gone").status,
+        200,
+        "still cached: nothing happened"
+    );
 
     // A savepoint rolled back inside a committed transaction.
     s.scenario(
@@ -238,7 +279,11 @@ fn large_rolled_back_and_savepoint_transactions() {
         "con.isolation_level = None\ncon.execute('BEGIN')\ncon.execute('SAVEPOINT s')\ncon.execute(\"INSERT INTO items (sku, grp) VALUES ('SP', 'sp')\")\ncon.execute('ROLLBACK TO s')\ncon.execute(\"INSERT INTO items (sku, grp) VALUES ('KP', 'kept')\")\ncon.execute('COMMIT')",
         &["grp:kept"],
     );
-    assert_eq!(s.daemon.peek("grp:sp").status, 200, "the rolled-back savepoint invalidated nothing");
+    assert_eq!(
+        s.daemon.peek("grp:sp").status,
+        200,
+        "the rolled-back savepoint invalidated nothing"
+    );
     assert_eq!(json(&s.daemon.get("grp:kept"))["n"], 1);
 }
 
@@ -254,7 +299,11 @@ fn the_sqlite3_shell_is_captured_for_every_shape_too() {
         .arg("REPLACE INTO items (id, sku, grp, qty) VALUES (1, 'A2', 'g7', 1); INSERT INTO items (sku, grp) VALUES ('S1', 'g1') ON CONFLICT DO NOTHING;")
         .output()
         .expect("sqlite3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     s.daemon.wait_caught_up();
     for key in ["item:1", "sku:A", "grp:g1"] {
         assert_eq!(s.daemon.peek(key).status, 504, "{key}");

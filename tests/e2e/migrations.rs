@@ -1,0 +1,185 @@
+//! App migrations while the daemon runs: rebuilt tables, altered columns, dropped and created
+//! tables, and `cachetail pause` / `resume` around a migration that touches a captured column.
+
+use std::process::Command;
+
+use crate::common::*;
+use crate::strategies::catalog_config;
+
+fn capture_installed(catalog: &Catalog) -> bool {
+    catalog.sqlite_cli("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'cachetail_insert_reviews'") == "1"
+}
+
+fn review_count(daemon: &mut Daemon, key: &str) -> i64 {
+    json(&daemon.get(key))["review_count"]
+        .as_i64()
+        .expect("review_count")
+}
+
+#[test]
+fn a_table_rebuilt_by_a_migration_tool_gets_capture_back_and_its_keys_flushed() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(
+        &catalog,
+        &catalog_config(port, "write-through", "50ms"),
+        port,
+    );
+    assert_eq!(review_count(&mut daemon, "book:1"), 2);
+    assert_eq!(json(&daemon.get("user:1"))["name"], "user1");
+
+    // What sqlite-utils `transform`, Django and Alembic batch mode do: create new, copy, drop old,
+    // rename. Dropping the old table drops cachetail's triggers with it; the review posted in the
+    // same transaction is never captured.
+    catalog.python(
+        "con.executescript('''
+BEGIN;
+CREATE TABLE reviews_new (id INTEGER PRIMARY KEY, book_id INTEGER NOT NULL, user_id INTEGER NOT NULL,
+                          rating INTEGER NOT NULL, body TEXT NOT NULL DEFAULT '', created TEXT);
+INSERT INTO reviews_new (id, book_id, user_id, rating, body) SELECT id, book_id, user_id, rating, body FROM reviews;
+DROP TABLE reviews;
+ALTER TABLE reviews_new RENAME TO reviews;
+INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 5);
+COMMIT;
+''')",
+    );
+    eventually("capture is reinstalled on the rebuilt table", || {
+        capture_installed(&catalog).then_some(())
+    });
+    daemon.wait_caught_up();
+    assert_eq!(
+        daemon.peek("book:1").status,
+        504,
+        "a value read from the old table is dropped"
+    );
+    assert_eq!(
+        review_count(&mut daemon, "book:1"),
+        3,
+        "the uncaptured review shows"
+    );
+    assert_eq!(
+        daemon.peek("user:1").status,
+        200,
+        "user:1 does not read reviews: kept"
+    );
+
+    // And the rebuilt table is captured again.
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 2, 1)')");
+    eventually("a later review shows", || {
+        (review_count(&mut daemon, "book:1") == 4).then_some(())
+    });
+    assert_eq!(daemon.verify()["stale"], 0);
+}
+
+#[test]
+fn altering_columns_the_rules_do_not_capture_just_works() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    review_count(&mut daemon, "book:2");
+    catalog.python("con.execute('ALTER TABLE reviews ADD COLUMN helpful INTEGER DEFAULT 0')");
+    catalog.python("con.execute('ALTER TABLE reviews RENAME COLUMN body TO text')");
+    // Dropping a column cachetail does not capture must succeed.
+    catalog.python("con.execute('ALTER TABLE reviews DROP COLUMN text')");
+    catalog.python("con.execute('INSERT INTO reviews (book_id, user_id, rating, helpful) VALUES (2, 2, 4, 1)')");
+    eventually("the review shows", || {
+        (review_count(&mut daemon, "book:2") == 2).then_some(())
+    });
+    assert!(capture_installed(&catalog));
+    let status = daemon.status();
+    assert_eq!(
+        status["capture_failures"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_dropped_and_recreated_table_is_reported_then_captured_again() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    assert_eq!(json(&daemon.get("user:2"))["name"], "user2");
+    catalog.python("con.execute('DROP TABLE users')");
+    let failures = eventually("the dropped table is reported", || {
+        let status = daemon.status();
+        let failures = status["capture_failures"].as_array()?.clone();
+        (!failures.is_empty()).then_some(failures)
+    });
+    assert_eq!(failures[0]["table"], "users");
+    assert_ne!(
+        daemon.peek("user:2").status,
+        200,
+        "its values are not served"
+    );
+
+    catalog.python("con.execute('CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)')\ncon.execute(\"INSERT INTO users VALUES (2, 'again')\")");
+    eventually("the recreated table is captured", || {
+        let status = daemon.status();
+        status["capture_failures"]
+            .as_array()?
+            .is_empty()
+            .then_some(())
+    });
+    assert_eq!(json(&daemon.get("user:2"))["name"], "again");
+    catalog.sqlite_cli("UPDATE users SET name = 'later' WHERE id = 2;");
+    eventually("changes to it are captured", || {
+        (json(&daemon.get("user:2"))["name"] == "later").then_some(())
+    });
+}
+
+#[test]
+fn pause_serves_from_the_database_and_resume_flushes() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(
+        &catalog,
+        &catalog_config(port, "write-through", "50ms"),
+        port,
+    );
+    assert_eq!(review_count(&mut daemon, "book:1"), 2);
+    let config = daemon.config.to_str().expect("path").to_owned();
+    let cli = |verb: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+            .args([verb, "--config", &config])
+            .output()
+            .expect("cli");
+        assert!(
+            out.status.success(),
+            "{verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    cli("pause");
+    eventually("the daemon sees the pause", || {
+        (daemon.status()["paused"] == true).then_some(())
+    });
+    assert!(
+        !capture_installed(&catalog),
+        "pause removes the triggers, and the daemon leaves them out"
+    );
+    // A migration that drops a column a rule captures would now succeed; meanwhile every read
+    // comes from the database, so nothing stale is served even though nothing is captured.
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 3)')");
+    let reply = daemon.get("book:1");
+    assert_eq!(
+        (x_cache(&reply), json(&reply)["review_count"].as_i64()),
+        ("bypass", Some(3))
+    );
+
+    cli("resume");
+    eventually("the daemon sees the resume", || {
+        (daemon.status()["paused"] == false).then_some(())
+    });
+    assert!(capture_installed(&catalog));
+    assert_eq!(review_count(&mut daemon, "book:1"), 3);
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 2, 3)')");
+    eventually("capture works again", || {
+        (review_count(&mut daemon, "book:1") == 4).then_some(())
+    });
+    assert_eq!(daemon.verify()["stale"], 0);
+}
