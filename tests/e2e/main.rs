@@ -2,6 +2,7 @@
 //! separate processes, real HTTP over loopback. One test binary, so the crate links once.
 
 mod common;
+mod crash;
 mod http;
 mod lifecycle;
 mod migrations;
