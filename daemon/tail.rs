@@ -30,6 +30,8 @@ const PRUNE_CHUNK: u64 = 2_000;
 pub enum TailError {
     #[error("cachetail is not installed in this database (no cursor row): run `cachetail install`")]
     NotInstalled,
+    #[error("applying a batch panicked (a bug: please report it with the log above)")]
+    Panicked,
     #[error(transparent)]
     Capture(#[from] CaptureError),
     #[error(transparent)]
@@ -329,12 +331,7 @@ impl Doorbell {
 }
 
 /// The applying loop: batch after batch until `stop`. Runs on its own thread (SQLite is blocking).
-pub fn run(
-    shared: Arc<Shared>,
-    mut outbox: Outbox,
-    doorbell: Arc<Doorbell>,
-    stop: Arc<AtomicBool>,
-) {
+pub fn run(shared: Arc<Shared>, mut outbox: Outbox, doorbell: Arc<Doorbell>, stop: Arc<AtomicBool>) {
     let mut backoff = Duration::from_millis(20);
     // After a wake-up that found nothing, look again a few times, quickly: a notification fires
     // when the app writes the `-wal` file, a moment before the commit is published in the
@@ -342,16 +339,18 @@ pub fn run(
     let mut recheck: Option<Duration> = None;
     while !stop.load(Ordering::Acquire) {
         let config = shared.config();
-        match step(&shared, &config, &mut outbox) {
+        // A bug in one batch must not silently stop the daemon from applying: it is logged,
+        // counted, and the batch retried like any other failure (the cursor did not move).
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(&shared, &config, &mut outbox)))
+            .unwrap_or_else(|_| Err(TailError::Panicked));
+        match outcome {
             Ok(0) => {
-                let wait = match recheck {
-                    Some(wait) if wait <= RECHECK_LIMIT => wait,
-                    _ => config.tail.poll_interval,
-                };
-                recheck = if doorbell.wait(wait) {
-                    Some(RECHECK_FIRST)
-                } else {
-                    recheck.map(|w| w * 2)
+                let wait = recheck.unwrap_or(config.tail.poll_interval);
+                let rung = doorbell.wait(wait);
+                recheck = match recheck {
+                    _ if rung => Some(RECHECK_FIRST),
+                    Some(wait) if wait < RECHECK_LIMIT => Some(wait * 2),
+                    _ => None,
                 };
             }
             Ok(_) => {

@@ -6,6 +6,7 @@ mod crash;
 mod http;
 mod lifecycle;
 mod migrations;
+mod race;
 mod reload;
 mod strategies;
 mod write_shapes;

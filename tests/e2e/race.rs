@@ -1,0 +1,150 @@
+//! The randomized checker: concurrent writer processes and HTTP readers over a long-TTL cache,
+//! every strategy at once. No read may go backwards in time, a fresh read must reflect what was
+//! committed before it, and at the end every cached value equals the database.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cachetail::client::Client;
+
+use crate::common::*;
+
+const COUNTERS: u64 = 30;
+const FAMILIES: [&str; 3] = ["wt", "del", "wb"];
+const WRITERS: usize = 3;
+const WRITES_PER_WRITER: usize = 8_000;
+const READERS: usize = 6;
+const MIN_READS: u64 = 80_000;
+
+fn config(port: u16) -> String {
+    let mut text = format!(
+        "database = \"catalog.db\"\nlisten = \"127.0.0.1:{port}\"\n[cache]\nttl = \"1h\"\n[write_behind]\ndelay = \"5ms\"\n[tail]\npoll_interval = \"50ms\"\n"
+    );
+    for (family, strategy) in FAMILIES.iter().zip(["write-through", "delete", "write-behind"]) {
+        text += &format!(
+            "[keys.\"{family}:{{id}}\"]\nquery = \"SELECT n FROM counters WHERE id = :id\"\n[[rules]]\ntable = \"counters\"\nkeys = [\"{family}:{{id}}\"]\nstrategy = \"{strategy}\"\n"
+        );
+    }
+    text
+}
+
+#[test]
+fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
+    let catalog = Catalog::new();
+    catalog.python(&format!(
+        "con.execute('CREATE TABLE counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)')\n\
+         con.executemany('INSERT INTO counters VALUES (?, 0)', [(i,) for i in range(1, {COUNTERS} + 1)])"
+    ));
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &config(port), port);
+    let address = daemon.address;
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            std::process::Command::new("python3")
+                .arg("-c")
+                .arg(format!(
+                    "import sqlite3, sys, random\n\
+                     con = sqlite3.connect(sys.argv[1], timeout=5)\n\
+                     rnd = random.Random({w})\n\
+                     done = 0\n\
+                     while done < {WRITES_PER_WRITER}:\n\
+                     \x20   for _ in range(min(rnd.randint(1, 3), {WRITES_PER_WRITER} - done)):\n\
+                     \x20       con.execute('UPDATE counters SET n = n + 1 WHERE id = ?', (rnd.randint(1, {COUNTERS}),))\n\
+                     \x20       done += 1\n\
+                     \x20   con.commit()\n"
+                ))
+                .arg(catalog.db())
+                .spawn()
+                .expect("writer")
+        })
+        .collect();
+
+    let writing = Arc::new(AtomicBool::new(true));
+    let reads = Arc::new(AtomicU64::new(0));
+    let violations = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..READERS)
+        .map(|r| {
+            let (writing, reads, violations, db) = (Arc::clone(&writing), Arc::clone(&reads), Arc::clone(&violations), catalog.db());
+            std::thread::spawn(move || {
+                let mut client = Client::new(address);
+                let direct = rusqlite::Connection::open(&db).expect("direct read connection");
+                direct.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+                let mut last_seen: HashMap<String, i64> = HashMap::new();
+                let mut seed = 0x2545_F491_4F6C_DD1D_u64 ^ (r as u64 + 1);
+                let mut mine = 0u64;
+                while writing.load(Ordering::Acquire) || reads.load(Ordering::Relaxed) < MIN_READS {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let id = seed % COUNTERS + 1;
+                    let key = format!("{}:{id}", FAMILIES[(seed / COUNTERS % 3) as usize]);
+                    let fresh = mine.is_multiple_of(10);
+                    let committed: i64 = if fresh {
+                        direct.query_row("SELECT n FROM counters WHERE id = ?1", [id as i64], |row| row.get(0)).expect("direct read")
+                    } else {
+                        0
+                    };
+                    let path = format!("/v1/keys/{key}{}", if fresh { "?fresh=1" } else { "" });
+                    let reply = client.get(&path).expect("GET");
+                    assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+                    let n = reply.json().expect("json")["n"].as_i64().expect("n");
+                    let previous = last_seen.insert(key.clone(), n).unwrap_or(0);
+                    if n < previous {
+                        eprintln!("backwards: {key} read {n} after {previous}");
+                        violations.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if n < committed {
+                        eprintln!("stale fresh read: {key} read {n}, {committed} was committed before");
+                        violations.fetch_add(1, Ordering::Relaxed);
+                    }
+                    mine += 1;
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    for mut writer in writers {
+        assert!(writer.wait().expect("writer").success());
+    }
+    writing.store(false, Ordering::Release);
+    for reader in readers {
+        reader.join().expect("reader");
+    }
+    let reads = reads.load(Ordering::Relaxed);
+
+    // Caught up, the write-behind queue drained: every cached value equals the database.
+    daemon.wait_caught_up();
+    eventually("the write-behind queue drains", || (daemon.status()["write_behind_queue"] == 0).then_some(()));
+    let mut stale_at_end = 0;
+    let mut cached = 0;
+    for family in FAMILIES {
+        for id in 1..=COUNTERS {
+            let key = format!("{family}:{id}");
+            let reply = daemon.peek(&key);
+            if reply.status == 200 {
+                cached += 1;
+                let expected = catalog.sqlite_cli(&format!("SELECT n FROM counters WHERE id = {id}"));
+                if json(&reply)["n"].to_string() != expected {
+                    stale_at_end += 1;
+                }
+            }
+        }
+    }
+    let verify = daemon.verify();
+    let writes = (WRITERS * WRITES_PER_WRITER) as u64;
+    eprintln!(
+        "randomized checker: {} operations ({writes} writes, {reads} reads), {} stale or backwards reads, {stale_at_end} stale cached values of {cached}",
+        writes + reads,
+        violations.load(Ordering::Relaxed)
+    );
+    assert!(writes + reads >= 100_000);
+    assert_eq!(violations.load(Ordering::Relaxed), 0, "stale or backwards reads");
+    assert_eq!(stale_at_end, 0, "stale cached values at the end");
+    assert_eq!(verify["stale"], 0, "{verify}");
+    let total: i64 = catalog.sqlite_cli("SELECT sum(n) FROM counters").parse().expect("sum");
+    assert_eq!(total as u64, writes, "every write landed");
+}
