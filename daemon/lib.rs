@@ -75,7 +75,7 @@ pub fn prepare(config: &Config) -> Result<(tail::Outbox, capture::InstallReport)
         path: config.database.clone(),
         source,
     };
-    let mut conn = sqlite::open(&config.database).map_err(open_error)?;
+    let mut conn = sqlite::open_writer(&config.database).map_err(open_error)?;
     check::check_database(config, &mut conn)?;
     let started = std::time::Instant::now();
     let mut pause = std::time::Duration::from_millis(100);

@@ -222,7 +222,7 @@ fn open_existing(path: &Path) -> anyhow::Result<rusqlite::Connection> {
     if !path.exists() {
         anyhow::bail!(cachetail::Error::NoDatabase(path.to_path_buf()));
     }
-    Ok(sqlite::open(path)?)
+    Ok(sqlite::open_writer(path)?)
 }
 
 fn run(config_path: &Path) -> anyhow::Result<ExitCode> {

@@ -27,6 +27,27 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Opens the connection cachetail writes with (cursor, prune, capture). An app writing in a
+/// tight loop holds the write lock almost all the time; SQLite's default busy handler sleeps in
+/// growing steps (up to 100 ms) and keeps missing the short gaps between the app's transactions.
+/// This one looks again every 100 µs, for up to `BUSY_TIMEOUT`, so cachetail's short writes get
+/// their turn without the app ever waiting on them for long.
+pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
+    let mut conn = open(path)?;
+    conn.busy_handler(Some(retry_quickly))?;
+    Ok(conn)
+}
+
+fn retry_quickly(attempt: i32) -> bool {
+    const STEP: Duration = Duration::from_micros(100);
+    let waited = STEP * u32::try_from(attempt).unwrap_or(u32::MAX).min(1 << 20);
+    if waited >= BUSY_TIMEOUT {
+        return false;
+    }
+    std::thread::sleep(STEP);
+    true
+}
+
 /// Puts the database in WAL mode (persistent, and what every reader-beside-a-writer wants):
 /// readers then never block the app's writers, and the daemon wakes on the `-wal` file.
 pub fn ensure_wal(conn: &Connection) -> rusqlite::Result<String> {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -25,6 +25,9 @@ const RECHECK_LIMIT: Duration = Duration::from_millis(64);
 
 /// Rows deleted per pruning transaction: small, so the app's writers never wait long.
 const PRUNE_CHUNK: u64 = 2_000;
+/// How often the durable cursor is written at most, while changes keep coming.
+const PERSIST_EVERY: Duration = Duration::from_millis(100);
+const PERSIST_EVENTS: u64 = 50_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
@@ -72,6 +75,9 @@ pub struct Outbox {
     layouts: HashMap<i64, Arc<Layout>>,
     cursor: u64,
     pruned_below: u64,
+    /// The cursor as last written to the database, when, and how far pruning has gone.
+    persisted: u64,
+    persisted_at: Instant,
     /// `PRAGMA schema_version` when capture was last checked: a change means a migration may
     /// have dropped triggers (rebuilt tables do).
     schema_version: i64,
@@ -82,7 +88,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn open(path: &Path) -> Result<Outbox, TailError> {
-        let conn = sqlite::open(path)?;
+        let conn = sqlite::open_writer(path)?;
         let cursor: Option<i64> = conn
             .query_row(
                 "SELECT position FROM cachetail_cursor WHERE consumer = 'main'",
@@ -109,6 +115,8 @@ impl Outbox {
             layouts,
             cursor: u64::try_from(cursor).unwrap_or(0),
             pruned_below: u64::try_from(oldest).unwrap_or(0),
+            persisted: u64::try_from(cursor).unwrap_or(0),
+            persisted_at: Instant::now(),
             schema_version,
             installed_for: 0,
         })
@@ -238,30 +246,64 @@ impl Outbox {
         })
     }
 
-    /// Makes `position` the durable cursor: every change up to it has been applied.
-    pub fn advance(&mut self, position: u64) -> Result<(), TailError> {
-        let updated = self.conn.prepare_cached(
-            "UPDATE cachetail_cursor SET position = ?1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE consumer = 'main'",
-        )?
-        .execute([position as i64])?;
-        if updated == 0 {
-            return Err(TailError::NotInstalled);
-        }
+    /// Records that every change up to `position` has been applied. The durable cursor follows
+    /// in `persist`: at most every `PERSIST_EVERY`, so a sustained app write load does not meet a
+    /// cursor write after each of its commits (a crash replays the unpersisted batches:
+    /// at-least-once).
+    pub fn advance(&mut self, position: u64) {
         self.cursor = position;
+    }
+
+    /// Writes the cursor and prunes what it covers, in one short transaction, if due (or `now`).
+    /// Only rows at or below the durable cursor are pruned, and never the newest row, so
+    /// `max(id)` never goes down and ids are never reused.
+    pub fn persist(&mut self, now: bool) -> Result<(), TailError> {
+        let due = self.cursor > self.persisted
+            && (now
+                || self.persisted_at.elapsed() >= PERSIST_EVERY
+                || self.cursor - self.persisted >= PERSIST_EVENTS);
+        if !due && self.pruned_below >= self.persisted {
+            return Ok(());
+        }
+        self.persist_chunk(due)?;
+        // The rest of the backlog, a chunk per transaction: the app's writers wait for one
+        // chunk at most.
+        while self.pruned_below < self.persisted {
+            self.persist_chunk(false)?;
+        }
         Ok(())
     }
 
-    /// Deletes applied rows, in small transactions. The row at the cursor stays: the newest row
-    /// is never deleted, so `max(id)` never goes down and ids are never reused.
-    pub fn prune(&mut self) -> rusqlite::Result<()> {
-        while self.pruned_below < self.cursor {
-            let end = (self.pruned_below + PRUNE_CHUNK).min(self.cursor);
-            self.conn
-                .prepare_cached("DELETE FROM cachetail_outbox WHERE id >= ?1 AND id < ?2")?
+    fn persist_chunk(&mut self, due: bool) -> Result<(), TailError> {
+        let tx = self.conn.unchecked_transaction()?;
+        if due {
+            let updated = tx
+                .prepare_cached(
+                    "UPDATE cachetail_cursor SET position = ?1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE consumer = 'main'",
+                )?
+                .execute([self.cursor as i64])?;
+            if updated == 0 {
+                return Err(TailError::NotInstalled);
+            }
+        }
+        let durable = if due { self.cursor } else { self.persisted };
+        let end = (self.pruned_below + PRUNE_CHUNK).min(durable);
+        if end > self.pruned_below {
+            tx.prepare_cached("DELETE FROM cachetail_outbox WHERE id >= ?1 AND id < ?2")?
                 .execute(params![self.pruned_below as i64, end as i64])?;
-            self.pruned_below = end;
+        }
+        tx.commit()?;
+        self.persisted = durable;
+        self.pruned_below = self.pruned_below.max(end);
+        if due {
+            self.persisted_at = Instant::now();
         }
         Ok(())
+    }
+
+    /// The durable cursor lags the applied one: persisting is pending.
+    pub fn persist_pending(&self) -> bool {
+        self.cursor > self.persisted || self.pruned_below < self.persisted
     }
 }
 
@@ -331,7 +373,12 @@ impl Doorbell {
 }
 
 /// The applying loop: batch after batch until `stop`. Runs on its own thread (SQLite is blocking).
-pub fn run(shared: Arc<Shared>, mut outbox: Outbox, doorbell: Arc<Doorbell>, stop: Arc<AtomicBool>) {
+pub fn run(
+    shared: Arc<Shared>,
+    mut outbox: Outbox,
+    doorbell: Arc<Doorbell>,
+    stop: Arc<AtomicBool>,
+) {
     let mut backoff = Duration::from_millis(20);
     // After a wake-up that found nothing, look again a few times, quickly: a notification fires
     // when the app writes the `-wal` file, a moment before the commit is published in the
@@ -341,11 +388,19 @@ pub fn run(shared: Arc<Shared>, mut outbox: Outbox, doorbell: Arc<Doorbell>, sto
         let config = shared.config();
         // A bug in one batch must not silently stop the daemon from applying: it is logged,
         // counted, and the batch retried like any other failure (the cursor did not move).
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(&shared, &config, &mut outbox)))
-            .unwrap_or_else(|_| Err(TailError::Panicked));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(&shared, &config, &mut outbox)
+        }))
+        .unwrap_or_else(|_| Err(TailError::Panicked));
         match outcome {
             Ok(0) => {
-                let wait = recheck.unwrap_or(config.tail.poll_interval);
+                if let Err(e) = outbox.persist(false) {
+                    tracing::warn!(error = %e, "writing the cursor failed; it will be retried");
+                }
+                let mut wait = recheck.unwrap_or(config.tail.poll_interval);
+                if outbox.persist_pending() {
+                    wait = wait.min(PERSIST_EVERY);
+                }
                 let rung = doorbell.wait(wait);
                 recheck = match recheck {
                     _ if rung => Some(RECHECK_FIRST),
@@ -365,6 +420,9 @@ pub fn run(shared: Arc<Shared>, mut outbox: Outbox, doorbell: Arc<Doorbell>, sto
             }
         }
     }
+    if let Err(e) = outbox.persist(true) {
+        tracing::warn!(error = %e, "writing the cursor at shutdown failed; the last batches will be applied again");
+    }
     tracing::info!(cursor = outbox.cursor(), "tail stopped");
 }
 
@@ -381,15 +439,15 @@ pub fn step(
     };
     let plan = rules::plan(config, &changes);
     apply::apply(shared, config, &plan, outbox.conn());
-    outbox.advance(last)?;
+    outbox.advance(last);
     shared.applied.send_replace(last);
     shared
         .stats
         .events
         .fetch_add(changes.len() as u64, Ordering::Relaxed);
     shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = outbox.prune() {
-        tracing::warn!(error = %e, "pruning the outbox failed; it will be retried after the next batch");
+    if let Err(e) = outbox.persist(false) {
+        tracing::warn!(error = %e, "writing the cursor failed; it will be retried after the next batch");
     }
     Ok(changes.len())
 }

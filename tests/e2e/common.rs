@@ -106,6 +106,22 @@ impl Catalog {
     }
 }
 
+/// Waits until the durable cursor (in the database) reaches the outbox head and the applied rows
+/// are pruned: the daemon writes its cursor at most every 100 ms while changes keep coming.
+pub fn wait_persisted(db: &Path) -> u64 {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    eventually("the cursor is persisted and the outbox pruned", || {
+        let (cursor, head, rows): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT position, (SELECT coalesce(max(id), 0) FROM cachetail_outbox), (SELECT count(*) FROM cachetail_outbox) FROM cachetail_cursor",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .ok()?;
+        (cursor == head && rows <= 1).then_some(cursor as u64)
+    })
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

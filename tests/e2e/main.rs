@@ -6,6 +6,7 @@ mod crash;
 mod http;
 mod lifecycle;
 mod migrations;
+mod never_hurt;
 mod race;
 mod reload;
 mod strategies;

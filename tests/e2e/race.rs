@@ -23,7 +23,10 @@ fn config(port: u16) -> String {
     let mut text = format!(
         "database = \"catalog.db\"\nlisten = \"127.0.0.1:{port}\"\n[cache]\nttl = \"1h\"\n[write_behind]\ndelay = \"5ms\"\n[tail]\npoll_interval = \"50ms\"\n"
     );
-    for (family, strategy) in FAMILIES.iter().zip(["write-through", "delete", "write-behind"]) {
+    for (family, strategy) in FAMILIES
+        .iter()
+        .zip(["write-through", "delete", "write-behind"])
+    {
         text += &format!(
             "[keys.\"{family}:{{id}}\"]\nquery = \"SELECT n FROM counters WHERE id = :id AND (WITH RECURSIVE spin(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM spin WHERE i < 5000) SELECT count(*) FROM spin) > 0\"\n[[rules]]\ntable = \"counters\"\nkeys = [\"{family}:{{id}}\"]\nstrategy = \"{strategy}\"\n"
         );
@@ -69,15 +72,23 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
     let violations = Arc::new(AtomicU64::new(0));
     // For each key, the highest value a read that has already completed returned: a read that
     // starts later must not return less (no read goes backwards in time, across all readers).
-    let highest: Arc<Vec<AtomicI64>> = Arc::new((0..COUNTERS * 3).map(|_| AtomicI64::new(0)).collect());
+    let highest: Arc<Vec<AtomicI64>> =
+        Arc::new((0..COUNTERS * 3).map(|_| AtomicI64::new(0)).collect());
     let readers: Vec<_> = (0..READERS)
         .map(|r| {
-            let (writing, reads, violations, db) = (Arc::clone(&writing), Arc::clone(&reads), Arc::clone(&violations), catalog.db());
+            let (writing, reads, violations, db) = (
+                Arc::clone(&writing),
+                Arc::clone(&reads),
+                Arc::clone(&violations),
+                catalog.db(),
+            );
             let highest = Arc::clone(&highest);
             std::thread::spawn(move || {
                 let mut client = Client::new(address);
                 let direct = rusqlite::Connection::open(&db).expect("direct read connection");
-                direct.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+                direct
+                    .busy_timeout(Duration::from_secs(5))
+                    .expect("busy timeout");
                 let mut last_seen: HashMap<String, i64> = HashMap::new();
                 let mut seed = 0x2545_F491_4F6C_DD1D_u64 ^ (r as u64 + 1);
                 let mut mine = 0u64;
@@ -92,7 +103,11 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
                     let floor = slot.load(Ordering::Acquire);
                     let fresh = mine.is_multiple_of(3);
                     let committed: i64 = if fresh {
-                        direct.query_row("SELECT n FROM counters WHERE id = ?1", [id as i64], |row| row.get(0)).expect("direct read")
+                        direct
+                            .query_row("SELECT n FROM counters WHERE id = ?1", [id as i64], |row| {
+                                row.get(0)
+                            })
+                            .expect("direct read")
                     } else {
                         0
                     };
@@ -107,7 +122,9 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
                     }
                     slot.fetch_max(n, Ordering::AcqRel);
                     if n < committed {
-                        eprintln!("stale fresh read: {key} read {n}, {committed} was committed before");
+                        eprintln!(
+                            "stale fresh read: {key} read {n}, {committed} was committed before"
+                        );
                         violations.fetch_add(1, Ordering::Relaxed);
                     }
                     mine += 1;
@@ -128,7 +145,9 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
 
     // Caught up, the write-behind queue drained: every cached value equals the database.
     daemon.wait_caught_up();
-    eventually("the write-behind queue drains", || (daemon.status()["write_behind_queue"] == 0).then_some(()));
+    eventually("the write-behind queue drains", || {
+        (daemon.status()["write_behind_queue"] == 0).then_some(())
+    });
     let mut stale_at_end = 0;
     let mut cached = 0;
     for family in FAMILIES {
@@ -137,8 +156,9 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
             let reply = daemon.peek(&key);
             if reply.status == 200 {
                 cached += 1;
-                let expected = catalog.sqlite_cli(&format!("SELECT n FROM counters WHERE id = {id}"));
-                if json(&reply)["n"].to_string() != expected {
+                let expected =
+                    catalog.sqlite_cli(&format!("SELECT n FROM counters WHERE id = {id}"));
+                if json(&reply)["n"].as_i64() != expected.parse::<i64>().ok() {
                     stale_at_end += 1;
                 }
             }
@@ -152,9 +172,16 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
         violations.load(Ordering::Relaxed)
     );
     assert!(writes + reads >= 100_000);
-    assert_eq!(violations.load(Ordering::Relaxed), 0, "stale or backwards reads");
+    assert_eq!(
+        violations.load(Ordering::Relaxed),
+        0,
+        "stale or backwards reads"
+    );
     assert_eq!(stale_at_end, 0, "stale cached values at the end");
     assert_eq!(verify["stale"], 0, "{verify}");
-    let total: i64 = catalog.sqlite_cli("SELECT sum(n) FROM counters").parse().expect("sum");
+    let total: i64 = catalog
+        .sqlite_cli("SELECT sum(n) FROM counters")
+        .parse()
+        .expect("sum");
     assert_eq!(total as u64, writes, "every write landed");
 }
