@@ -203,3 +203,43 @@ fn the_library_runs_on_a_given_listener_and_stops_on_shutdown() {
         "the listener is closed"
     );
 }
+
+#[test]
+fn verify_finds_a_value_left_stale_by_a_missing_rule() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    // `author:{id}` reads books, but no rule watches books.author: the classic tracking gap.
+    let config = catalog_config(port, "delete", "50ms")
+        + "\n[keys.\"author:{id}\"]\nquery = \"SELECT author FROM books WHERE id = :id\"\n";
+    let config = config.replace("[[rules]]\ntable = \"books\"\ntags = [\"books\"]\n", "");
+    let mut daemon = Daemon::start(&catalog, &config, port);
+    daemon.get("author:1");
+    daemon.get("book:1");
+    let path = daemon.config.to_str().expect("path").to_owned();
+    let verify = || cachetail(&["verify", "--config", &path, "--sample", "100"]);
+
+    let clean = verify();
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&clean.stdout).expect("a JSON report");
+    assert_eq!(
+        (report["checked"].as_u64(), report["stale"].as_u64()),
+        (Some(2), Some(0))
+    );
+
+    catalog.python("con.execute(\"UPDATE books SET author = 'Someone Else' WHERE id = 1\")");
+    daemon.wait_caught_up();
+    let found = verify();
+    assert_eq!(
+        found.status.code(),
+        Some(1),
+        "stale values make verify fail"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&found.stdout).expect("a JSON report");
+    assert_eq!(report["stale"], 1);
+    assert_eq!(report["stale_keys"][0], "author:1");
+    assert_eq!(daemon.status()["stale_found"], 1);
+}
