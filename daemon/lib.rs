@@ -12,6 +12,7 @@
 //! [`run`] is the whole daemon; the `cachetail` binary is a thin CLI around it.
 
 pub mod apply;
+pub mod bench;
 pub mod cache;
 pub mod capture;
 pub mod check;

@@ -71,6 +71,18 @@ enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Measure the performance figures, each beside its baseline, and print a table.
+    Bench {
+        /// A short smoke run (what CI runs), not the figures.
+        #[arg(long)]
+        quick: bool,
+        /// Where the benchmark's databases go.
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Only the figures whose name contains this (capture, drain, fresh, stampede, memory).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Build a demo catalog, run the daemon on it with a simulated app, print a live line.
     Demo {
         /// Where the demo's database and config go (replaced if present).
@@ -193,6 +205,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 "removed {triggers} triggers and cachetail's tables from {}",
                 config.database.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { quick, dir, only } => {
+            cachetail::bench::run(&cachetail::bench::BenchOptions { dir, quick, only })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
