@@ -28,6 +28,8 @@ const PRUNE_CHUNK: u64 = 2_000;
 /// How often the durable cursor is written at most, while changes keep coming.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
 const PERSIST_EVENTS: u64 = 50_000;
+/// Applied rows left unpruned while busy, at most.
+const PRUNE_BACKLOG: u64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
@@ -257,24 +259,29 @@ impl Outbox {
     /// Writes the cursor and prunes what it covers, in one short transaction, if due (or `now`).
     /// Only rows at or below the durable cursor are pruned, and never the newest row, so
     /// `max(id)` never goes down and ids are never reused.
-    pub fn persist(&mut self, now: bool) -> Result<(), TailError> {
+    ///
+    /// Pruning waits for a quiet moment (`idle`) unless `PRUNE_BACKLOG` applied rows pile up:
+    /// while a backlog drains, deleting what was just applied would cost as much as applying it.
+    pub fn persist(&mut self, now: bool, idle: bool) -> Result<(), TailError> {
         let due = self.cursor > self.persisted
             && (now
                 || self.persisted_at.elapsed() >= PERSIST_EVERY
                 || self.cursor - self.persisted >= PERSIST_EVENTS);
-        if !due && self.pruned_below >= self.persisted {
+        let prune = idle || self.persisted.saturating_sub(self.pruned_below) >= PRUNE_BACKLOG;
+        let prune_pending = prune && self.pruned_below < self.persisted;
+        if !due && !prune_pending {
             return Ok(());
         }
-        self.persist_chunk(due)?;
+        self.persist_chunk(due, prune)?;
         // The rest of the backlog, a chunk per transaction: the app's writers wait for one
         // chunk at most.
-        while self.pruned_below < self.persisted {
-            self.persist_chunk(false)?;
+        while prune && self.pruned_below < self.persisted {
+            self.persist_chunk(false, true)?;
         }
         Ok(())
     }
 
-    fn persist_chunk(&mut self, due: bool) -> Result<(), TailError> {
+    fn persist_chunk(&mut self, due: bool, prune: bool) -> Result<(), TailError> {
         let tx = self.conn.unchecked_transaction()?;
         if due {
             let updated = tx
@@ -287,7 +294,11 @@ impl Outbox {
             }
         }
         let durable = if due { self.cursor } else { self.persisted };
-        let end = (self.pruned_below + PRUNE_CHUNK).min(durable);
+        let end = if prune {
+            (self.pruned_below + PRUNE_CHUNK).min(durable)
+        } else {
+            self.pruned_below
+        };
         if end > self.pruned_below {
             tx.prepare_cached("DELETE FROM cachetail_outbox WHERE id >= ?1 AND id < ?2")?
                 .execute(params![self.pruned_below as i64, end as i64])?;
@@ -394,7 +405,7 @@ pub fn run(
         .unwrap_or_else(|_| Err(TailError::Panicked));
         match outcome {
             Ok(0) => {
-                if let Err(e) = outbox.persist(false) {
+                if let Err(e) = outbox.persist(false, true) {
                     tracing::warn!(error = %e, "writing the cursor failed; it will be retried");
                 }
                 let mut wait = recheck.unwrap_or(config.tail.poll_interval);
@@ -420,7 +431,7 @@ pub fn run(
             }
         }
     }
-    if let Err(e) = outbox.persist(true) {
+    if let Err(e) = outbox.persist(true, true) {
         tracing::warn!(error = %e, "writing the cursor at shutdown failed; the last batches will be applied again");
     }
     tracing::info!(cursor = outbox.cursor(), "tail stopped");
@@ -446,7 +457,7 @@ pub fn step(
         .events
         .fetch_add(changes.len() as u64, Ordering::Relaxed);
     shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = outbox.persist(false) {
+    if let Err(e) = outbox.persist(false, false) {
         tracing::warn!(error = %e, "writing the cursor failed; it will be retried after the next batch");
     }
     Ok(changes.len())
