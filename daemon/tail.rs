@@ -19,8 +19,8 @@ use crate::config::{Config, Op};
 use crate::state::Shared;
 use crate::{apply, rules, sqlite};
 
-/// The quick re-looks after a wake-up: 1, 2, 4, ... ms, up to the limit.
-const RECHECK_FIRST: Duration = Duration::from_millis(1);
+/// The quick re-looks after a wake-up: 0.1, 0.2, 0.4, ... ms, up to the limit.
+const RECHECK_FIRST: Duration = Duration::from_micros(100);
 const RECHECK_LIMIT: Duration = Duration::from_millis(64);
 
 /// Rows deleted per pruning transaction: small, so the app's writers never wait long.

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Hot reads: GET of a cached key over HTTP/1.1 keep-alive, 64 connections, wrk as the load
+# generator, measured beside nginx serving the same bytes as a static file and beside answering
+# every request from SQLite (a cachetail whose capture is paused reads the database each time).
+# Usage: benches/hot_reads.sh [seconds]   (needs wrk and nginx: apt-get install -y wrk nginx)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-10}"
+for tool in wrk nginx python3; do
+  command -v "$tool" >/dev/null || { echo "hot_reads: $tool is missing (apt-get install -y wrk nginx python3)" >&2; exit 2; }
+done
+cargo build --release --quiet
+bin="$PWD/target/release/cachetail"
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; python3 -c 'import time; time.sleep(0.05)'; done; echo "no answer from $1" >&2; exit 1; }
+
+make_db() { # $1: directory
+  python3 - "$1/catalog.db" <<'PY'
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1])
+con.executescript(open("examples/catalog.sql").read())
+con.executemany("INSERT INTO books (id, title, author) VALUES (?, ?, 'A')", [(i, f"Book {i}") for i in range(1, 1001)])
+con.executemany("INSERT INTO users (id, name) VALUES (?, ?)", [(i, f"u{i}") for i in range(1, 101)])
+con.executemany("INSERT INTO reviews (book_id, user_id, rating) VALUES (?, ?, ?)", [(i % 1000 + 1, i % 100 + 1, i % 5 + 1) for i in range(100000)])
+con.commit()
+PY
+}
+
+start_daemon() { # $1: directory, $2: port
+  sed "s/listen = \"127.0.0.1:8080\"/listen = \"127.0.0.1:$2\"/" config.toml > "$1/config.toml"
+  RUST_LOG=warn "$bin" run --config "$1/config.toml" >/dev/null 2>&1 &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$2/healthz"
+}
+
+mkdir -p "$work/cached" "$work/direct" "$work/nginx"
+make_db "$work/cached"; cp "$work/cached/catalog.db" "$work/direct/"
+cache_port=$(free_port); start_daemon "$work/cached" "$cache_port"
+direct_port=$(free_port)
+sed "s/listen = \"127.0.0.1:8080\"/listen = \"127.0.0.1:$direct_port\"/" config.toml > "$work/direct/config.toml"
+"$bin" install --config "$work/direct/config.toml" >/dev/null
+"$bin" pause --config "$work/direct/config.toml" >/dev/null
+RUST_LOG=warn "$bin" run --config "$work/direct/config.toml" >/dev/null 2>&1 & pids+=($!)
+wait_http "http://127.0.0.1:$direct_port/healthz"
+
+key_url="http://127.0.0.1:$cache_port/v1/keys/book:1"
+curl -sf "$key_url" > "$work/nginx/book.json"
+curl -sfI "$key_url" | grep -qi '^x-cache: hit' || { echo "book:1 is not a hit" >&2; exit 1; }
+curl -sfI "http://127.0.0.1:$direct_port/v1/keys/book:1" | grep -qi '^x-cache: bypass' || { echo "the direct daemon is not paused" >&2; exit 1; }
+
+nginx_port=$(free_port)
+cat > "$work/nginx.conf" <<CONF
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$nginx_port;
+    root $work/nginx;
+    location = /book.json { default_type application/json; }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
+wait_http "http://127.0.0.1:$nginx_port/book.json"
+
+run_wrk() { # $1: url → "requests/s p99"
+  local out; out=$(wrk -t2 -c64 -d"${seconds}s" --latency "$1")
+  local rps p99
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  echo "$rps $p99"
+}
+read -r cached_rps cached_p99 < <(run_wrk "$key_url")
+read -r nginx_rps nginx_p99 < <(run_wrk "http://127.0.0.1:$nginx_port/book.json")
+read -r direct_rps direct_p99 < <(run_wrk "http://127.0.0.1:$direct_port/v1/keys/book:1")
+ratio=$(python3 -c "print(f'{$cached_rps / $nginx_rps:.2f}')")
+ratio_db=$(python3 -c "print(f'{$cached_rps / $direct_rps:.1f}')")
+echo
+echo "| figure | measured | baseline (same run) | ratio | target |"
+echo "|---|---|---|---|---|"
+echo "| hot reads: GET of a cached key, 64 keep-alive connections, wrk ${seconds}s | $cached_rps req/s, p99 $cached_p99 | nginx, same bytes as a static file: $nginx_rps req/s, p99 $nginx_p99; each request answered from SQLite: $direct_rps req/s, p99 $direct_p99 | ${ratio}× nginx, ${ratio_db}× SQLite per request | ≥ 1.0× nginx, p99 ≤ 2 ms |"
