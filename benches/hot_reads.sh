@@ -50,9 +50,10 @@ wait_http "http://127.0.0.1:$direct_port/healthz"
 
 key_url="http://127.0.0.1:$cache_port/v1/keys/book:1"
 curl -sf "$key_url" > "$work/nginx/book.json"
-curl -sfI "$key_url" | grep -qi '^x-cache: hit' || { echo "book:1 is not a hit" >&2; exit 1; }
-curl -sfI "http://127.0.0.1:$direct_port/v1/keys/book:1" | grep -qi '^x-cache: bypass' || { echo "the direct daemon is not paused" >&2; exit 1; }
+curl -sf -D - -o /dev/null "$key_url" | grep -qi '^x-cache: hit' || { echo "book:1 is not a hit" >&2; exit 1; }
+curl -sf -D - -o /dev/null "http://127.0.0.1:$direct_port/v1/keys/book:1" | grep -qi '^x-cache: bypass' || { echo "the direct daemon is not paused" >&2; exit 1; }
 
+chmod -R a+rX "$work"
 nginx_port=$(free_port)
 cat > "$work/nginx.conf" <<CONF
 worker_processes auto;

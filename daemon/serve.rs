@@ -133,6 +133,15 @@ async fn get_key(
         Ok(key) => key,
         Err(problem) => return error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
     };
+    // The hot path: a hit needs no pattern matching (the entry knows its family).
+    if !fresh
+        && !shared.paused.load(Ordering::Acquire)
+        && let Some(entry) = shared.cache.get(&key)
+    {
+        shared.stats.hits.fetch_add(1, Ordering::Relaxed);
+        entry.family.stats.hits.fetch_add(1, Ordering::Relaxed);
+        return value_response(&key, &entry, "hit");
+    }
     let config = shared.config();
     let Some((family, params)) = config.match_key(&key) else {
         return error(
