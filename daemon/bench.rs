@@ -544,10 +544,11 @@ fn memory(options: &BenchOptions) -> Row {
         for i in 0..count {
             let key: Arc<str> = Arc::from(format!("item:{i}"));
             let ticket = cache.begin_refresh(key, &family);
-            let body = format!(
+            let mut body = format!(
                 "{{\"id\":{i:>10},\"title\":\"{:<150}\",\"rating\":4.5}}",
                 "x"
             );
+            body.shrink_to_fit(); // as fill::encode_rows does
             cache.finish_fill(
                 ticket,
                 Ok(crate::cache::Filled {

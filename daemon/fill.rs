@@ -155,6 +155,8 @@ fn encode_rows(stmt: &mut Statement<'_>, many: bool) -> rusqlite::Result<Option<
     } else if count == 0 {
         return Ok(None);
     }
+    // Cached for minutes: keep exactly the bytes, not the growth slack of the buffer.
+    out.shrink_to_fit();
     Ok(Some(Bytes::from(out)))
 }
 
