@@ -11,7 +11,7 @@ use rusqlite::{Connection, params};
 
 use crate::client::Client;
 use crate::config::Config;
-use crate::demo::{CATALOG_SQL, Rng};
+use crate::demo::Rng;
 use crate::state::Shared;
 
 pub struct BenchOptions {
@@ -65,13 +65,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
 }
 
 fn fresh_catalog(path: &Path, reviews: u32) -> anyhow::Result<Connection> {
-    for suffix in ["", "-wal", "-shm"] {
-        let mut file = path.as_os_str().to_owned();
-        file.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(file));
-    }
-    let mut conn = Connection::open(path)?;
-    conn.execute_batch(CATALOG_SQL)?;
+    let mut conn = crate::demo::empty_catalog(path)?;
     let tx = conn.transaction()?;
     {
         let mut book = tx.prepare("INSERT INTO books (id, title, author) VALUES (?1, ?2, 'A')")?;

@@ -162,15 +162,9 @@ pub fn pause(conn: &mut Connection) -> Result<usize, CaptureError> {
         "INSERT OR REPLACE INTO cachetail_meta (key, value) VALUES ('paused', '1')",
         [],
     )?;
-    let triggers = installed_triggers(&tx)?;
-    for name in triggers.keys() {
-        tx.execute_batch(&format!(
-            "DROP TRIGGER IF EXISTS {}",
-            quote_identifier(name)
-        ))?;
-    }
+    let triggers = drop_all_triggers(&tx)?;
     tx.commit()?;
-    Ok(triggers.len())
+    Ok(triggers)
 }
 
 /// Ends a pause: clears the flag and reinstalls capture; every watched table gets a flush marker.
@@ -192,13 +186,7 @@ fn is_paused(conn: &Connection) -> rusqlite::Result<bool> {
 /// Removes every trigger and table cachetail installed. The app's own tables are not touched.
 pub fn uninstall(conn: &mut Connection) -> Result<usize, CaptureError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let triggers = installed_triggers(&tx)?;
-    for name in triggers.keys() {
-        tx.execute_batch(&format!(
-            "DROP TRIGGER IF EXISTS {}",
-            quote_identifier(name)
-        ))?;
-    }
+    let triggers = drop_all_triggers(&tx)?;
     tx.execute_batch(
         "DROP TABLE IF EXISTS cachetail_outbox;
          DROP TABLE IF EXISTS cachetail_capture;
@@ -206,7 +194,7 @@ pub fn uninstall(conn: &mut Connection) -> Result<usize, CaptureError> {
          DROP TABLE IF EXISTS cachetail_meta;",
     )?;
     tx.commit()?;
-    Ok(triggers.len())
+    Ok(triggers)
 }
 
 /// Every capture layout recorded in the database, by id.
@@ -350,6 +338,18 @@ fn layout_id(conn: &Connection, table: &str, columns: &[String]) -> Result<i64, 
         params![table, columns_json],
         |row| row.get(0),
     )?)
+}
+
+/// Drops every cachetail trigger; returns how many there were.
+fn drop_all_triggers(conn: &Connection) -> rusqlite::Result<usize> {
+    let triggers = installed_triggers(conn)?;
+    for name in triggers.keys() {
+        conn.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS {}",
+            quote_identifier(name)
+        ))?;
+    }
+    Ok(triggers.len())
 }
 
 fn installed_triggers(conn: &Connection) -> rusqlite::Result<BTreeMap<String, String>> {

@@ -61,15 +61,21 @@ impl Rng {
     }
 }
 
-/// Creates the catalog database at `path` (replacing any) with generated books, users, reviews.
-pub fn build_catalog(path: &Path, books: u32, users: u32, reviews: u32) -> rusqlite::Result<()> {
+/// Creates an empty catalog database at `path`, replacing any (with its `-wal` and `-shm`).
+pub fn empty_catalog(path: &Path) -> rusqlite::Result<Connection> {
     for suffix in ["", "-wal", "-shm"] {
         let mut file = path.as_os_str().to_owned();
         file.push(suffix);
         let _ = std::fs::remove_file(PathBuf::from(file));
     }
-    let mut conn = Connection::open(path)?;
+    let conn = Connection::open(path)?;
     conn.execute_batch(CATALOG_SQL)?;
+    Ok(conn)
+}
+
+/// Creates the catalog database at `path` (replacing any) with generated books, users, reviews.
+pub fn build_catalog(path: &Path, books: u32, users: u32, reviews: u32) -> rusqlite::Result<()> {
+    let mut conn = empty_catalog(path)?;
     let tx = conn.transaction()?;
     let mut rng = Rng::new(42);
     {

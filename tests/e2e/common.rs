@@ -63,21 +63,7 @@ impl Catalog {
     /// Runs Python code as a separate writer process, with `con` connected to the catalog (a
     /// plain `sqlite3.connect` with a normal 5 s busy timeout and no special pragma); commits.
     pub fn python(&self, code: &str) -> String {
-        let script = format!(
-            "import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=5)\n{code}\ncon.commit()\ncon.close()\n"
-        );
-        let output = Command::new("python3")
-            .arg("-c")
-            .arg(&script)
-            .arg(self.db())
-            .output()
-            .expect("python3 runs");
-        assert!(
-            output.status.success(),
-            "python3 writer failed: {}\n--- script ---\n{script}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        python_on(&self.db(), code)
     }
 
     /// Runs SQL through the `sqlite3` command-line shell, another separate writer.
@@ -120,6 +106,25 @@ pub fn wait_persisted(db: &Path) -> u64 {
             .ok()?;
         (cursor == head && rows <= 1).then_some(cursor as u64)
     })
+}
+
+/// Runs Python code as a separate writer process on the database `db` (see `Catalog::python`).
+pub fn python_on(db: &Path, code: &str) -> String {
+    let script = format!(
+        "import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=5)\n{code}\ncon.commit()\ncon.close()\n"
+    );
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(db)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "python3 writer failed: {}\n--- script ---\n{script}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A loopback port nobody listens on right now.

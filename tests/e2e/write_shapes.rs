@@ -97,21 +97,7 @@ impl Shapes {
 
     /// Python code run against shapes.db as its own process.
     fn write(&self, code: &str) {
-        let db = self.catalog.path().join("shapes.db");
-        let script = format!(
-            "import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], timeout=5)\n{code}\ncon.commit()\ncon.close()\n"
-        );
-        let out = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(&script)
-            .arg(&db)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "writer failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        python_on(&self.catalog.path().join("shapes.db"), code);
     }
 
     /// Caches `keys`, runs `code` as a separate writer, waits for the daemon, then checks that
