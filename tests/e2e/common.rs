@@ -66,9 +66,12 @@ impl Catalog {
         python_on(&self.db(), code)
     }
 
-    /// Runs SQL through the `sqlite3` command-line shell, another separate writer.
+    /// Runs SQL through the `sqlite3` command-line shell, another separate writer, with a 5 s
+    /// busy timeout as apps use.
     pub fn sqlite_cli(&self, sql: &str) -> String {
+        // Like an app: a normal 5 s busy timeout (the shell's default is none at all).
         let output = Command::new("sqlite3")
+            .args(["-cmd", ".timeout 5000"])
             .arg(self.db())
             .arg(sql)
             .output()

@@ -281,6 +281,7 @@ fn the_sqlite3_shell_is_captured_for_every_shape_too() {
     }
     let db = s.catalog.path().join("shapes.db");
     let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
         .arg(&db)
         .arg("REPLACE INTO items (id, sku, grp, qty) VALUES (1, 'A2', 'g7', 1); INSERT INTO items (sku, grp) VALUES ('S1', 'g1') ON CONFLICT DO NOTHING;")
         .output()
