@@ -5,13 +5,11 @@ use std::sync::{Arc, Barrier};
 use cachetail::client::Client;
 
 use crate::common::*;
-use crate::strategies::catalog_config;
+use crate::strategies::{catalog_config, catalog_daemon};
 
 #[test]
 fn clients_mistakes_get_clear_4xx_answers() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (_catalog, mut daemon) = catalog_daemon("delete", "50ms");
 
     let unknown = daemon.get("nothing:1");
     assert_eq!(unknown.status, 404);
@@ -63,9 +61,7 @@ fn clients_mistakes_get_clear_4xx_answers() {
 
 #[test]
 fn key_parameters_are_bound_never_spliced() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (catalog, mut daemon) = catalog_daemon("delete", "50ms");
     for attack in [
         "1 OR 1=1",
         "1; DROP TABLE reviews",
@@ -170,9 +166,7 @@ fn fresh_reads_see_the_readers_own_write_under_concurrent_writes() {
 
 #[test]
 fn status_reports_cursor_head_lag_and_counts() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (catalog, mut daemon) = catalog_daemon("delete", "50ms");
     // The first install writes one flush marker per watched table.
     let installed = daemon.wait_caught_up()["events"].as_u64().expect("events");
     assert_eq!(installed, 3);

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use crate::common::*;
-use crate::strategies::catalog_config;
+use crate::strategies::{catalog_config, catalog_daemon};
 
 fn cachetail(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_cachetail"))
@@ -14,9 +14,7 @@ fn cachetail(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_restart_resumes_from_the_cursor_and_skips_no_change() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (catalog, mut daemon) = catalog_daemon("delete", "50ms");
     let installed = daemon.wait_caught_up()["events"].as_u64().expect("events");
     catalog.python("for i in range(50):\n    con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (3, 1, 2)')");
     let before = daemon.wait_caught_up();
@@ -35,6 +33,7 @@ fn a_restart_resumes_from_the_cursor_and_skips_no_change() {
     // Changes made while the daemon is down are captured by the triggers all the same.
     catalog.python("for i in range(70):\n    con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (4, 1, 2)')\n    con.commit()");
     catalog.sqlite_cli("DELETE FROM reviews WHERE book_id = 3;");
+    let port = daemon.address.port();
     let mut daemon = Daemon::start_existing(&daemon.config.clone(), port);
     let after = daemon.wait_caught_up();
     assert_eq!(

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use crate::common::*;
-use crate::strategies::catalog_config;
+use crate::strategies::catalog_daemon;
 
 fn capture_installed(catalog: &Catalog) -> bool {
     catalog.sqlite_cli("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'cachetail_insert_reviews'") == "1"
@@ -18,13 +18,7 @@ fn review_count(daemon: &mut Daemon, key: &str) -> i64 {
 
 #[test]
 fn a_table_rebuilt_by_a_migration_tool_gets_capture_back_and_its_keys_flushed() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(
-        &catalog,
-        &catalog_config(port, "write-through", "50ms"),
-        port,
-    );
+    let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
     assert_eq!(review_count(&mut daemon, "book:1"), 2);
     assert_eq!(json(&daemon.get("user:1"))["name"], "user1");
 
@@ -74,9 +68,7 @@ COMMIT;
 
 #[test]
 fn altering_columns_the_rules_do_not_capture_just_works() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (catalog, mut daemon) = catalog_daemon("delete", "50ms");
     review_count(&mut daemon, "book:2");
     catalog.python("con.execute('ALTER TABLE reviews ADD COLUMN helpful INTEGER DEFAULT 0')");
     catalog.python("con.execute('ALTER TABLE reviews RENAME COLUMN body TO text')");
@@ -97,9 +89,7 @@ fn altering_columns_the_rules_do_not_capture_just_works() {
 
 #[test]
 fn a_dropped_and_recreated_table_is_reported_then_captured_again() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (catalog, mut daemon) = catalog_daemon("delete", "50ms");
     assert_eq!(json(&daemon.get("user:2"))["name"], "user2");
     catalog.python("con.execute('DROP TABLE users')");
     let failures = eventually("the dropped table is reported", || {
@@ -131,13 +121,7 @@ fn a_dropped_and_recreated_table_is_reported_then_captured_again() {
 
 #[test]
 fn pause_serves_from_the_database_and_resume_flushes() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(
-        &catalog,
-        &catalog_config(port, "write-through", "50ms"),
-        port,
-    );
+    let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
     assert_eq!(review_count(&mut daemon, "book:1"), 2);
     let config = daemon.config.to_str().expect("path").to_owned();
     let cli = |verb: &str| {

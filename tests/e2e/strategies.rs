@@ -46,15 +46,21 @@ keys = ["user:{id}"]
     .replace("DELAY", delay)
 }
 
+/// A catalog and a daemon running `catalog_config` on it.
+pub fn catalog_daemon(strategy: &str, delay: &str) -> (Catalog, Daemon) {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let daemon = Daemon::start(&catalog, &catalog_config(port, strategy, delay), port);
+    (catalog, daemon)
+}
+
 fn review_count(reply: &cachetail::client::Reply) -> i64 {
     json(reply)["review_count"].as_i64().expect("review_count")
 }
 
 #[test]
 fn delete_posting_a_review_drops_the_book_and_the_next_read_refills_it_fresh() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (catalog, mut daemon) = catalog_daemon("delete", "50ms");
 
     let first = daemon.get("book:1");
     assert_eq!((first.status, x_cache(&first)), (200, "miss"));
@@ -77,13 +83,7 @@ fn delete_posting_a_review_drops_the_book_and_the_next_read_refills_it_fresh() {
 
 #[test]
 fn write_through_the_next_read_is_a_fresh_hit() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(
-        &catalog,
-        &catalog_config(port, "write-through", "50ms"),
-        port,
-    );
+    let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
     assert_eq!(review_count(&daemon.get("book:1")), 2);
     assert_eq!(json(&daemon.get("top-books"))[0]["id"], 2);
 
@@ -137,9 +137,7 @@ fn write_behind_drops_at_once_then_recomputes_without_a_read() {
 
 #[test]
 fn write_behind_coalesces_a_burst_of_changes_to_one_key() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "write-behind", "1s"), port);
+    let (catalog, mut daemon) = catalog_daemon("write-behind", "1s");
     daemon.get("book:1");
     let fills_before = daemon.status()["fills"].as_u64().expect("fills");
     // 20 separate commits, each its own transaction, within the coalescing window.
@@ -163,13 +161,7 @@ fn write_behind_coalesces_a_burst_of_changes_to_one_key() {
 
 #[test]
 fn an_update_moving_a_review_to_another_book_refreshes_both_books() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(
-        &catalog,
-        &catalog_config(port, "write-through", "50ms"),
-        port,
-    );
+    let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
     assert_eq!(review_count(&daemon.get("book:1")), 2);
     assert_eq!(review_count(&daemon.get("book:3")), 0);
 
@@ -182,9 +174,7 @@ fn an_update_moving_a_review_to_another_book_refreshes_both_books() {
 
 #[test]
 fn deleting_a_review_refreshes_its_book() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (catalog, mut daemon) = catalog_daemon("delete", "50ms");
     assert_eq!(review_count(&daemon.get("book:2")), 1);
     catalog.sqlite_cli("DELETE FROM reviews WHERE book_id = 2");
     daemon.wait_caught_up();
@@ -195,9 +185,7 @@ fn deleting_a_review_refreshes_its_book() {
 
 #[test]
 fn a_tag_drops_every_key_carrying_it() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let (catalog, mut daemon) = catalog_daemon("delete", "50ms");
     for key in ["book:1", "book:2", "top-books", "user:1"] {
         daemon.get(key);
         assert_eq!(daemon.peek(key).status, 200, "{key} cached");
@@ -222,13 +210,7 @@ fn a_tag_drops_every_key_carrying_it() {
 
 #[test]
 fn writers_from_python_and_the_sqlite3_cli_are_both_captured() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let mut daemon = Daemon::start(
-        &catalog,
-        &catalog_config(port, "write-through", "50ms"),
-        port,
-    );
+    let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
     assert_eq!(review_count(&daemon.get("book:4")), 0);
     catalog
         .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (4, 1, 3)')");
