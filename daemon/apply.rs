@@ -123,6 +123,10 @@ pub async fn write_behind_worker(shared: Arc<Shared>) {
         let notified = queue.wake.notified();
         match queue.take_due() {
             Ok(key) => {
+                // A reader's miss may have refilled it since: then there is nothing to redo.
+                if shared.cache.get(&key).is_some() {
+                    continue;
+                }
                 let config = shared.config();
                 if let Some((family, params)) = config.match_key(&key) {
                     shared.stats.recomputes.fetch_add(1, Ordering::Relaxed);
