@@ -36,3 +36,12 @@ CREATE TABLE IF NOT EXISTS cachetail_meta (
     key   TEXT PRIMARY KEY,
     value TEXT
 );
+
+-- The lease: which of the daemons on this database applies the outbox (daemon/lease.rs). The
+-- epoch rises at each takeover; the cursor moves only while the holder's epoch is still here.
+CREATE TABLE IF NOT EXISTS cachetail_lease (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,     -- host:pid:nonce
+    epoch      INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL   -- unix milliseconds
+);

@@ -17,13 +17,61 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{Config, Strategy};
+use crate::redis_cache::{self, Invalidation};
+use crate::resp::RedisError;
 use crate::fill;
 use crate::rules::Plan;
 use crate::state::Shared;
 
-/// Applies one batch's plan. Blocking (write-through runs queries): call it on the tail thread.
-pub fn apply(shared: &Shared, config: &Config, plan: &Plan, conn: &Connection) {
+/// Applies one batch's plan, which ends at outbox position `last`; `cursor` is the position
+/// applied before it. Blocking (write-through runs queries): call it on the tail thread. Fails
+/// only when the Redis backend cannot be reached: the cursor must then stay where it is.
+pub fn apply(
+    shared: &Shared,
+    config: &Config,
+    plan: &Plan,
+    conn: &Connection,
+    cursor: u64,
+    last: u64,
+) -> Result<(), RedisError> {
     let stats = &shared.stats;
+    match &shared.redis {
+        None => invalidate_in_memory(shared, config, plan),
+        Some(redis) => {
+            let mut batch = redis_batch(config, plan, last);
+            batch.epoch = shared.epoch.load(Ordering::Acquire);
+            redis.apply(&batch, cursor)?;
+            // This daemon's own fills in flight are superseded too (the Redis marks would
+            // refuse them anyway; this keeps stampedes from joining a doomed fill).
+            for key in plan.keys.keys() {
+                shared.cache.invalidate(key);
+            }
+        }
+    }
+    stats
+        .tag_invalidations
+        .fetch_add(plan.tags.len() as u64, Ordering::Relaxed);
+    for (key, action) in &plan.keys {
+        stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        match action.strategy {
+            Strategy::Delete => {}
+            Strategy::WriteBehind => {
+                if config.match_key(key).is_some() {
+                    shared.write_behind.push(key);
+                }
+            }
+            Strategy::WriteThrough => {
+                if let Some((family, params)) = config.match_key(key) {
+                    stats.recomputes.fetch_add(1, Ordering::Relaxed);
+                    fill::refresh_now(shared, conn, key, family, &params);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn invalidate_in_memory(shared: &Shared, config: &Config, plan: &Plan) {
     if let Some(position) = plan.flush_all {
         shared.cache.flush_all(position);
     }
@@ -34,27 +82,88 @@ pub fn apply(shared: &Shared, config: &Config, plan: &Plan, conn: &Connection) {
     }
     for (tag, &position) in &plan.tags {
         shared.cache.invalidate_tag(tag, position);
-        stats.tag_invalidations.fetch_add(1, Ordering::Relaxed);
     }
-    for (key, action) in &plan.keys {
-        stats.invalidations.fetch_add(1, Ordering::Relaxed);
-        match action.strategy {
-            Strategy::Delete => shared.cache.invalidate(key),
-            Strategy::WriteBehind => {
-                shared.cache.invalidate(key);
-                if config.match_key(key).is_some() {
-                    shared.write_behind.push(key);
-                }
-            }
-            Strategy::WriteThrough => match config.match_key(key) {
-                Some((family, params)) => {
-                    stats.recomputes.fetch_add(1, Ordering::Relaxed);
-                    fill::refresh_now(shared, conn, key, family, &params);
-                }
-                None => shared.cache.invalidate(key),
-            },
+    for key in plan.keys.keys() {
+        shared.cache.invalidate(key);
+    }
+}
+
+/// The plan as one Redis invalidation: keys, tag groups, family groups (flushed tables), and
+/// the message app-local caches receive.
+fn redis_batch(config: &Config, plan: &Plan, last: u64) -> Invalidation {
+    let mut groups: Vec<(String, u64)> = plan
+        .tags
+        .iter()
+        .map(|(tag, &position)| (redis_cache::tag_group(tag), position))
+        .collect();
+    let mut families: Vec<&str> = Vec::new();
+    for family in &config.families {
+        let flushed = plan.flush_all.or_else(|| {
+            plan.flush_tables
+                .iter()
+                .filter(|(table, _)| family.reads_table(table))
+                .map(|(_, &position)| position)
+                .max()
+        });
+        if let Some(position) = flushed {
+            groups.push((family.group.clone(), position));
+            families.push(family.pattern.source());
         }
     }
+    let mut keys: Vec<String> = plan.keys.keys().cloned().collect();
+    keys.sort_unstable();
+    let mut tags: Vec<&String> = plan.tags.keys().collect();
+    tags.sort_unstable();
+    let message = serde_json::json!({
+        "position": last,
+        "keys": keys,
+        "tags": tags,
+        "families": families,
+        "all": plan.flush_all.is_some(),
+    })
+    .to_string();
+    Invalidation {
+        epoch: 0,
+        position: last,
+        keys,
+        groups,
+        floor: plan.flush_all.unwrap_or(0),
+        message,
+    }
+}
+
+/// Retires the Redis groups of families a reload replaced: their values are removed and no fill
+/// of theirs is stored again. Called by the tail (which retries on failure).
+pub fn retire_families(shared: &Shared, cursor: u64) -> Result<(), RedisError> {
+    let Some(redis) = &shared.redis else {
+        return Ok(());
+    };
+    let pending = shared.retired_families();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let message = serde_json::json!({
+        "position": cursor,
+        "keys": [],
+        "tags": [],
+        "families": pending.iter().map(|(pattern, _)| pattern).collect::<Vec<_>>(),
+        "all": false,
+    })
+    .to_string();
+    let batch = Invalidation {
+        position: cursor,
+        keys: Vec::new(),
+        groups: pending
+            .iter()
+            .map(|(_, group)| (group.clone(), redis_cache::RETIRED_MARK))
+            .collect(),
+        floor: 0,
+        message,
+        epoch: shared.epoch.load(Ordering::Acquire),
+    };
+    redis.apply(&batch, cursor)?;
+    shared.forget_retired(&pending);
+    Ok(())
 }
 
 /// Keys waiting for a write-behind recompute, each at most once.
@@ -124,7 +233,7 @@ pub async fn write_behind_worker(shared: Arc<Shared>) {
         match queue.take_due() {
             Ok(key) => {
                 // A reader's miss may have refilled it since: then there is nothing to redo.
-                if shared.cache.get(&key).is_some() {
+                if shared.redis.is_none() && shared.cache.get(&key).is_some() {
                     continue;
                 }
                 let config = shared.config();

@@ -57,6 +57,40 @@ pub struct FillTicket {
 }
 
 impl FillTicket {
+    #[allow(clippy::type_complexity)]
+    fn resolve(
+        self,
+        computed: Result<Filled, Arc<str>>,
+    ) -> (
+        Arc<str>,
+        u64,
+        watch::Sender<Option<FillOutcome>>,
+        FillOutcome,
+    ) {
+        let FillTicket {
+            key,
+            id,
+            family,
+            done,
+        } = self;
+        let outcome = computed.map(
+            |Filled {
+                 version,
+                 body,
+                 tags,
+             }| {
+                Arc::new(Entry {
+                    version,
+                    body,
+                    family,
+                    tags,
+                    stored_at: Instant::now(),
+                })
+            },
+        );
+        (key, id, done, outcome)
+    }
+
     pub fn family(&self) -> &Arc<Family> {
         &self.family
     }
@@ -217,28 +251,8 @@ impl Cache {
     /// Finishes a fill: stores the value unless the flight was superseded or a newer value is
     /// already cached, then wakes every request waiting on it. Returns whether it was stored.
     pub fn finish_fill(&self, ticket: FillTicket, computed: Result<Filled, Arc<str>>) -> bool {
-        let FillTicket {
-            key,
-            id,
-            family,
-            done,
-        } = ticket;
+        let (key, id, done, outcome) = ticket.resolve(computed);
         let mut stored = false;
-        let outcome = computed.map(
-            |Filled {
-                 version,
-                 body,
-                 tags,
-             }| {
-                Arc::new(Entry {
-                    version,
-                    body,
-                    family,
-                    tags,
-                    stored_at: Instant::now(),
-                })
-            },
-        );
         {
             let mut flights = self.shard(&key);
             if flights.get(&key).is_some_and(|f| f.id == id) {
@@ -248,6 +262,28 @@ impl Cache {
                 }
             }
         }
+        done.send_replace(Some(outcome));
+        stored
+    }
+
+    /// Finishes a fill whose value is kept elsewhere (Redis, which guards it by version): if the
+    /// flight is still current, `store` keeps the value. Wakes every waiter either way.
+    pub fn finish_fill_with(
+        &self,
+        ticket: FillTicket,
+        computed: Result<Filled, Arc<str>>,
+        store: impl FnOnce(&str, &Entry) -> bool,
+    ) -> bool {
+        let (key, id, done, outcome) = ticket.resolve(computed);
+        let current = {
+            let mut flights = self.shard(&key);
+            let current = flights.get(&key).is_some_and(|f| f.id == id);
+            if current {
+                flights.remove(&key);
+            }
+            current
+        };
+        let stored = current && outcome.as_ref().is_ok_and(|entry| store(&key, entry));
         done.send_replace(Some(outcome));
         stored
     }

@@ -191,7 +191,8 @@ pub fn uninstall(conn: &mut Connection) -> Result<usize, CaptureError> {
         "DROP TABLE IF EXISTS cachetail_outbox;
          DROP TABLE IF EXISTS cachetail_capture;
          DROP TABLE IF EXISTS cachetail_cursor;
-         DROP TABLE IF EXISTS cachetail_meta;",
+         DROP TABLE IF EXISTS cachetail_meta;
+         DROP TABLE IF EXISTS cachetail_lease;",
     )?;
     tx.commit()?;
     Ok(triggers)

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::resp::RedisUrl;
 use crate::template::{Params, Template};
 
 /// What a change to a watched table does to the keys a rule names.
@@ -97,6 +98,10 @@ struct RawConfig {
 struct RawCache {
     max_entries: Option<Spanned<i64>>,
     ttl: Option<Spanned<String>>,
+    backend: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    publish: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -111,6 +116,7 @@ struct RawWriteBehind {
 struct RawTail {
     poll_interval: Option<Spanned<String>>,
     batch_size: Option<Spanned<i64>>,
+    lease: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -166,6 +172,21 @@ pub struct Config {
 pub struct CacheSettings {
     pub max_entries: u64,
     pub ttl: Duration,
+    pub backend: Backend,
+}
+
+/// Where values are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    /// In the daemon's memory (moka): the default.
+    Memory,
+    /// In Redis, shared by every app server; `publish` sends each batch of invalidations on
+    /// `{prefix}invalidations`.
+    Redis {
+        url: RedisUrl,
+        prefix: String,
+        publish: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +201,9 @@ pub struct TailSettings {
     pub poll_interval: Duration,
     /// How many outbox rows one batch reads at most.
     pub batch_size: usize,
+    /// How long the applying daemon's lease lasts without renewal: a standby takes over after
+    /// it (at once when the holder's process is gone).
+    pub lease: Duration,
 }
 
 /// A key family: the keys one pattern matches, and the query that computes their values.
@@ -193,6 +217,8 @@ pub struct Family {
     pub tags: Vec<Template>,
     /// Set when a reload replaced this family: values it computed are no longer served.
     pub retired: AtomicBool,
+    /// Its group in the Redis backend: pattern plus a hash of its definition.
+    pub group: String,
     /// Values computed before this outbox position are no longer served (a family flush).
     pub floor: AtomicU64,
     /// Counters, kept across reloads that leave the family unchanged.
@@ -417,6 +443,11 @@ impl Config {
                 self.database.display()
             ));
         }
+        if self.cache.backend != running.cache.backend {
+            changed.push(
+                "`cache.backend`, `cache.url`, `cache.prefix` and `cache.publish` cannot change while the daemon runs; restart it".to_owned(),
+            );
+        }
         if self.listen != running.listen {
             changed.push(format!(
                 "`listen` cannot change while the daemon runs (running: {}, file: {}); restart it",
@@ -461,7 +492,9 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
         Duration::from_secs(5),
         problems,
     );
+    let backend = backend(&raw.cache, problems);
     let cache = CacheSettings {
+        backend,
         max_entries: positive(
             raw.cache.max_entries.as_ref(),
             "cache.max_entries",
@@ -502,7 +535,18 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
             10_000,
             problems,
         ) as usize,
+        lease: duration(
+            raw.tail.lease.as_ref(),
+            "tail.lease",
+            Duration::from_secs(5),
+            problems,
+        ),
     };
+    if tail.lease < Duration::from_millis(500)
+        && let Some(span) = raw.tail.lease.as_ref().map(Spanned::span)
+    {
+        problems.at(span, "`tail.lease` must be at least 500ms");
+    }
     if tail.poll_interval.is_zero()
         && let Some(span) = raw.tail.poll_interval.as_ref().map(Spanned::span)
     {
@@ -604,6 +648,18 @@ fn validate_family(
             ),
         }
     }
+    let group = crate::redis_cache::family_group(
+        pattern_text.get_ref(),
+        &format!(
+            "{query}\0{}\0{}\0{}",
+            raw.many,
+            ttl.as_millis(),
+            tags.iter()
+                .map(Template::source)
+                .collect::<Vec<_>>()
+                .join("\0")
+        ),
+    );
     Some(Family {
         pattern,
         query,
@@ -611,6 +667,7 @@ fn validate_family(
         ttl,
         tags,
         retired: AtomicBool::new(false),
+        group,
         floor: AtomicU64::new(0),
         stats: FamilyStats::default(),
         reads: OnceLock::new(),
@@ -619,6 +676,55 @@ fn validate_family(
         raw,
     })
 }
+
+fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
+    let name = raw.backend.as_ref().map_or("memory", |b| b.get_ref().as_str());
+    match name {
+        "memory" => {
+            for (field, span) in [
+                ("url", raw.url.as_ref().map(Spanned::span)),
+                ("prefix", raw.prefix.as_ref().map(Spanned::span)),
+            ] {
+                if let Some(span) = span {
+                    problems.at(
+                        span,
+                        format!("`cache.{field}` is for `backend = \"redis\"`; the memory backend has none"),
+                    );
+                }
+            }
+            Backend::Memory
+        }
+        "redis" => {
+            let url = match &raw.url {
+                None => RedisUrl::parse(DEFAULT_REDIS_URL).expect("the default url parses"),
+                Some(text) => RedisUrl::parse(text.get_ref()).unwrap_or_else(|e| {
+                    problems.at(text.span(), format!("`cache.url`: {e}"));
+                    RedisUrl::parse(DEFAULT_REDIS_URL).expect("the default url parses")
+                }),
+            };
+            let prefix = raw
+                .prefix
+                .as_ref()
+                .map_or_else(|| "cachetail:".to_owned(), |p| p.get_ref().clone());
+            Backend::Redis {
+                url,
+                prefix,
+                publish: raw.publish.unwrap_or(true),
+            }
+        }
+        other => {
+            if let Some(b) = &raw.backend {
+                problems.at(
+                    b.span(),
+                    format!("`cache.backend` = {other:?}: use \"memory\" (the default) or \"redis\""),
+                );
+            }
+            Backend::Memory
+        }
+    }
+}
+
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
 fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
     let table = raw.table.get_ref().clone();

@@ -41,7 +41,17 @@ pub fn reload(shared: &Shared) -> Result<(), String> {
     };
     let outcome = load_checked(&path, &running).map(|mut config| {
         config.adopt_families_from(&running);
+        let replaced: Vec<(String, String)> = running
+            .families
+            .iter()
+            .filter(|old| old.retired.load(Ordering::Acquire))
+            .filter(|old| !config.families.iter().any(|f| f.group == old.group))
+            .map(|old| (old.pattern.source().to_owned(), old.group.clone()))
+            .collect();
         shared.swap_config(Arc::new(config));
+        if shared.redis.is_some() {
+            shared.retire_families(replaced);
+        }
     });
     let mut state = shared.reload.lock().unwrap_or_else(|e| e.into_inner());
     match &outcome {

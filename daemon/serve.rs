@@ -89,15 +89,20 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         }
         let fresh = wants_fresh(request.uri().query());
         // `Cache-Control: only-if-cached` (RFC 9111): answer from the cache or 504, never fill.
-        let only_if_cached = request
+        // `Cache-Control: no-cache`: answer from the database, now (the cache is left alone).
+        let directives: Vec<String> = request
             .headers()
             .get_all(hyper::header::CACHE_CONTROL)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|d| d.trim().eq_ignore_ascii_case("only-if-cached"))
-            });
+            .flat_map(|v| v.split(','))
+            .map(|d| d.trim().to_ascii_lowercase())
+            .collect();
+        let only_if_cached = directives.iter().any(|d| d == "only-if-cached");
+        let no_cache = directives.iter().any(|d| d == "no-cache");
+        if no_cache {
+            return get_uncached(shared, raw_key).await;
+        }
         return get_key(shared, raw_key, fresh, only_if_cached).await;
     }
     match path {
@@ -135,7 +140,8 @@ async fn get_key(
     };
     // The hot path: a hit needs no pattern matching (the entry knows its family).
     if !fresh
-        && !shared.paused.load(Ordering::Acquire)
+        && shared.redis.is_none()
+        && !shared.bypass_cache()
         && let Some(entry) = shared.cache.get(&key)
     {
         shared.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -153,9 +159,28 @@ async fn get_key(
         return response;
     }
     if shared.paused.load(Ordering::Acquire) {
-        return bypass(shared, &key, family, params).await;
+        return bypass(shared, &key, family, params, "paused").await;
     }
-    if let Some(entry) = shared.cache.get(&key) {
+    if shared.bypass_cache() {
+        return bypass(shared, &key, family, params, "standby").await;
+    }
+    let cached = match &shared.redis {
+        None => shared.cache.get(&key),
+        Some(redis) => match redis.get(&key).await {
+            Ok(body) => body.map(|body| {
+                Arc::new(Entry {
+                    version: 0,
+                    body: Some(body),
+                    family: Arc::clone(family),
+                    tags: Box::new([]),
+                    stored_at: std::time::Instant::now(),
+                })
+            }),
+            // Redis is down or lost state: the database answers, never a stale value.
+            Err(_) => return bypass(shared, &key, family, params, "redis-unavailable").await,
+        },
+    };
+    if let Some(entry) = cached {
         shared.stats.hits.fetch_add(1, Ordering::Relaxed);
         family.stats.hits.fetch_add(1, Ordering::Relaxed);
         return value_response(&key, &entry, "hit");
@@ -174,13 +199,31 @@ async fn get_key(
     }
 }
 
-/// Answers straight from the database, storing nothing: capture is paused, so the cache could
-/// not be kept fresh.
+/// `Cache-Control: no-cache`: the value computed from the database now, whatever is cached.
+async fn get_uncached(shared: &Arc<Shared>, raw_key: &str) -> Response<Body> {
+    let key = match decode_key(raw_key) {
+        Ok(key) => key,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+    };
+    let config = shared.config();
+    let Some((family, params)) = config.match_key(&key) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no key family matches the key {key:?}"),
+        );
+    };
+    bypass(shared, &key, family, params, "no-cache").await
+}
+
+/// Answers straight from the database, storing nothing, because the cache cannot be trusted
+/// now (`reason`: capture is paused, this daemon is a standby with the memory backend, Redis is
+/// unavailable) or the client asked for it (`no-cache`).
 async fn bypass(
     shared: &Arc<Shared>,
     key: &str,
     family: &Arc<Family>,
     params: Params,
+    reason: &'static str,
 ) -> Response<Body> {
     let (reader, family_for_query) = (Arc::clone(shared), Arc::clone(family));
     let computed = tokio::task::spawn_blocking(move || {
@@ -199,9 +242,11 @@ async fn bypass(
                 stored_at: std::time::Instant::now(),
             };
             let mut response = value_response(key, &entry, "bypass");
-            response
-                .headers_mut()
-                .insert("x-cachetail-paused", HeaderValue::from_static("1"));
+            let headers = response.headers_mut();
+            headers.insert("x-cachetail-bypass", HeaderValue::from_static(reason));
+            if reason == "paused" {
+                headers.insert("x-cachetail-paused", HeaderValue::from_static("1"));
+            }
             response
         }
         Ok(Err(e)) => error(
@@ -299,7 +344,30 @@ async fn status(shared: &Arc<Shared>) -> Response<Body> {
             })
         })
         .collect();
+    let (entries, redis) = match &shared.redis {
+        None => (Some(shared.cache.entry_count()), serde_json::Value::Null),
+        Some(redis) => {
+            let groups: Vec<String> = config.families.iter().map(|f| f.group.clone()).collect();
+            let count = redis.count(&groups).await;
+            let health = redis.health();
+            let since = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            (
+                count.as_ref().ok().copied(),
+                json!({
+                    "address": redis.address(),
+                    "prefix": redis.prefix,
+                    "ok": health.down_since.is_none() && count.is_ok(),
+                    "down_since": health.down_since.map(since),
+                    "last_error": health.last_error,
+                    "outages": health.outages,
+                }),
+            )
+        }
+    };
     let body = json!({
+        "role": if shared.active.load(Ordering::Acquire) { "active" } else { "standby" },
+        "backend": if shared.redis.is_some() { "redis" } else { "memory" },
+        "redis": redis,
         "cursor": cursor,
         "head": head,
         "lag": head.map(|h| h.saturating_sub(cursor)),
@@ -316,7 +384,7 @@ async fn status(shared: &Arc<Shared>) -> Response<Body> {
         "apply_errors": load(&s.apply_errors),
         "verified": load(&s.verified),
         "stale_found": load(&s.stale_found),
-        "entries": shared.cache.entry_count(),
+        "entries": entries,
         "write_behind_queue": shared.write_behind.depth(),
         "paused": shared.paused.load(Ordering::Acquire),
         "capture_failures": shared

@@ -9,8 +9,9 @@ use tokio::sync::watch;
 
 use crate::apply::WriteBehindQueue;
 use crate::cache::Cache;
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::fill::ReadPool;
+use crate::redis_cache::RedisCache;
 
 /// Counters shown by `/v1/status`.
 #[derive(Debug, Default)]
@@ -41,7 +42,16 @@ pub struct ReloadState {
 
 pub struct Shared {
     config: RwLock<Arc<Config>>,
+    /// Values in memory, and (with either backend) the fills in flight.
     pub cache: Cache,
+    /// The shared cache, when `cache.backend = "redis"`.
+    pub redis: Option<RedisCache>,
+    /// This daemon holds the lease and applies the outbox (else it is a standby).
+    pub active: AtomicBool,
+    /// The lease epoch this daemon applies under (its fencing token in Redis).
+    pub epoch: AtomicU64,
+    /// Redis groups of families a reload replaced, (pattern, group), not yet retired in Redis.
+    retired: Mutex<Vec<(String, String)>>,
     pub pool: ReadPool,
     pub stats: Stats,
     /// The last applied outbox position (the cursor), for `?fresh=1` waiters and status.
@@ -59,9 +69,21 @@ impl Shared {
         let cache = Cache::new(config.cache.max_entries);
         let pool = ReadPool::new(config.database.clone(), 8);
         let write_behind = WriteBehindQueue::new(config.write_behind.delay);
+        let redis = match &config.cache.backend {
+            Backend::Memory => None,
+            Backend::Redis {
+                url,
+                prefix,
+                publish,
+            } => Some(RedisCache::new(url.clone(), prefix.clone(), *publish)),
+        };
         Shared {
             config: RwLock::new(Arc::new(config)),
             cache,
+            redis,
+            active: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            retired: Mutex::new(Vec::new()),
             pool,
             stats: Stats::default(),
             applied: watch::channel(cursor).0,
@@ -83,6 +105,35 @@ impl Shared {
     /// Puts a new config in force, atomically for every stage.
     pub fn swap_config(&self, config: Arc<Config>) {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    /// Records families a reload replaced, for the tail to retire in Redis.
+    pub fn retire_families(&self, families: impl IntoIterator<Item = (String, String)>) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(families);
+    }
+
+    pub fn retired_families(&self) -> Vec<(String, String)> {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn forget_retired(&self, done: &[(String, String)]) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|f| !done.contains(f));
+    }
+
+    /// Whether reads must skip the in-process cache: capture is paused, or this daemon is a
+    /// standby with the memory backend (it applies nothing, so its memory would go stale).
+    pub fn bypass_cache(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Acquire)
+            || (self.redis.is_none() && !self.active.load(std::sync::atomic::Ordering::Acquire))
     }
 
     pub fn applied(&self) -> u64 {

@@ -15,6 +15,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::capture::{self, CaptureError, Layout};
+use crate::lease::Lease;
 use crate::config::{Config, Op};
 use crate::state::Shared;
 use crate::{apply, rules, sqlite};
@@ -41,6 +42,10 @@ pub enum TailError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Redis(#[from] crate::resp::RedisError),
+    #[error("this daemon lost the lease: another daemon applies the outbox now")]
+    LeaseLost,
 }
 
 /// One captured row change.
@@ -86,6 +91,9 @@ pub struct Outbox {
     /// The config capture was last installed for (the tail owns capture: a reload swaps the
     /// config, the tail installs the triggers it needs, so two installers never undo each other).
     installed_for: usize,
+    /// Which daemon applies; with `fencing`, the cursor moves only while this one holds it.
+    lease: Lease,
+    fencing: bool,
 }
 
 impl Outbox {
@@ -121,7 +129,51 @@ impl Outbox {
             persisted_at: Instant::now(),
             schema_version,
             installed_for: 0,
+            lease: Lease::new(Duration::from_secs(5)),
+            fencing: false,
         })
+    }
+
+    /// From now on the cursor moves only under a lease of this duration (see `lease`).
+    pub fn use_lease(&mut self, duration: Duration) {
+        self.lease = Lease::new(duration);
+        self.fencing = true;
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Reads the durable cursor again (after taking over from another daemon: its progress is
+    /// what the database says), and where pruning stands.
+    fn reopen(&mut self) -> Result<(), TailError> {
+        let cursor: i64 = self.conn.query_row(
+            "SELECT position FROM cachetail_cursor WHERE consumer = 'main'",
+            [],
+            |row| row.get(0),
+        )?;
+        let oldest: i64 = self.conn.query_row(
+            "SELECT coalesce(min(id), 0) FROM cachetail_outbox",
+            [],
+            |row| row.get(0),
+        )?;
+        let cursor = u64::try_from(cursor).unwrap_or(0);
+        self.cursor = cursor;
+        self.persisted = cursor;
+        self.persisted_at = Instant::now();
+        self.pruned_below = u64::try_from(oldest).unwrap_or(0);
+        self.layouts = capture::load_layouts(&self.conn)?;
+        self.schema_version = -1;
+        Ok(())
+    }
+
+    /// The durable cursor as the database has it now (a standby follows it).
+    fn durable_cursor(&self) -> rusqlite::Result<u64> {
+        let cursor: i64 = self
+            .conn
+            .prepare_cached("SELECT position FROM cachetail_cursor WHERE consumer = 'main'")?
+            .query_row([], |row| row.get(0))?;
+        Ok(u64::try_from(cursor).unwrap_or(0))
     }
 
     pub fn cursor(&self) -> u64 {
@@ -282,7 +334,25 @@ impl Outbox {
     }
 
     fn persist_chunk(&mut self, due: bool, prune: bool) -> Result<(), TailError> {
+        let fence = match (self.fencing, self.lease.epoch()) {
+            (false, _) => None,
+            (true, None) => return Err(TailError::LeaseLost),
+            (true, Some(epoch)) => Some((self.lease.holder().to_owned(), epoch)),
+        };
         let tx = self.conn.unchecked_transaction()?;
+        // Fencing: in the same transaction that moves the cursor or prunes, check that this
+        // daemon still holds the lease. A daemon paused past its lease finds it gone here.
+        if let Some((holder, epoch)) = &fence {
+            let holds: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT 1 FROM cachetail_lease WHERE name = 'main' AND holder = ?1 AND epoch = ?2",
+                )?
+                .query_row(params![holder, epoch], |row| row.get(0))
+                .optional()?;
+            if holds.is_none() {
+                return Err(TailError::LeaseLost);
+            }
+        }
         if due {
             let updated = tx
                 .prepare_cached(
@@ -383,19 +453,59 @@ impl Doorbell {
     }
 }
 
-/// The applying loop: batch after batch until `stop`. Runs on its own thread (SQLite is blocking).
+/// How often a standby looks at the lease (and follows the durable cursor).
+const STANDBY_POLL: Duration = Duration::from_millis(200);
+
+/// The applying loop: batch after batch until `stop`, while this daemon holds the lease; a
+/// standby until then. Runs on its own thread (SQLite is blocking).
 pub fn run(
     shared: Arc<Shared>,
     mut outbox: Outbox,
     doorbell: Arc<Doorbell>,
     stop: Arc<AtomicBool>,
 ) {
+    outbox.use_lease(shared.config().tail.lease);
     let mut backoff = Duration::from_millis(20);
     // After a wake-up that found nothing, look again a few times, quickly: a notification fires
     // when the app writes the `-wal` file, a moment before the commit is published in the
     // `-shm` index (which gives no notification), so the first look can be too early.
     let mut recheck: Option<Duration> = None;
+    let mut announced_standby = false;
     while !stop.load(Ordering::Acquire) {
+        if !outbox.lease.held() {
+            match take_over(&shared, &mut outbox) {
+                Ok(true) => {
+                    announced_standby = false;
+                    recheck = Some(RECHECK_FIRST);
+                }
+                Ok(false) => {
+                    if !announced_standby {
+                        tracing::info!(holder = ?Lease::current(outbox.conn()).ok().flatten().map(|h| h.holder), "another daemon holds the lease: standing by (serving reads)");
+                        announced_standby = true;
+                    }
+                    if let Ok(cursor) = outbox.durable_cursor() {
+                        shared.applied.send_if_modified(|applied| {
+                            let moved = cursor > *applied;
+                            *applied = (*applied).max(cursor);
+                            moved
+                        });
+                    }
+                    doorbell.wait(STANDBY_POLL);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "taking the lease failed; retrying");
+                    doorbell.wait(STANDBY_POLL);
+                }
+            }
+            continue;
+        }
+        match outbox.lease.keep(&outbox.conn) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                stand_by(&shared, &mut outbox);
+                continue;
+            }
+        }
         let config = shared.config();
         // A bug in one batch must not silently stop the daemon from applying: it is logged,
         // counted, and the batch retried like any other failure (the cursor did not move).
@@ -406,9 +516,15 @@ pub fn run(
         match outcome {
             Ok(0) => {
                 if let Err(e) = outbox.persist(false, true) {
+                    if lost(&e) {
+                        stand_by(&shared, &mut outbox);
+                        continue;
+                    }
                     tracing::warn!(error = %e, "writing the cursor failed; it will be retried");
                 }
-                let mut wait = recheck.unwrap_or(config.tail.poll_interval);
+                let mut wait = recheck
+                    .unwrap_or(config.tail.poll_interval)
+                    .min(outbox.lease.renew_in().max(Duration::from_millis(1)));
                 if outbox.persist_pending() {
                     wait = wait.min(PERSIST_EVERY);
                 }
@@ -423,6 +539,7 @@ pub fn run(
                 backoff = Duration::from_millis(20);
                 recheck = Some(RECHECK_FIRST);
             }
+            Err(e) if lost(&e) => stand_by(&shared, &mut outbox),
             Err(e) => {
                 shared.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, retry_in = ?backoff, "applying the outbox failed; the cursor stays, the batch will be retried");
@@ -431,10 +548,67 @@ pub fn run(
             }
         }
     }
-    if let Err(e) = outbox.persist(true, true) {
-        tracing::warn!(error = %e, "writing the cursor at shutdown failed; the last batches will be applied again");
+    if outbox.lease.held() {
+        if let Err(e) = outbox.persist(true, true) {
+            tracing::warn!(error = %e, "writing the cursor at shutdown failed; the last batches will be applied again");
+        }
+        outbox.lease.release(&outbox.conn);
     }
     tracing::info!(cursor = outbox.cursor(), "tail stopped");
+}
+
+fn lost(error: &TailError) -> bool {
+    matches!(
+        error,
+        TailError::LeaseLost | TailError::Redis(crate::resp::RedisError::Fenced)
+    )
+}
+
+/// Takes the lease if it is free; on success, continues from the durable cursor.
+fn take_over(shared: &Shared, outbox: &mut Outbox) -> Result<bool, TailError> {
+    if !outbox.lease.try_acquire(&outbox.conn)? {
+        return Ok(false);
+    }
+    let prepared = (|| {
+        outbox.reopen()?;
+        let head = outbox.head()?;
+        if let Some(redis) = &shared.redis {
+            redis.reconcile(outbox.cursor, Some(head))?;
+        } else {
+            // Values this daemon cached before (as a standby it cached nothing; after losing
+            // the lease it may have) are not trusted: nothing older than now is served.
+            shared.cache.flush_all(head);
+        }
+        Ok::<_, TailError>(())
+    })();
+    if let Err(e) = prepared {
+        outbox.lease.release(&outbox.conn);
+        return Err(e);
+    }
+    let epoch = outbox.lease.epoch().unwrap_or(0);
+    shared
+        .epoch
+        .store(u64::try_from(epoch).unwrap_or(0), Ordering::Release);
+    shared.applied.send_replace(outbox.cursor);
+    shared.active.store(true, Ordering::Release);
+    tracing::info!(
+        holder = outbox.lease.holder(),
+        epoch,
+        cursor = outbox.cursor,
+        "holding the lease: applying the outbox"
+    );
+    Ok(true)
+}
+
+/// This daemon lost the lease: it applies nothing from now on, and serves as a standby.
+fn stand_by(shared: &Shared, outbox: &mut Outbox) {
+    if shared.active.swap(false, Ordering::AcqRel) {
+        tracing::warn!(
+            holder = outbox.lease.holder(),
+            "lost the lease (another daemon took over): applying nothing, standing by"
+        );
+    }
+    outbox.lease = Lease::new(shared.config().tail.lease);
 }
 
 /// Reads, plans and applies one batch; returns how many changes it applied.
@@ -444,12 +618,13 @@ pub fn step(
     outbox: &mut Outbox,
 ) -> Result<usize, TailError> {
     outbox.recheck_capture(shared, config)?;
+    apply::retire_families(shared, outbox.cursor)?;
     let changes = outbox.read_batch(config.tail.batch_size)?;
     let Some(last) = changes.last().map(|c| c.position) else {
         return Ok(0);
     };
     let plan = rules::plan(config, &changes);
-    apply::apply(shared, config, &plan, outbox.conn());
+    apply::apply(shared, config, &plan, outbox.conn(), outbox.cursor, last)?;
     outbox.advance(last);
     shared.applied.send_replace(last);
     shared

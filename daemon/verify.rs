@@ -35,7 +35,25 @@ pub struct VerifyReport {
 /// Verifies up to `sample` cached values. Blocking: run it on a blocking thread.
 pub fn verify(shared: &Shared, sample: usize, wait: Duration) -> VerifyReport {
     let mut report = VerifyReport::default();
-    for key in shared.cache.keys(sample) {
+    let keys: Vec<Arc<str>> = match &shared.redis {
+        None => shared.cache.keys(sample),
+        Some(redis) => {
+            let groups: Vec<String> = shared
+                .config()
+                .families
+                .iter()
+                .map(|f| f.group.clone())
+                .collect();
+            match redis.keys(&groups, sample) {
+                Ok(keys) => keys.into_iter().map(Arc::from).collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "verify cannot list the keys in redis");
+                    Vec::new()
+                }
+            }
+        }
+    };
+    for key in keys {
         match verify_key(shared, &key, wait) {
             Outcome::Fresh => report.checked += 1,
             Outcome::Stale => {
@@ -80,7 +98,14 @@ fn verify_key(shared: &Shared, key: &Arc<str>, wait: Duration) -> Outcome {
         if !wait_applied(shared, head, wait) {
             return Outcome::Unverified;
         }
-        let Some(entry) = shared.cache.get(key) else {
+        let cached = match &shared.redis {
+            None => shared.cache.get(key).map(|entry| entry.body.clone()),
+            Some(redis) => match redis.get_blocking(key) {
+                Ok(body) => body.map(Some),
+                Err(_) => return Outcome::Unverified,
+            },
+        };
+        let Some(cached) = cached else {
             return Outcome::Gone;
         };
         let Ok(fresh) = shared
@@ -90,7 +115,7 @@ fn verify_key(shared: &Shared, key: &Arc<str>, wait: Duration) -> Outcome {
             return Outcome::Unverified;
         };
         if fresh.version == head {
-            return if fresh.body == entry.body {
+            return if fresh.body == cached {
                 Outcome::Fresh
             } else {
                 Outcome::Stale

@@ -1,0 +1,596 @@
+//! The shared cache in Redis: values app servers can read directly, kept exactly as fresh as the
+//! database by the same guard as the in-process cache, enforced atomically inside Redis.
+//!
+//! Layout under the configured prefix `P` (see README "Redis backend"):
+//!
+//! - `P{key}`: the value, exactly the JSON body `GET /v1/keys/{key}` returns, with the family's
+//!   TTL. Keys whose query found no row are not stored.
+//! - `P#m:{key}`: hash `i` (outbox position of the key's last invalidation) and `v` (the position
+//!   the stored value read at).
+//! - `P#g:{group}`: sorted set of the keys in a group (a tag `t:{tag}`, or a family
+//!   `f:{pattern}:{generation}`), scored by expiry, so invalidating a tag touches only its keys.
+//! - `P#gm:{group}`: the position of the group's last invalidation.
+//! - `P#state`: hash `applied` (the highest outbox position applied to Redis) and `floor`
+//!   (values read before it are refused: set when the namespace is rebuilt).
+//!
+//! A fill stores through one Lua script that refuses a value read before any invalidation that
+//! applies to it (key, groups, floor), and refuses anything if Redis lost cachetail's state
+//! (`applied` below what this daemon saw: a restart from an older snapshot, a FLUSHALL).
+//! Invalidations of a batch run in one script too, which also records `applied` and publishes
+//! the batch on `P` + `invalidations` for app-local caches.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::resp::{AsyncConn, Conn, RedisError, RedisUrl, Reply};
+
+/// How long invalidation marks outlive the invalidation: longer than any fill can take.
+const MARK_TTL: Duration = Duration::from_secs(600);
+/// The mark of a retired family generation: no fill of it is ever stored again.
+const RETIRED: u64 = 1 << 52;
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_IDLE: usize = 32;
+
+const APPLY: &str = r#"
+local prefix = ARGV[1]
+local pos = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local state = prefix .. '#state'
+local applied = redis.call('HGET', state, 'applied')
+if not applied or tonumber(applied) < tonumber(ARGV[4]) then return -1 end
+local epoch = tonumber(ARGV[7])
+local known = tonumber(redis.call('HGET', state, 'epoch') or '0')
+if known > epoch then return -2 end
+if epoch > known then redis.call('HSET', state, 'epoch', epoch) end
+local i = 8
+local n = tonumber(ARGV[6])
+for _ = 1, n do
+  local key = ARGV[i]; i = i + 1
+  redis.call('UNLINK', prefix .. key)
+  local meta = prefix .. '#m:' .. key
+  if tonumber(redis.call('HGET', meta, 'i') or '0') < pos then redis.call('HSET', meta, 'i', pos) end
+  if redis.call('PTTL', meta) < ttl then redis.call('PEXPIRE', meta, ttl) end
+end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local group = ARGV[i]; local mark = tonumber(ARGV[i + 1]); i = i + 2
+  local set = prefix .. '#g:' .. group
+  for _, key in ipairs(redis.call('ZRANGE', set, 0, -1)) do redis.call('UNLINK', prefix .. key) end
+  redis.call('UNLINK', set)
+  local gm = prefix .. '#gm:' .. group
+  local old = tonumber(redis.call('GET', gm) or '0')
+  if old > mark then mark = old end
+  redis.call('SET', gm, mark, 'PX', ttl)
+end
+local floor = tonumber(ARGV[i])
+if floor > tonumber(redis.call('HGET', state, 'floor') or '0') then redis.call('HSET', state, 'floor', floor) end
+if pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[i + 1]) end
+return 1
+"#;
+
+const STORE: &str = r#"
+local prefix, key = ARGV[1], ARGV[2]
+local v = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local state = prefix .. '#state'
+local applied = redis.call('HGET', state, 'applied')
+if not applied or tonumber(applied) < tonumber(ARGV[6]) then return -1 end
+if v < tonumber(redis.call('HGET', state, 'floor') or '0') then return 0 end
+local meta = prefix .. '#m:' .. key
+local m = redis.call('HMGET', meta, 'i', 'v')
+if v < tonumber(m[1] or '0') then return 0 end
+local value = prefix .. key
+if m[2] and tonumber(m[2]) > v and redis.call('EXISTS', value) == 1 then return 0 end
+local n = tonumber(ARGV[8])
+for j = 1, n do
+  if v < tonumber(redis.call('GET', prefix .. '#gm:' .. ARGV[8 + j]) or '0') then return 0 end
+end
+redis.call('SET', value, ARGV[5], 'PX', ttl)
+redis.call('HSET', meta, 'v', v)
+if redis.call('PTTL', meta) < ttl then redis.call('PEXPIRE', meta, ttl) end
+local now = tonumber(ARGV[7])
+for j = 1, n do
+  local set = prefix .. '#g:' .. ARGV[8 + j]
+  redis.call('ZADD', set, now + ttl, key)
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+  if redis.call('PTTL', set) < ttl then redis.call('PEXPIRE', set, ttl) end
+end
+return 1
+"#;
+
+/// A Lua script, loaded into Redis on first use (and again after a restart forgot it).
+struct Script {
+    source: &'static str,
+    sha: Mutex<Option<String>>,
+}
+
+impl Script {
+    const fn new(source: &'static str) -> Script {
+        Script {
+            source,
+            sha: Mutex::new(None),
+        }
+    }
+
+    fn run(&self, conn: &mut Conn, args: &[Vec<u8>]) -> Result<Reply, RedisError> {
+        let known = self.sha.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(sha) = known {
+            match conn.cmd(&evalsha(&sha, args)) {
+                Err(RedisError::Server(e)) if e.starts_with("NOSCRIPT") => {}
+                other => return other,
+            }
+        }
+        let sha = match conn.cmd(&[&b"SCRIPT"[..], b"LOAD", self.source.as_bytes()])? {
+            Reply::Bulk(sha) => String::from_utf8_lossy(&sha).into_owned(),
+            other => {
+                return Err(RedisError::Protocol(format!(
+                    "SCRIPT LOAD answered {other:?}"
+                )));
+            }
+        };
+        *self.sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
+        conn.cmd(&evalsha(&sha, args))
+    }
+}
+
+fn evalsha(sha: &str, args: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut command = vec![b"EVALSHA".to_vec(), sha.as_bytes().to_vec(), b"0".to_vec()];
+    command.extend(args.iter().cloned());
+    command
+}
+
+/// One batch of invalidations, as Redis applies it.
+#[derive(Debug, Default)]
+pub struct Invalidation {
+    /// The outbox position the batch ends at.
+    pub position: u64,
+    pub keys: Vec<String>,
+    /// Groups to empty, each with the mark fills must have read at or after.
+    pub groups: Vec<(String, u64)>,
+    /// Values read before this position are refused (0: no change).
+    pub floor: u64,
+    /// The pub/sub message (JSON) for app-local caches.
+    pub message: String,
+    /// The applying daemon's lease epoch: Redis refuses a batch from an older epoch.
+    pub epoch: u64,
+}
+
+/// Whether Redis answers, for `/v1/status` and the logs.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pub down_since: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub outages: u64,
+}
+
+pub struct RedisCache {
+    url: RedisUrl,
+    pub prefix: String,
+    channel: String,
+    apply_conn: Mutex<Option<Conn>>,
+    store_conns: Mutex<Vec<Conn>>,
+    read_conns: Mutex<Vec<AsyncConn>>,
+    /// The highest `applied` this daemon wrote or read: Redis below it lost state.
+    seen: AtomicU64,
+    health: Mutex<Health>,
+    apply_script: Script,
+    store_script: Script,
+}
+
+impl RedisCache {
+    pub fn new(url: RedisUrl, prefix: String, publish: bool) -> RedisCache {
+        let channel = if publish {
+            format!("{prefix}invalidations")
+        } else {
+            String::new()
+        };
+        RedisCache {
+            url,
+            prefix,
+            channel,
+            apply_conn: Mutex::new(None),
+            store_conns: Mutex::new(Vec::new()),
+            read_conns: Mutex::new(Vec::new()),
+            seen: AtomicU64::new(0),
+            health: Mutex::new(Health::default()),
+            apply_script: Script::new(APPLY),
+            store_script: Script::new(STORE),
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("{}:{}/{}", self.url.host, self.url.port, self.url.db)
+    }
+
+    pub fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn note<T>(&self, result: &Result<T, RedisError>) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Err(RedisError::Fenced | RedisError::StateLost) => {}
+            Ok(_) => {
+                if let Some(since) = health.down_since.take() {
+                    let down = since.elapsed().unwrap_or_default();
+                    tracing::info!(address = %self.address(), ?down, "redis is back");
+                }
+            }
+            Err(e) => {
+                if health.down_since.is_none() {
+                    health.down_since = Some(SystemTime::now());
+                    health.outages += 1;
+                    tracing::warn!(address = %self.address(), error = %e, "redis is unavailable: reads answer from the database, the cursor waits");
+                }
+                health.last_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Makes Redis's contents trustworthy for a daemon whose applied position is `cursor`: if
+    /// Redis has not applied everything up to it (restarted from an older snapshot, flushed) or
+    /// has applied beyond the database's outbox (the outbox was recreated), every cachetail key
+    /// is removed and the state starts at `cursor`. Blocking.
+    pub fn reconcile(&self, cursor: u64, head: Option<u64>) -> Result<(), RedisError> {
+        let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
+        let result = self.reconcile_on(&mut guard, cursor, head);
+        self.note(&result);
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
+    fn reconcile_on(
+        &self,
+        slot: &mut Option<Conn>,
+        cursor: u64,
+        head: Option<u64>,
+    ) -> Result<(), RedisError> {
+        let conn = connected(slot, &self.url)?;
+        let state = format!("{}#state", self.prefix);
+        let applied = conn.cmd(&[&b"HGET"[..], state.as_bytes(), b"applied"])?;
+        let applied = applied.as_int().map(|a| a.max(0) as u64);
+        let trustworthy = match applied {
+            Some(a) => a >= cursor && head.is_none_or(|h| a <= h),
+            None => false,
+        };
+        if trustworthy {
+            self.seen.fetch_max(applied.unwrap_or(0), Ordering::AcqRel);
+            return Ok(());
+        }
+        let removed = self.remove_namespace(conn)?;
+        conn.cmd(&[
+            &b"HSET"[..],
+            state.as_bytes(),
+            b"applied",
+            cursor.to_string().as_bytes(),
+            b"floor",
+            cursor.to_string().as_bytes(),
+        ])?;
+        self.seen.fetch_max(cursor, Ordering::AcqRel);
+        tracing::warn!(
+            redis_applied = ?applied,
+            cursor,
+            removed,
+            "redis did not hold every applied invalidation (restarted, flushed, or a new outbox): its cachetail keys were removed"
+        );
+        Ok(())
+    }
+
+    /// Removes every key under the prefix (SCAN, not KEYS: never blocks Redis for long).
+    fn remove_namespace(&self, conn: &mut Conn) -> Result<u64, RedisError> {
+        let pattern = format!("{}*", glob_escape(&self.prefix));
+        let mut cursor = b"0".to_vec();
+        let mut removed = 0u64;
+        loop {
+            let reply = conn.cmd(&[
+                &b"SCAN"[..],
+                &cursor,
+                b"MATCH",
+                pattern.as_bytes(),
+                b"COUNT",
+                b"1000",
+            ])?;
+            let Reply::Array(mut parts) = reply else {
+                return Err(RedisError::Protocol("SCAN did not answer an array".into()));
+            };
+            let (Some(Reply::Array(keys)), Some(Reply::Bulk(next))) = (parts.pop(), parts.pop())
+            else {
+                return Err(RedisError::Protocol("SCAN answered an odd shape".into()));
+            };
+            let keys: Vec<Vec<u8>> = keys
+                .into_iter()
+                .filter_map(|k| match k {
+                    Reply::Bulk(k) => Some(k),
+                    _ => None,
+                })
+                .collect();
+            if !keys.is_empty() {
+                let mut command = vec![b"UNLINK".to_vec()];
+                removed += keys.len() as u64;
+                command.extend(keys);
+                conn.cmd(&command)?;
+            }
+            if next == b"0" {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Applies one batch of invalidations atomically, then publishes it. Blocking (the tail
+    /// thread). `cursor` is the position applied before this batch.
+    pub fn apply(&self, batch: &Invalidation, cursor: u64) -> Result<(), RedisError> {
+        let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = guard.is_none();
+        let result = (|| {
+            if fresh {
+                self.reconcile_on(&mut guard, cursor, None)?;
+            }
+            let args = self.apply_args(batch);
+            let conn = connected(&mut guard, &self.url)?;
+            let mut outcome = self.apply_script.run(conn, &args)?.as_int();
+            if outcome == Some(-1) {
+                // Redis lost state since the last batch (a FLUSHALL, a restart): rebuild, retry.
+                self.reconcile_on(&mut guard, cursor, None)?;
+                let conn = connected(&mut guard, &self.url)?;
+                outcome = self.apply_script.run(conn, &args)?.as_int();
+            }
+            match outcome {
+                Some(-2) => Err(RedisError::Fenced),
+                Some(-1) => Err(RedisError::StateLost),
+                _ => Ok(()),
+            }
+        })();
+        self.note(&result);
+        match &result {
+            Ok(()) => {
+                self.seen.fetch_max(batch.position, Ordering::AcqRel);
+            }
+            Err(_) => *guard = None,
+        }
+        result
+    }
+
+    fn apply_args(&self, batch: &Invalidation) -> Vec<Vec<u8>> {
+        let mut args: Vec<Vec<u8>> = vec![
+            self.prefix.as_bytes().to_vec(),
+            batch.position.to_string().into_bytes(),
+            MARK_TTL.as_millis().to_string().into_bytes(),
+            self.seen.load(Ordering::Acquire).to_string().into_bytes(),
+            self.channel.as_bytes().to_vec(),
+            batch.keys.len().to_string().into_bytes(),
+            batch.epoch.to_string().into_bytes(),
+        ];
+        args.extend(batch.keys.iter().map(|k| k.as_bytes().to_vec()));
+        args.push(batch.groups.len().to_string().into_bytes());
+        for (group, mark) in &batch.groups {
+            args.push(group.as_bytes().to_vec());
+            args.push(mark.to_string().into_bytes());
+        }
+        args.push(batch.floor.to_string().into_bytes());
+        args.push(batch.message.as_bytes().to_vec());
+        args
+    }
+
+    /// Stores a computed value unless an invalidation it did not see came first. Blocking.
+    /// Returns whether it was stored.
+    pub fn store(
+        &self,
+        key: &str,
+        version: u64,
+        ttl: Duration,
+        body: &[u8],
+        groups: &[String],
+    ) -> Result<bool, RedisError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let mut args: Vec<Vec<u8>> = vec![
+            self.prefix.as_bytes().to_vec(),
+            key.as_bytes().to_vec(),
+            version.to_string().into_bytes(),
+            ttl.as_millis().max(1).to_string().into_bytes(),
+            body.to_vec(),
+            self.seen.load(Ordering::Acquire).to_string().into_bytes(),
+            now.to_string().into_bytes(),
+            groups.len().to_string().into_bytes(),
+        ];
+        args.extend(groups.iter().map(|g| g.as_bytes().to_vec()));
+        let result = self.with_store_conn(|conn| self.store_script.run(conn, &args));
+        match result?.as_int() {
+            Some(1) => Ok(true),
+            Some(-1) => Err(RedisError::StateLost),
+            _ => Ok(false),
+        }
+    }
+
+    fn with_store_conn<R>(
+        &self,
+        work: impl FnOnce(&mut Conn) -> Result<R, RedisError>,
+    ) -> Result<R, RedisError> {
+        let idle = self
+            .store_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let connected = Conn::connect(&self.url, IO_TIMEOUT);
+                self.note(&connected);
+                connected?
+            }
+        };
+        let result = work(&mut conn);
+        self.note(&result);
+        if result.is_ok() {
+            let mut idle = self.store_conns.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+        result
+    }
+
+    /// The cached value of `key`, if Redis has one it may serve. An error means the endpoint
+    /// must answer from the database (Redis is down, or lost state it has not rebuilt yet).
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, RedisError> {
+        let value = format!("{}{key}", self.prefix);
+        let state = format!("{}#state", self.prefix);
+        let commands = [
+            vec![&b"GET"[..], value.as_bytes()],
+            vec![&b"HGET"[..], state.as_bytes(), &b"applied"[..]],
+        ];
+        let replies = self.with_read_conn(&commands).await?;
+        let mut replies = replies.into_iter();
+        let (value, applied) = (replies.next(), replies.next());
+        let applied = applied
+            .as_ref()
+            .and_then(Reply::as_int)
+            .ok_or(RedisError::StateLost)?;
+        let applied = applied.max(0) as u64;
+        if applied < self.seen.fetch_max(applied, Ordering::AcqRel) {
+            return Err(RedisError::StateLost);
+        }
+        match value {
+            Some(Reply::Bulk(body)) => Ok(Some(Bytes::from(body))),
+            Some(Reply::Nil) | None => Ok(None),
+            Some(Reply::Error(e)) => Err(RedisError::Server(e)),
+            Some(other) => Err(RedisError::Protocol(format!("GET answered {other:?}"))),
+        }
+    }
+
+    async fn with_read_conn(&self, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>, RedisError> {
+        let idle = self
+            .read_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let connected =
+                    tokio::time::timeout(IO_TIMEOUT, AsyncConn::connect(&self.url)).await;
+                let connected = connected.unwrap_or_else(|_| {
+                    Err(RedisError::Io(std::io::ErrorKind::TimedOut.into()))
+                });
+                self.note(&connected);
+                connected?
+            }
+        };
+        let result = tokio::time::timeout(IO_TIMEOUT, conn.pipeline(commands))
+            .await
+            .unwrap_or_else(|_| Err(RedisError::Io(std::io::ErrorKind::TimedOut.into())));
+        if result.is_ok() {
+            let mut idle = self.read_conns.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        } else {
+            self.note(&result);
+        }
+        result
+    }
+
+    /// A cached value, blocking (for `verify`).
+    pub fn get_blocking(&self, key: &str) -> Result<Option<Bytes>, RedisError> {
+        let value = format!("{}{key}", self.prefix);
+        let reply = self.with_store_conn(|conn| conn.cmd(&[&b"GET"[..], value.as_bytes()]))?;
+        Ok(match reply {
+            Reply::Bulk(body) => Some(Bytes::from(body)),
+            _ => None,
+        })
+    }
+
+    /// Up to `limit` keys of these groups (a sample for `verify`). Blocking.
+    pub fn keys(&self, groups: &[String], limit: usize) -> Result<Vec<String>, RedisError> {
+        let mut keys = Vec::new();
+        for group in groups {
+            if keys.len() >= limit {
+                break;
+            }
+            let set = format!("{}#g:{group}", self.prefix);
+            let stop = (limit - keys.len()).saturating_sub(1).to_string();
+            let reply = self.with_store_conn(|conn| {
+                conn.cmd(&[&b"ZRANGE"[..], set.as_bytes(), b"0", stop.as_bytes()])
+            })?;
+            if let Reply::Array(items) = reply {
+                keys.extend(items.into_iter().filter_map(|item| match item {
+                    Reply::Bulk(k) => String::from_utf8(k).ok(),
+                    _ => None,
+                }));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// How many values the groups hold (expired members may linger until the next store).
+    pub async fn count(&self, groups: &[String]) -> Result<u64, RedisError> {
+        let sets: Vec<String> = groups
+            .iter()
+            .map(|g| format!("{}#g:{g}", self.prefix))
+            .collect();
+        let commands: Vec<Vec<&[u8]>> = sets
+            .iter()
+            .map(|s| vec![&b"ZCARD"[..], s.as_bytes()])
+            .collect();
+        if commands.is_empty() {
+            return Ok(0);
+        }
+        let replies = self.with_read_conn(&commands).await?;
+        Ok(replies
+            .iter()
+            .filter_map(Reply::as_int)
+            .map(|n| n.max(0) as u64)
+            .sum())
+    }
+}
+
+fn connected<'a>(slot: &'a mut Option<Conn>, url: &RedisUrl) -> Result<&'a mut Conn, RedisError> {
+    if slot.is_none() {
+        *slot = Some(Conn::connect(url, IO_TIMEOUT)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| RedisError::Protocol("no connection".into()))
+}
+
+/// Escapes a literal for a Redis glob pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The group name of a family generation: a value computed by another definition of the family
+/// (before a reload changed its query) is in another group, which the reload retires.
+pub fn family_group(pattern: &str, definition: &str) -> String {
+    // FNV-1a: stable across builds, so two daemons on one config agree.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in definition.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("f:{pattern}:{hash:016x}")
+}
+
+pub fn tag_group(tag: &str) -> String {
+    format!("t:{tag}")
+}
+
+/// The mark that retires a family generation for good.
+pub const RETIRED_MARK: u64 = RETIRED;
