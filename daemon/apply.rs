@@ -17,9 +17,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{Config, Strategy};
+use crate::fill;
 use crate::redis_cache::{self, Invalidation};
 use crate::resp::RedisError;
-use crate::fill;
 use crate::rules::Plan;
 use crate::state::Shared;
 

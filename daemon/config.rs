@@ -678,7 +678,10 @@ fn validate_family(
 }
 
 fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
-    let name = raw.backend.as_ref().map_or("memory", |b| b.get_ref().as_str());
+    let name = raw
+        .backend
+        .as_ref()
+        .map_or("memory", |b| b.get_ref().as_str());
     match name {
         "memory" => {
             for (field, span) in [
@@ -716,7 +719,9 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
             if let Some(b) = &raw.backend {
                 problems.at(
                     b.span(),
-                    format!("`cache.backend` = {other:?}: use \"memory\" (the default) or \"redis\""),
+                    format!(
+                        "`cache.backend` = {other:?}: use \"memory\" (the default) or \"redis\""
+                    ),
                 );
             }
             Backend::Memory

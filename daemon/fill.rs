@@ -11,9 +11,9 @@ use rusqlite::{Connection, Statement};
 
 use crate::cache::{Begin, FillOutcome, FillTicket, Filled};
 use crate::config::Family;
-use crate::{redis_cache, sqlite};
 use crate::state::Shared;
 use crate::template::Params;
+use crate::{redis_cache, sqlite};
 
 /// Read connections for fills, reused across requests. SQLite in WAL mode lets them all read
 /// while the app writes.
@@ -289,23 +289,28 @@ fn finish(
             shared.cache.finish_fill(ticket, computed);
         }
         Some(redis) => {
-            shared.cache.finish_fill_with(ticket, computed, |key, entry| {
-                // A key without a row is not stored in Redis: the value under a key is always
-                // the JSON the endpoint serves.
-                let Some(body) = &entry.body else {
-                    return false;
-                };
-                let mut groups: Vec<String> =
-                    entry.tags.iter().map(|t| redis_cache::tag_group(t)).collect();
-                groups.push(entry.family.group.clone());
-                match redis.store(key, entry.version, entry.family.ttl, body, &groups) {
-                    Ok(stored) => stored,
-                    Err(e) => {
-                        tracing::debug!(key, error = %e, "not stored in redis");
-                        false
+            shared
+                .cache
+                .finish_fill_with(ticket, computed, |key, entry| {
+                    // A key without a row is not stored in Redis: the value under a key is always
+                    // the JSON the endpoint serves.
+                    let Some(body) = &entry.body else {
+                        return false;
+                    };
+                    let mut groups: Vec<String> = entry
+                        .tags
+                        .iter()
+                        .map(|t| redis_cache::tag_group(t))
+                        .collect();
+                    groups.push(entry.family.group.clone());
+                    match redis.store(key, entry.version, entry.family.ttl, body, &groups) {
+                        Ok(stored) => stored,
+                        Err(e) => {
+                            tracing::debug!(key, error = %e, "not stored in redis");
+                            false
+                        }
                     }
-                }
-            });
+                });
         }
     }
 }

@@ -19,8 +19,8 @@
 //! Invalidations of a batch run in one script too, which also records `applied` and publishes
 //! the batch on `P` + `invalidations` for app-local caches.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -177,6 +177,8 @@ pub struct RedisCache {
     /// The highest `applied` this daemon wrote or read: Redis below it lost state.
     seen: AtomicU64,
     health: Mutex<Health>,
+    /// Redis failed or showed lost state since the last reconcile: the tail checks it again.
+    suspect: std::sync::atomic::AtomicBool,
     apply_script: Script,
     store_script: Script,
 }
@@ -197,6 +199,7 @@ impl RedisCache {
             read_conns: Mutex::new(Vec::new()),
             seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
+            suspect: std::sync::atomic::AtomicBool::new(false),
             apply_script: Script::new(APPLY),
             store_script: Script::new(STORE),
         }
@@ -216,7 +219,8 @@ impl RedisCache {
     fn note<T>(&self, result: &Result<T, RedisError>) {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         match result {
-            Err(RedisError::Fenced | RedisError::StateLost) => {}
+            Err(RedisError::Fenced) => {}
+            Err(RedisError::StateLost) => self.suspect.store(true, Ordering::Release),
             Ok(_) => {
                 if let Some(since) = health.down_since.take() {
                     let down = since.elapsed().unwrap_or_default();
@@ -224,6 +228,7 @@ impl RedisCache {
                 }
             }
             Err(e) => {
+                self.suspect.store(true, Ordering::Release);
                 if health.down_since.is_none() {
                     health.down_since = Some(SystemTime::now());
                     health.outages += 1;
@@ -326,6 +331,15 @@ impl RedisCache {
         }
     }
 
+    /// Reconciles again if Redis failed or lost state since the last look (called by the tail
+    /// between batches, so a restarted Redis is rebuilt even when no change comes).
+    pub fn heal(&self, cursor: u64) -> Result<(), RedisError> {
+        if !self.suspect.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.reconcile(cursor, None)
+    }
+
     /// Applies one batch of invalidations atomically, then publishes it. Blocking (the tail
     /// thread). `cursor` is the position applied before this batch.
     pub fn apply(&self, batch: &Invalidation, cursor: u64) -> Result<(), RedisError> {
@@ -416,30 +430,33 @@ impl RedisCache {
 
     fn with_store_conn<R>(
         &self,
-        work: impl FnOnce(&mut Conn) -> Result<R, RedisError>,
+        mut work: impl FnMut(&mut Conn) -> Result<R, RedisError>,
     ) -> Result<R, RedisError> {
         let idle = self
             .store_conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop();
-        let mut conn = match idle {
-            Some(conn) => conn,
-            None => {
-                let connected = Conn::connect(&self.url, IO_TIMEOUT);
-                self.note(&connected);
-                connected?
-            }
+        let pooled = idle.is_some();
+        let mut result = match idle {
+            Some(mut conn) => work(&mut conn).map(|r| (r, conn)),
+            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
         };
-        let result = work(&mut conn);
-        self.note(&result);
-        if result.is_ok() {
-            let mut idle = self.store_conns.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
+        // A pooled connection may have died with a Redis restart: one try on a new one.
+        if matches!(result, Err(RedisError::Io(_))) {
+            if pooled {
+                tracing::debug!("a pooled redis connection failed; reconnecting");
             }
+            result = Conn::connect(&self.url, IO_TIMEOUT)
+                .and_then(|mut conn| work(&mut conn).map(|r| (r, conn)));
         }
-        result
+        self.note(&result);
+        let (reply, conn) = result?;
+        let mut idle = self.store_conns.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+        Ok(reply)
     }
 
     /// The cached value of `key`, if Redis has one it may serve. An error means the endpoint
@@ -457,9 +474,11 @@ impl RedisCache {
         let applied = applied
             .as_ref()
             .and_then(Reply::as_int)
-            .ok_or(RedisError::StateLost)?;
+            .ok_or(RedisError::StateLost)
+            .inspect_err(|_| self.suspect.store(true, Ordering::Release))?;
         let applied = applied.max(0) as u64;
         if applied < self.seen.fetch_max(applied, Ordering::AcqRel) {
+            self.suspect.store(true, Ordering::Release);
             return Err(RedisError::StateLost);
         }
         match value {
@@ -476,30 +495,26 @@ impl RedisCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop();
-        let mut conn = match idle {
-            Some(conn) => conn,
-            None => {
-                let connected =
-                    tokio::time::timeout(IO_TIMEOUT, AsyncConn::connect(&self.url)).await;
-                let connected = connected.unwrap_or_else(|_| {
-                    Err(RedisError::Io(std::io::ErrorKind::TimedOut.into()))
-                });
-                self.note(&connected);
-                connected?
-            }
+        let mut result = match idle {
+            Some(conn) => read_on(conn, commands).await,
+            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
         };
-        let result = tokio::time::timeout(IO_TIMEOUT, conn.pipeline(commands))
-            .await
-            .unwrap_or_else(|_| Err(RedisError::Io(std::io::ErrorKind::TimedOut.into())));
-        if result.is_ok() {
-            let mut idle = self.read_conns.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
-        } else {
+        // A pooled connection may have died with a Redis restart: one try on a new one.
+        if matches!(result, Err(RedisError::Io(_))) {
+            result = match timed(AsyncConn::connect(&self.url)).await {
+                Ok(conn) => read_on(conn, commands).await,
+                Err(e) => Err(e),
+            };
+        }
+        if result.is_err() {
             self.note(&result);
         }
-        result
+        let (replies, conn) = result?;
+        let mut idle = self.read_conns.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+        Ok(replies)
     }
 
     /// A cached value, blocking (for `verify`).
@@ -554,6 +569,22 @@ impl RedisCache {
             .map(|n| n.max(0) as u64)
             .sum())
     }
+}
+
+async fn read_on(
+    mut conn: AsyncConn,
+    commands: &[Vec<&[u8]>],
+) -> Result<(Vec<Reply>, AsyncConn), RedisError> {
+    let replies = timed(conn.pipeline(commands)).await?;
+    Ok((replies, conn))
+}
+
+async fn timed<T>(
+    work: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    tokio::time::timeout(IO_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(RedisError::Io(std::io::ErrorKind::TimedOut.into())))
 }
 
 fn connected<'a>(slot: &'a mut Option<Conn>, url: &RedisUrl) -> Result<&'a mut Conn, RedisError> {

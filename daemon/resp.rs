@@ -18,7 +18,9 @@ pub enum RedisError {
     Server(String),
     #[error("redis: malformed reply: {0}")]
     Protocol(String),
-    #[error("redis lost cachetail's state (restarted or flushed); answering from the database until the daemon rebuilds it")]
+    #[error(
+        "redis lost cachetail's state (restarted or flushed); answering from the database until the daemon rebuilds it"
+    )]
     StateLost,
     #[error("redis refused the batch: another daemon took over the lease (fenced)")]
     Fenced,
@@ -96,7 +98,10 @@ impl RedisUrl {
                 .map_err(|_| bad("the path must be a database number, like /0"))?
         };
         Ok(RedisUrl {
-            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
             port,
             db,
             username,

@@ -15,8 +15,8 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::capture::{self, CaptureError, Layout};
-use crate::lease::Lease;
 use crate::config::{Config, Op};
+use crate::lease::Lease;
 use crate::state::Shared;
 use crate::{apply, rules, sqlite};
 
@@ -618,6 +618,9 @@ pub fn step(
     outbox: &mut Outbox,
 ) -> Result<usize, TailError> {
     outbox.recheck_capture(shared, config)?;
+    if let Some(redis) = &shared.redis {
+        redis.heal(outbox.cursor)?;
+    }
     apply::retire_families(shared, outbox.cursor)?;
     let changes = outbox.read_batch(config.tail.batch_size)?;
     let Some(last) = changes.last().map(|c| c.position) else {

@@ -211,6 +211,22 @@ impl Daemon {
             .expect("GET a key, only if cached")
     }
 
+    /// `GET /v1/keys/{key}` with `Cache-Control: no-cache`: the value computed from the database.
+    pub fn get_uncached(&mut self, key: &str) -> Reply {
+        self.client
+            .request(
+                "GET",
+                &format!("/v1/keys/{}", encode_key(key)),
+                &[("Cache-Control", "no-cache")],
+                &[],
+            )
+            .expect("GET a key, no-cache")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn post(&mut self, path: &str) -> Reply {
         self.client.request("POST", path, &[], &[]).expect("POST")
     }

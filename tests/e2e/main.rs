@@ -8,6 +8,7 @@ mod lifecycle;
 mod migrations;
 mod never_hurt;
 mod race;
+mod redis;
 mod reload;
 mod strategies;
 mod write_shapes;
