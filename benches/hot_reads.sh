@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Hot reads: GET of a cached key over HTTP/1.1 keep-alive, 64 connections, wrk as the load
 # generator, measured beside nginx serving the same bytes as a static file and beside answering
-# every request from SQLite (a cachetail whose capture is paused reads the database each time).
-# Usage: benches/hot_reads.sh [seconds]   (needs wrk and nginx: apt-get install -y wrk nginx)
+# every request from SQLite (a cachetail whose capture is paused reads the database each time),
+# and beside a cachetail keeping its values in Redis (the shared backend).
+# Usage: benches/hot_reads.sh [seconds]   (needs wrk, nginx, redis-server: apt-get install -y ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-10}"
-for tool in wrk nginx python3; do
-  command -v "$tool" >/dev/null || { echo "hot_reads: $tool is missing (apt-get install -y wrk nginx python3)" >&2; exit 2; }
+for tool in wrk nginx python3 redis-server; do
+  command -v "$tool" >/dev/null || { echo "hot_reads: $tool is missing (apt-get install -y wrk nginx python3 redis-server)" >&2; exit 2; }
 done
 cargo build --release --quiet
 bin="$PWD/target/release/cachetail"
@@ -38,9 +39,24 @@ start_daemon() { # $1: directory, $2: port
   wait_http "http://127.0.0.1:$2/healthz"
 }
 
-mkdir -p "$work/cached" "$work/direct" "$work/nginx"
-make_db "$work/cached"; cp "$work/cached/catalog.db" "$work/direct/"
+mkdir -p "$work/cached" "$work/direct" "$work/nginx" "$work/redis"
+make_db "$work/cached"; cp "$work/cached/catalog.db" "$work/direct/"; cp "$work/cached/catalog.db" "$work/redis/"
 cache_port=$(free_port); start_daemon "$work/cached" "$cache_port"
+
+redis_server_port=$(free_port)
+redis-server --port "$redis_server_port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null & pids+=($!)
+for _ in $(seq 200); do redis-cli -p "$redis_server_port" ping >/dev/null 2>&1 && break; python3 -c 'import time; time.sleep(0.05)'; done
+redis_port=$(free_port)
+sed -e "s/listen = \"127.0.0.1:8080\"/listen = \"127.0.0.1:$redis_port\"/" \
+    -e "s|^\[cache\]|[cache]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:$redis_server_port/0\"|" config.toml > "$work/redis/config.toml"
+RUST_LOG=warn "$bin" run --config "$work/redis/config.toml" >/dev/null 2>&1 & pids+=($!)
+wait_http "http://127.0.0.1:$redis_port/healthz"
+redis_url="http://127.0.0.1:$redis_port/v1/keys/book:1"
+for _ in $(seq 200); do
+  curl -sf -D - -o /dev/null "$redis_url" | grep -qi '^x-cache: hit' && break
+  python3 -c 'import time; time.sleep(0.05)'
+done
+curl -sf -D - -o /dev/null "$redis_url" | grep -qi '^x-cache: hit' || { echo "book:1 is not a hit in redis" >&2; exit 1; }
 direct_port=$(free_port)
 sed "s/listen = \"127.0.0.1:8080\"/listen = \"127.0.0.1:$direct_port\"/" config.toml > "$work/direct/config.toml"
 "$bin" install --config "$work/direct/config.toml" >/dev/null
@@ -83,9 +99,15 @@ run_wrk() { # $1: url → "requests/s p99"
 read -r cached_rps cached_p99 < <(run_wrk "$key_url")
 read -r nginx_rps nginx_p99 < <(run_wrk "http://127.0.0.1:$nginx_port/book.json")
 read -r direct_rps direct_p99 < <(run_wrk "http://127.0.0.1:$direct_port/v1/keys/book:1")
+read -r redis_rps redis_p99 < <(run_wrk "$redis_url")
+ratio_redis=$(python3 -c "print(f'{$redis_rps / $cached_rps:.2f}')")
+# The ceiling: Redis's own GET rate on this machine, 64 clients, redis-benchmark.
+bench_rps=$(redis-benchmark -p "$redis_server_port" -t get -c 64 -n $((seconds * 40000)) -q 2>/dev/null | tr '\r' '\n' | awk '/requests per second/ {print $2}' | tail -1)
+ratio_bench=$(python3 -c "print(f'{$redis_rps / $bench_rps:.2f}')")
 ratio=$(python3 -c "print(f'{$cached_rps / $nginx_rps:.2f}')")
 ratio_db=$(python3 -c "print(f'{$cached_rps / $direct_rps:.1f}')")
 echo
 echo "| figure | measured | baseline (same run) | ratio | target |"
 echo "|---|---|---|---|---|"
 echo "| hot reads: GET of a cached key, 64 keep-alive connections, wrk ${seconds}s | $cached_rps req/s, p99 $cached_p99 | nginx, same bytes as a static file: $nginx_rps req/s, p99 $nginx_p99; each request answered from SQLite: $direct_rps req/s, p99 $direct_p99 | ${ratio}× nginx, ${ratio_db}× SQLite per request | ≥ 1.0× nginx, p99 ≤ 2 ms |"
+echo "| hot reads, Redis backend: GET of a key cached in Redis, same load | $redis_rps req/s, p99 $redis_p99 | in-process backend (above): $cached_rps req/s, p99 $cached_p99; bare Redis GETs (redis-benchmark, 64 clients): $bench_rps req/s | ${ratio_redis}× in-process, ${ratio_bench}× bare Redis | state it |"

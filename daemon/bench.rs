@@ -46,6 +46,9 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
     if wanted("fresh") || wanted("strateg") {
         rows.extend(commit_to_fresh(options)?);
     }
+    if wanted("redis") {
+        rows.extend(redis_backend(options)?);
+    }
     if wanted("stampede") {
         rows.push(stampede(options)?);
     }
@@ -87,8 +90,13 @@ fn fresh_catalog(path: &Path, reviews: u32) -> anyhow::Result<Connection> {
 }
 
 fn config_for(dir: &Path, db: &str, rules: &str) -> anyhow::Result<Config> {
+    config_with(dir, db, "", rules)
+}
+
+/// `config_for` with more settings in `[cache]` (the backend).
+fn config_with(dir: &Path, db: &str, cache: &str, rules: &str) -> anyhow::Result<Config> {
     let text = format!(
-        "database = \"{db}\"\nlisten = \"127.0.0.1:0\"\n[cache]\nmax_entries = 1000000\n[tail]\npoll_interval = \"50ms\"\n\
+        "database = \"{db}\"\nlisten = \"127.0.0.1:0\"\n[cache]\nmax_entries = 1000000\n{cache}\n[tail]\npoll_interval = \"50ms\"\n\
          [keys.\"book:{{id}}\"]\nquery = \"SELECT b.id, count(r.id) AS review_count, round(avg(r.rating), 2) AS avg_rating FROM books b LEFT JOIN reviews r ON r.book_id = b.id WHERE b.id = :id GROUP BY b.id\"\n{rules}"
     );
     Ok(Config::parse(&text, "bench.toml", dir)?)
@@ -451,6 +459,138 @@ fn commit_to_fresh(options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+// ------------------------------------------------------------------------------------------
+// The Redis backend beside the in-process one.
+
+/// A `redis-server` of the benchmark's own, on a free port; stopped when dropped.
+struct RedisProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisProcess {
+    fn start() -> anyhow::Result<Option<RedisProcess>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let spawned = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let Ok(child) = spawned else {
+            return Ok(None);
+        };
+        let server = RedisProcess { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Some(server))
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Commit → fresh (write-through) and cached GETs with values in Redis, beside the same with
+/// values in memory, in one run.
+fn redis_backend(options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
+    let Some(redis) = RedisProcess::start()? else {
+        eprintln!("redis: redis-server not found (apt-get install -y redis-server); skipped");
+        return Ok(Vec::new());
+    };
+    let commits = if options.quick { 300 } else { 5_000 };
+    let rule = format!("{DELETE_RULE}strategy = \"write-through\"\n");
+    let mut results = Vec::new();
+    for backend in ["memory", "redis"] {
+        let db_name = format!("backend-{backend}.db");
+        let db = options.dir.join(&db_name);
+        fresh_catalog(&db, 20_000)?;
+        let cache = if backend == "redis" {
+            format!(
+                "backend = \"redis\"\nurl = \"redis://127.0.0.1:{}/0\"\nprefix = \"bench:\"",
+                redis.port
+            )
+        } else {
+            String::new()
+        };
+        let running = Running::start(config_with(&options.dir, &db_name, &cache, &rule)?)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !running.shared.active.load(Ordering::Acquire) {
+            anyhow::ensure!(Instant::now() < deadline, "the daemon never took the lease");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut client = Client::new(running.address);
+        client.get("/v1/keys/book:1")?;
+        let mut hits: Vec<Duration> = (0..5_000)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = client.get("/v1/keys/book:1");
+                t.elapsed()
+            })
+            .collect();
+        hits.sort();
+        let latencies = measure_fresh(&running, &db, commits)?;
+        drop(running);
+        eprintln!(
+            "{backend}: commit→fresh p50 {:?} p99 {:?}; cached GET p50 {:?}",
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            percentile(&hits, 0.5)
+        );
+        results.push((latencies, hits));
+    }
+    let [(mem_fresh, mem_hits), (redis_fresh, redis_hits)] =
+        <[_; 2]>::try_from(results).map_err(|_| anyhow::anyhow!("two backends measured"))?;
+    let ratio = |a: &[Duration], b: &[Duration], p: f64| {
+        percentile(a, p).as_secs_f64() / percentile(b, p).as_secs_f64().max(1e-9)
+    };
+    Ok(vec![
+        Row {
+            figure: format!(
+                "commit → fresh, write-through, Redis backend, {commits} commits at ≤1k/s"
+            ),
+            measured: format!(
+                "p50 {} · p99 {}",
+                ms(percentile(&redis_fresh, 0.5)),
+                ms(percentile(&redis_fresh, 0.99))
+            ),
+            baseline: format!(
+                "in-process backend: p50 {} · p99 {}",
+                ms(percentile(&mem_fresh, 0.5)),
+                ms(percentile(&mem_fresh, 0.99))
+            ),
+            ratio: format!(
+                "p50 {:.2}×, p99 {:.2}×",
+                ratio(&redis_fresh, &mem_fresh, 0.5),
+                ratio(&redis_fresh, &mem_fresh, 0.99)
+            ),
+            target: "state it",
+        },
+        Row {
+            figure: "GET of a cached key, one client, Redis backend".to_owned(),
+            measured: format!(
+                "p50 {} · p99 {}",
+                ms(percentile(&redis_hits, 0.5)),
+                ms(percentile(&redis_hits, 0.99))
+            ),
+            baseline: format!(
+                "in-process backend: p50 {} · p99 {}",
+                ms(percentile(&mem_hits, 0.5)),
+                ms(percentile(&mem_hits, 0.99))
+            ),
+            ratio: format!("p50 {:.2}×", ratio(&redis_hits, &mem_hits, 0.5)),
+            target: "state it",
+        },
+    ])
 }
 
 // ------------------------------------------------------------------------------------------

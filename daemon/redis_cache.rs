@@ -32,7 +32,9 @@ const MARK_TTL: Duration = Duration::from_secs(600);
 /// The mark of a retired family generation: no fill of it is ever stored again.
 const RETIRED: u64 = 1 << 52;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
-const MAX_IDLE: usize = 32;
+/// Idle connections kept: one per concurrent request at the loads we expect, so a busy endpoint
+/// never connects per request.
+const MAX_IDLE: usize = 256;
 
 const APPLY: &str = r#"
 local prefix = ARGV[1]
