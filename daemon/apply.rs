@@ -132,6 +132,36 @@ fn redis_batch(config: &Config, plan: &Plan, last: u64) -> Invalidation {
     }
 }
 
+/// While capture is paused, app writes go uncaptured, so nothing in Redis can be trusted: every
+/// family's values are removed (and app-local caches told to drop everything), and fills that
+/// read before `head` are refused. Resuming flushes the families again (the flush markers).
+pub fn flush_redis_for_pause(
+    shared: &Shared,
+    config: &Config,
+    cursor: u64,
+    head: u64,
+) -> Result<(), RedisError> {
+    let Some(redis) = &shared.redis else {
+        return Ok(());
+    };
+    let batch = Invalidation {
+        position: cursor,
+        keys: Vec::new(),
+        groups: config
+            .families
+            .iter()
+            .map(|f| (f.group.clone(), head.saturating_add(1)))
+            .collect(),
+        floor: head.saturating_add(1),
+        message: serde_json::json!({
+            "position": cursor, "keys": [], "tags": [], "families": [], "all": true,
+        })
+        .to_string(),
+        epoch: shared.epoch.load(Ordering::Acquire),
+    };
+    redis.apply(&batch, cursor)
+}
+
 /// Retires the Redis groups of families a reload replaced: their values are removed and no fill
 /// of theirs is stored again. Called by the tail (which retries on failure).
 pub fn retire_families(shared: &Shared, cursor: u64) -> Result<(), RedisError> {
@@ -231,6 +261,8 @@ pub async fn write_behind_worker(shared: Arc<Shared>) {
     loop {
         let notified = queue.wake.notified();
         match queue.take_due() {
+            // Paused: nothing is cached (reads answer from the database).
+            Ok(_) if shared.paused.load(Ordering::Acquire) => {}
             Ok(key) => {
                 // A reader's miss may have refilled it since: then there is nothing to redo.
                 if shared.redis.is_none() && shared.cache.get(&key).is_some() {

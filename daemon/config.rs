@@ -556,6 +556,13 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
     let mut families = Vec::new();
     for (pattern_text, family) in raw.keys {
         if let Some(f) = validate_family(&pattern_text, family, cache.ttl, problems) {
+            if matches!(cache.backend, Backend::Redis { .. }) && f.pattern.source().starts_with('#')
+            {
+                problems.at(
+                    f.pattern_span.clone(),
+                    format!("key family `{pattern_text}`: with the redis backend, keys may not start with `#` (cachetail keeps its bookkeeping under `{{prefix}}#`)"),
+                );
+            }
             families.push(Arc::new(f));
         }
     }

@@ -94,6 +94,8 @@ pub struct Outbox {
     /// Which daemon applies; with `fencing`, the cursor moves only while this one holds it.
     lease: Lease,
     fencing: bool,
+    /// Redis was emptied for the pause in force.
+    flushed_for_pause: bool,
 }
 
 impl Outbox {
@@ -131,6 +133,7 @@ impl Outbox {
             installed_for: 0,
             lease: Lease::new(Duration::from_secs(5)),
             fencing: false,
+            flushed_for_pause: false,
         })
     }
 
@@ -164,6 +167,7 @@ impl Outbox {
         self.pruned_below = u64::try_from(oldest).unwrap_or(0);
         self.layouts = capture::load_layouts(&self.conn)?;
         self.schema_version = -1;
+        self.flushed_for_pause = false;
         Ok(())
     }
 
@@ -620,6 +624,12 @@ pub fn step(
     outbox.recheck_capture(shared, config)?;
     if let Some(redis) = &shared.redis {
         redis.heal(outbox.cursor)?;
+        let paused = shared.paused.load(Ordering::Acquire);
+        if paused && !outbox.flushed_for_pause {
+            apply::flush_redis_for_pause(shared, config, outbox.cursor, outbox.head()?)?;
+            tracing::info!("capture is paused: the values in redis were removed");
+        }
+        outbox.flushed_for_pause = paused;
     }
     apply::retire_families(shared, outbox.cursor)?;
     let changes = outbox.read_batch(config.tail.batch_size)?;

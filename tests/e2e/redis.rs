@@ -600,3 +600,93 @@ fn invalidation_messages_arrive_in_order_for_app_local_caches() {
         "the last batch is the tag change"
     );
 }
+
+#[test]
+fn pause_empties_redis_and_resume_refills_it_fresh() {
+    let redis = RedisServer::start();
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = start_active(&catalog, &redis_config(port, &redis, "write-through"), port);
+    read_all_keys(&mut daemon);
+    assert!(redis.value("book:1").is_some());
+    let cli = |verb: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+            .arg(verb)
+            .arg("--config")
+            .arg(catalog.path().join("config.toml"))
+            .output()
+            .expect("cli");
+        assert!(
+            out.status.success(),
+            "{verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli("pause");
+    // Uncaptured writes are coming: an app reading Redis directly must find nothing to trust.
+    eventually("redis is emptied", || {
+        redis.cached_keys().is_empty().then_some(())
+    });
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 3)')");
+    let reply = daemon.get("book:1");
+    assert_eq!(
+        (x_cache(&reply), review_count(&reply.text())),
+        ("bypass", 3)
+    );
+    assert_eq!(
+        redis.value("book:1"),
+        None,
+        "nothing is stored while paused"
+    );
+
+    cli("resume");
+    eventually("the daemon sees the resume", || {
+        (daemon.status()["paused"] == false).then_some(())
+    });
+    eventually("book:1 is cached again", || {
+        let reply = daemon.get("book:1");
+        (x_cache(&reply) == "hit").then_some(())
+    });
+    assert_eq!(redis.value("book:1"), from_database(&mut daemon, "book:1"));
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 2, 3)')");
+    eventually("capture works again", || {
+        redis
+            .value("book:1")
+            .filter(|v| review_count(v) == 4)
+            .map(|_| ())
+    });
+}
+
+#[test]
+fn a_reload_that_changes_a_family_removes_its_old_values_from_redis() {
+    let redis = RedisServer::start();
+    let catalog = Catalog::new();
+    let port = free_port();
+    let config = redis_config(port, &redis, "delete");
+    let mut daemon = start_active(&catalog, &config, port);
+    read_all_keys(&mut daemon);
+    assert!(redis.value("book:1").is_some_and(|v| !v.contains("shape")));
+    let changed = config.replace(
+        "round(avg(r.rating), 2) AS avg_rating, count(r.id) AS review_count",
+        "round(avg(r.rating), 2) AS avg_rating, count(r.id) AS review_count, 'v2' AS shape",
+    );
+    assert_ne!(changed, config);
+    catalog.write_config(&changed);
+    eventually("the old definition's values leave redis", || {
+        redis.value("book:2").is_none().then_some(())
+    });
+    assert!(
+        redis.value("user:1").is_some(),
+        "an unchanged family keeps its values"
+    );
+    let reply = daemon.get("book:2");
+    assert!(
+        reply.text().contains("\"shape\":\"v2\""),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(redis.value("book:2"), Some(reply.text()));
+    assert_eq!(x_cache(&daemon.get("book:2")), "hit");
+}
