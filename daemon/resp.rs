@@ -197,6 +197,17 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, RedisError> {
     }
 }
 
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Drops the first `used` bytes of a read buffer (usually all of it: then nothing moves).
+fn consume(buf: &mut Vec<u8>, used: usize) {
+    if used >= buf.len() {
+        buf.clear();
+    } else {
+        buf.drain(..used);
+    }
+}
+
 fn top_level(reply: Reply) -> Result<Reply, RedisError> {
     match reply {
         Reply::Error(e) => Err(RedisError::Server(e)),
@@ -241,15 +252,16 @@ impl Conn {
     fn read_reply(&mut self) -> Result<Reply, RedisError> {
         loop {
             if let Some((reply, used)) = parse(&self.buf)? {
-                self.buf.drain(..used);
+                consume(&mut self.buf, used);
                 return Ok(reply);
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
+            let filled = self.buf.len();
+            self.buf.resize(filled + READ_CHUNK, 0);
+            let n = self.stream.read(&mut self.buf[filled..]);
+            self.buf.truncate(filled + *n.as_ref().unwrap_or(&0));
+            if n? == 0 {
                 return Err(RedisError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
@@ -295,16 +307,15 @@ impl AsyncConn {
         let mut replies = Vec::with_capacity(commands.len());
         while replies.len() < commands.len() {
             if let Some((reply, used)) = parse(&self.buf)? {
-                self.buf.drain(..used);
+                consume(&mut self.buf, used);
                 replies.push(reply);
                 continue;
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = self.stream.read(&mut chunk).await?;
-            if n == 0 {
+            // Straight into the buffer's spare room: no chunk on the stack of the future.
+            self.buf.reserve(READ_CHUNK);
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
                 return Err(RedisError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
         Ok(replies)
     }
