@@ -37,7 +37,18 @@ pub struct Entry {
 }
 
 /// What a fill produced, shared with every request that joined it.
-pub type FillOutcome = Result<Arc<Entry>, Arc<str>>;
+pub type FillOutcome = Result<Arc<Entry>, FillError>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FillError {
+    /// The query failed.
+    #[error("{0}")]
+    Failed(Arc<str>),
+    /// The value was read before an invalidation that another daemon applied meanwhile (Redis
+    /// refused it): a request that joined this fill late must not get it. Fill again.
+    #[error("the value changed while it was computed")]
+    Superseded,
+}
 
 /// The receiving side of a flight: resolves once the fill is done.
 pub type FillWaiter = watch::Receiver<Option<FillOutcome>>;
@@ -73,7 +84,7 @@ impl FillTicket {
             family,
             done,
         } = self;
-        let outcome = computed.map(
+        let outcome = computed.map_err(FillError::Failed).map(
             |Filled {
                  version,
                  body,
@@ -266,8 +277,10 @@ impl Cache {
         stored
     }
 
-    /// Finishes a fill whose value is kept elsewhere (Redis, which guards it by version): if the
-    /// flight is still current, `store` keeps the value. Wakes every waiter either way.
+    /// Finishes a fill whose value is kept elsewhere (Redis, which guards it by version): `store`
+    /// keeps the value (or, for a value without a row, checks it). If the store refused it, the
+    /// waiters get `Superseded`: an invalidation (perhaps another daemon's) came after this
+    /// fill's read, and a request may have joined after it.
     pub fn finish_fill_with(
         &self,
         ticket: FillTicket,
@@ -275,15 +288,19 @@ impl Cache {
         store: impl FnOnce(&str, &Entry) -> bool,
     ) -> bool {
         let (key, id, done, outcome) = ticket.resolve(computed);
-        let current = {
+        {
             let mut flights = self.shard(&key);
-            let current = flights.get(&key).is_some_and(|f| f.id == id);
-            if current {
+            if flights.get(&key).is_some_and(|f| f.id == id) {
                 flights.remove(&key);
             }
-            current
+        }
+        // Stored even if a local invalidation superseded the flight: Redis's version guard is
+        // exact, and a stored newer value keeps an older read from landing after this answer.
+        let stored = outcome.as_ref().is_ok_and(|entry| store(&key, entry));
+        let outcome = match outcome {
+            Ok(_) if !stored => Err(FillError::Superseded),
+            other => other,
         };
-        let stored = current && outcome.as_ref().is_ok_and(|entry| store(&key, entry));
         done.send_replace(Some(outcome));
         stored
     }

@@ -9,11 +9,12 @@ use bytes::Bytes;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Statement};
 
-use crate::cache::{Begin, FillOutcome, FillTicket, Filled};
+use crate::cache::{Begin, Entry, FillError, FillOutcome, FillTicket, Filled};
 use crate::config::Family;
+use crate::redis_cache::{self, RedisCache};
+use crate::sqlite;
 use crate::state::Shared;
 use crate::template::Params;
-use crate::{redis_cache, sqlite};
 
 /// Read connections for fills, reused across requests. SQLite in WAL mode lets them all read
 /// while the app writes.
@@ -204,6 +205,50 @@ pub async fn fill(
     family: &Arc<Family>,
     params: Params,
 ) -> FillOutcome {
+    // With Redis, another daemon's invalidation may supersede a fill this one joined: fill again
+    // (rare: only when a change lands while the query runs), then compute without the cache.
+    for _ in 0..3 {
+        match fill_once(shared, Arc::clone(&key), family, params.clone()).await {
+            Err(FillError::Superseded) => continue,
+            other => return other,
+        }
+    }
+    // The last try answers with what it read, stored if Redis takes it (so no older read lands
+    // after this answer).
+    let (reader, family_for_query) = (Arc::clone(shared), Arc::clone(family));
+    let computed = tokio::task::spawn_blocking(move || {
+        let computed = reader
+            .pool
+            .with(|conn| compute(conn, &family_for_query, &params))?;
+        let entry = Entry {
+            version: computed.version,
+            body: computed.body,
+            tags: render_tags(&family_for_query, &params),
+            family: family_for_query,
+            stored_at: std::time::Instant::now(),
+        };
+        if let Some(redis) = &reader.redis {
+            store_in_redis(redis, &key, &entry);
+        }
+        Ok::<_, rusqlite::Error>(entry)
+    })
+    .await;
+    match computed {
+        Ok(Ok(entry)) => Ok(Arc::new(entry)),
+        Ok(Err(e)) => Err(FillError::Failed(Arc::from(format!(
+            "the query of key family `{}` failed: {e}",
+            family.pattern
+        )))),
+        Err(e) => Err(FillError::Failed(Arc::from(e.to_string()))),
+    }
+}
+
+async fn fill_once(
+    shared: &Arc<Shared>,
+    key: Arc<str>,
+    family: &Arc<Family>,
+    params: Params,
+) -> FillOutcome {
     let mut waiter = match shared.cache.begin_fill(key, family) {
         Begin::Join(waiter) => waiter,
         Begin::Lead(ticket, waiter) => {
@@ -226,8 +271,8 @@ pub async fn fill(
     match waiter.wait_for(Option::is_some).await {
         Ok(outcome) => outcome
             .clone()
-            .unwrap_or_else(|| Err(Arc::from("fill vanished"))),
-        Err(_) => Err(Arc::from("the fill was abandoned")),
+            .unwrap_or_else(|| Err(FillError::Failed(Arc::from("fill vanished")))),
+        Err(_) => Err(FillError::Failed(Arc::from("the fill was abandoned"))),
     }
 }
 
@@ -292,25 +337,28 @@ fn finish(
             shared
                 .cache
                 .finish_fill_with(ticket, computed, |key, entry| {
-                    // A key without a row is not stored in Redis: the value under a key is always
-                    // the JSON the endpoint serves.
-                    let Some(body) = &entry.body else {
-                        return false;
-                    };
-                    let mut groups: Vec<String> = entry
-                        .tags
-                        .iter()
-                        .map(|t| redis_cache::tag_group(t))
-                        .collect();
-                    groups.push(entry.family.group.clone());
-                    match redis.store(key, entry.version, entry.family.ttl, body, &groups) {
-                        Ok(stored) => stored,
-                        Err(e) => {
-                            tracing::debug!(key, error = %e, "not stored in redis");
-                            false
-                        }
-                    }
+                    store_in_redis(redis, key, entry)
                 });
+        }
+    }
+}
+
+/// Stores a computed value in Redis, which refuses it if it read before an invalidation or
+/// below a value stored before. A key without a row is not stored (the value under a key is
+/// always the JSON the endpoint serves), only checked. Blocking.
+fn store_in_redis(redis: &RedisCache, key: &str, entry: &Entry) -> bool {
+    let mut groups: Vec<String> = entry
+        .tags
+        .iter()
+        .map(|t| redis_cache::tag_group(t))
+        .collect();
+    groups.push(entry.family.group.clone());
+    let body = entry.body.as_deref();
+    match redis.store(key, entry.version, entry.family.ttl, body, &groups) {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::debug!(key, error = %e, "not stored in redis");
+            false
         }
     }
 }

@@ -86,11 +86,14 @@ local meta = prefix .. '#m:' .. key
 local m = redis.call('HMGET', meta, 'i', 'v')
 if v < tonumber(m[1] or '0') then return 0 end
 local value = prefix .. key
-if m[2] and tonumber(m[2]) > v and redis.call('EXISTS', value) == 1 then return 0 end
+-- Never below a value stored before, even one invalidated since: the daemon may apply a change
+-- after a fill that already saw it stored a newer value, so an older read must stay out.
+if v < tonumber(m[2] or '0') then return 0 end
 local n = tonumber(ARGV[8])
 for j = 1, n do
   if v < tonumber(redis.call('GET', prefix .. '#gm:' .. ARGV[8 + j]) or '0') then return 0 end
 end
+if ARGV[9 + n] == 'check' then return 1 end
 redis.call('SET', value, ARGV[5], 'PX', ttl)
 redis.call('HSET', meta, 'v', v)
 if redis.call('PTTL', meta) < ttl then redis.call('PEXPIRE', meta, ttl) end
@@ -398,13 +401,14 @@ impl RedisCache {
     }
 
     /// Stores a computed value unless an invalidation it did not see came first. Blocking.
-    /// Returns whether it was stored.
+    /// Returns whether it was stored. With no `body` (the query found no row) nothing is stored:
+    /// it returns whether the result is still current.
     pub fn store(
         &self,
         key: &str,
         version: u64,
         ttl: Duration,
-        body: &[u8],
+        body: Option<&[u8]>,
         groups: &[String],
     ) -> Result<bool, RedisError> {
         let now = SystemTime::now()
@@ -416,12 +420,17 @@ impl RedisCache {
             key.as_bytes().to_vec(),
             version.to_string().into_bytes(),
             ttl.as_millis().max(1).to_string().into_bytes(),
-            body.to_vec(),
+            body.unwrap_or_default().to_vec(),
             self.seen.load(Ordering::Acquire).to_string().into_bytes(),
             now.to_string().into_bytes(),
             groups.len().to_string().into_bytes(),
         ];
         args.extend(groups.iter().map(|g| g.as_bytes().to_vec()));
+        args.push(if body.is_some() {
+            b"store".to_vec()
+        } else {
+            b"check".to_vec()
+        });
         let result = self.with_store_conn(|conn| self.store_script.run(conn, &args));
         match result?.as_int() {
             Some(1) => Ok(true),
@@ -470,6 +479,10 @@ impl RedisCache {
             vec![&b"GET"[..], value.as_bytes()],
             vec![&b"HGET"[..], state.as_bytes(), &b"applied"[..]],
         ];
+        // What this daemon knew Redis had applied before asking: Redis answering less lost it.
+        // (Compared with `seen` after the answer instead, an apply finishing meanwhile would
+        // look like a loss.)
+        let known = self.seen.load(Ordering::Acquire);
         let replies = self.with_read_conn(&commands).await?;
         let mut replies = replies.into_iter();
         let (value, applied) = (replies.next(), replies.next());
@@ -479,7 +492,8 @@ impl RedisCache {
             .ok_or(RedisError::StateLost)
             .inspect_err(|_| self.suspect.store(true, Ordering::Release))?;
         let applied = applied.max(0) as u64;
-        if applied < self.seen.fetch_max(applied, Ordering::AcqRel) {
+        self.seen.fetch_max(applied, Ordering::AcqRel);
+        if applied < known {
             self.suspect.store(true, Ordering::Release);
             return Err(RedisError::StateLost);
         }

@@ -19,9 +19,9 @@ const WRITES_PER_WRITER: usize = 1_500;
 const READERS: usize = 6;
 const MIN_READS: u64 = 96_000;
 
-fn config(port: u16) -> String {
+fn config(port: u16, cache: &str) -> String {
     let mut text = format!(
-        "database = \"catalog.db\"\nlisten = \"127.0.0.1:{port}\"\n[cache]\nttl = \"1h\"\n[write_behind]\ndelay = \"5ms\"\n[tail]\npoll_interval = \"50ms\"\n"
+        "database = \"catalog.db\"\nlisten = \"127.0.0.1:{port}\"\n[cache]\nttl = \"1h\"\n{cache}\n[write_behind]\ndelay = \"5ms\"\n[tail]\npoll_interval = \"50ms\"\n"
     );
     for (family, strategy) in FAMILIES
         .iter()
@@ -36,14 +36,43 @@ fn config(port: u16) -> String {
 
 #[test]
 fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
+    check("", None);
+}
+
+/// The same on Redis, with readers spread over two daemons on one database (the active one and
+/// a standby), so fills from another process race the applier's invalidations.
+#[test]
+fn randomized_check_on_redis_across_an_active_and_a_standby_daemon() {
+    let redis = crate::redis::RedisServer::start();
+    check(
+        &format!(
+            "backend = \"redis\"\nurl = \"{}\"\nprefix = \"race:\"",
+            redis.url()
+        ),
+        Some(&redis),
+    );
+}
+
+fn check(cache: &str, redis: Option<&crate::redis::RedisServer>) {
     let catalog = Catalog::new();
     catalog.python(&format!(
         "con.execute('CREATE TABLE counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)')\n\
          con.executemany('INSERT INTO counters VALUES (?, 0)', [(i,) for i in range(1, {COUNTERS} + 1)])"
     ));
     let port = free_port();
-    let mut daemon = Daemon::start(&catalog, &config(port), port);
-    let address = daemon.address;
+    let mut daemon = Daemon::start(&catalog, &config(port, cache), port);
+    eventually("the daemon holds the lease", || {
+        (daemon.status()["role"] == "active").then_some(())
+    });
+    let mut addresses = vec![daemon.address];
+    let standby = redis.map(|_| {
+        let port = free_port();
+        let path = catalog.path().join("standby.toml");
+        std::fs::write(&path, config(port, cache)).expect("write config");
+        let standby = Daemon::start_existing(&path, port);
+        addresses.push(standby.address);
+        standby
+    });
 
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
@@ -83,6 +112,7 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
                 catalog.db(),
             );
             let highest = Arc::clone(&highest);
+            let address = addresses[r % addresses.len()];
             std::thread::spawn(move || {
                 let mut client = Client::new(address);
                 let direct = rusqlite::Connection::open(&db).expect("direct read connection");
@@ -165,9 +195,15 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
         }
     }
     let verify = daemon.verify();
+    drop(standby);
     let writes = (WRITERS * WRITES_PER_WRITER) as u64;
     eprintln!(
-        "randomized checker: {} operations ({writes} writes, {reads} reads), {} stale or backwards reads, {stale_at_end} stale cached values of {cached}",
+        "randomized checker{}: {} operations ({writes} writes, {reads} reads), {} stale or backwards reads, {stale_at_end} stale cached values of {cached}",
+        if redis.is_some() {
+            " (redis, two daemons)"
+        } else {
+            ""
+        },
         writes + reads,
         violations.load(Ordering::Relaxed)
     );
