@@ -137,6 +137,18 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             let mut conn = sqlite::open(&config.database).context("opening the database")?;
             check::check_database(&config, &mut conn)?;
+            if let cachetail::config::Backend::Redis { url, .. } = &config.cache.backend {
+                // Not a config problem (the daemon waits for Redis), but worth knowing now.
+                let reached =
+                    cachetail::resp::Conn::connect(url, std::time::Duration::from_secs(2))
+                        .and_then(|mut conn| conn.cmd(&["PING"]));
+                if let Err(e) = reached {
+                    eprintln!(
+                        "warning: redis at {}:{} does not answer ({e}); the daemon will retry until it does",
+                        url.host, url.port
+                    );
+                }
+            }
             println!(
                 "{}: ok ({} key families, {} rules, watching {})",
                 config.file,
