@@ -132,6 +132,20 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) {
     let config = shared.config();
+    let taking = Arc::clone(&shared);
+    let outbox = match tokio::task::spawn_blocking(move || {
+        let mut outbox = outbox;
+        tail::first_take_over(&taking, &mut outbox);
+        outbox
+    })
+    .await
+    {
+        Ok(outbox) => outbox,
+        Err(e) => {
+            tracing::error!(error = %e, "taking the lease panicked");
+            return;
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let database_bell = Arc::new(tail::Doorbell::default());
     let config_bell = Arc::new(tail::Doorbell::default());

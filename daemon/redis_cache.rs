@@ -60,8 +60,13 @@ n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local group = ARGV[i]; local mark = tonumber(ARGV[i + 1]); i = i + 2
   local set = prefix .. '#g:' .. group
-  for _, key in ipairs(redis.call('ZRANGE', set, 0, -1)) do redis.call('UNLINK', prefix .. key) end
-  redis.call('UNLINK', set)
+  -- Only the values read before the mark: one read after it already reflects the change.
+  for _, key in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+    if tonumber(redis.call('HGET', prefix .. '#m:' .. key, 'v') or '0') < mark then
+      redis.call('UNLINK', prefix .. key)
+      redis.call('ZREM', set, key)
+    end
+  end
   local gm = prefix .. '#gm:' .. group
   local old = tonumber(redis.call('GET', gm) or '0')
   if old > mark then mark = old end

@@ -343,7 +343,13 @@ impl Outbox {
             (true, None) => return Err(TailError::LeaseLost),
             (true, Some(epoch)) => Some((self.lease.holder().to_owned(), epoch)),
         };
-        let tx = self.conn.unchecked_transaction()?;
+        // IMMEDIATE: the write lock first (waiting for it through the busy handler). A deferred
+        // transaction that reads the lease row and then writes would fail outright, without
+        // waiting, whenever an app commit landed in between.
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
         // Fencing: in the same transaction that moves the cursor or prunes, check that this
         // daemon still holds the lease. A daemon paused past its lease finds it gone here.
         if let Some((holder, epoch)) = &fence {
@@ -468,7 +474,9 @@ pub fn run(
     doorbell: Arc<Doorbell>,
     stop: Arc<AtomicBool>,
 ) {
-    outbox.use_lease(shared.config().tail.lease);
+    if !outbox.fencing {
+        outbox.use_lease(shared.config().tail.lease);
+    }
     let mut backoff = Duration::from_millis(20);
     // After a wake-up that found nothing, look again a few times, quickly: a notification fires
     // when the app writes the `-wal` file, a moment before the commit is published in the
@@ -566,6 +574,19 @@ fn lost(error: &TailError) -> bool {
         error,
         TailError::LeaseLost | TailError::Redis(crate::resp::RedisError::Fenced)
     )
+}
+
+/// The first try for the lease, before the daemon serves: a daemon alone on its database is
+/// active from its first request (else it starts as a standby and the tail keeps trying).
+pub fn first_take_over(shared: &Shared, outbox: &mut Outbox) -> bool {
+    outbox.use_lease(shared.config().tail.lease);
+    match take_over(shared, outbox) {
+        Ok(taken) => taken,
+        Err(e) => {
+            tracing::warn!(error = %e, "taking the lease failed; retrying");
+            false
+        }
+    }
 }
 
 /// Takes the lease if it is free; on success, continues from the durable cursor.
