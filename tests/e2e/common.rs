@@ -293,6 +293,21 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs `cachetail VERB --config CONFIG` and asserts it succeeded.
+pub fn cli_ok(verb: &str, config: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+        .arg(verb)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("the cachetail binary runs");
+    assert!(
+        out.status.success(),
+        "{verb}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A reply's JSON body.
 pub fn json(reply: &Reply) -> Value {
     reply

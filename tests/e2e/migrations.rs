@@ -1,8 +1,6 @@
 //! App migrations while the daemon runs: rebuilt tables, altered columns, dropped and created
 //! tables, and `cachetail pause` / `resume` around a migration that touches a captured column.
 
-use std::process::Command;
-
 use crate::common::*;
 use crate::strategies::catalog_daemon;
 
@@ -123,18 +121,8 @@ fn a_dropped_and_recreated_table_is_reported_then_captured_again() {
 fn pause_serves_from_the_database_and_resume_flushes() {
     let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
     assert_eq!(review_count(&mut daemon, "book:1"), 2);
-    let config = daemon.config.to_str().expect("path").to_owned();
-    let cli = |verb: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
-            .args([verb, "--config", &config])
-            .output()
-            .expect("cli");
-        assert!(
-            out.status.success(),
-            "{verb}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let config = daemon.config.clone();
+    let cli = |verb: &str| cli_ok(verb, &config);
 
     cli("pause");
     eventually("the daemon sees the pause", || {

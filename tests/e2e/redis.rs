@@ -609,19 +609,8 @@ fn pause_empties_redis_and_resume_refills_it_fresh() {
     let mut daemon = start_active(&catalog, &redis_config(port, &redis, "write-through"), port);
     read_all_keys(&mut daemon);
     assert!(redis.value("book:1").is_some());
-    let cli = |verb: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
-            .arg(verb)
-            .arg("--config")
-            .arg(catalog.path().join("config.toml"))
-            .output()
-            .expect("cli");
-        assert!(
-            out.status.success(),
-            "{verb}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let config = catalog.path().join("config.toml");
+    let cli = |verb: &str| cli_ok(verb, &config);
     cli("pause");
     // Uncaptured writes are coming: an app reading Redis directly must find nothing to trust.
     eventually("redis is emptied", || {
