@@ -180,9 +180,23 @@ pub async fn run_with(
             .name("cachetail-reload".into())
             .spawn(move || reload::run(shared, bell, tail_bell, stop))
     };
-    let workers: Vec<_> = (0..config.write_behind.workers)
+    let mut workers: Vec<_> = (0..config.write_behind.workers)
         .map(|_| tokio::spawn(apply::write_behind_worker(Arc::clone(&shared))))
         .collect();
+    // SIGHUP reloads the config, as daemons do (file changes reload it too).
+    #[cfg(unix)]
+    workers.push({
+        let bell = Arc::clone(&config_bell);
+        tokio::spawn(async move {
+            let hangup = tokio::signal::unix::SignalKind::hangup();
+            if let Ok(mut signal) = tokio::signal::unix::signal(hangup) {
+                while signal.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the config");
+                    bell.ring();
+                }
+            }
+        })
+    });
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, database = %config.database.display(), cursor = shared.applied(), "cachetail serving");
     }

@@ -134,3 +134,21 @@ fn an_invalid_edit_keeps_the_running_rules_and_reports_where_it_is_wrong() {
             .then_some(())
     });
 }
+
+#[test]
+fn sighup_reloads_the_config() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &catalog_config(port, "delete", "50ms"), port);
+    let pid = daemon.pid().expect("running").to_string();
+    // The file is unchanged, so no file notification: only the signal can cause this reload.
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    eventually("the reload is counted", || {
+        (daemon.status()["config"]["reloads"] == 1).then_some(())
+    });
+    assert_eq!(daemon.get("user:1").status, 200, "still serving");
+}
