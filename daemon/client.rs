@@ -126,11 +126,16 @@ fn read_reply(reader: &mut BufReader<TcpStream>) -> io::Result<Reply> {
         let (name, value) = trimmed.split_once(':').ok_or_else(|| bad("bad header"))?;
         headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
     }
-    let length: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| bad("no content-length"))?;
+    // 204 and 304 answers have no body, whatever their headers say (RFC 9112 §6.3).
+    let length: usize = if status == 204 || status == 304 {
+        0
+    } else {
+        headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| bad("no content-length"))?
+    };
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
     Ok(Reply {

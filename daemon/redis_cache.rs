@@ -475,14 +475,16 @@ impl RedisCache {
         Ok(reply)
     }
 
-    /// The cached value of `key`, if Redis has one it may serve. An error means the endpoint
-    /// must answer from the database (Redis is down, or lost state it has not rebuilt yet).
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, RedisError> {
+    /// The cached value of `key` and the rest of its TTL, if Redis has one it may serve. An
+    /// error means the endpoint must answer from the database (Redis is down, or lost state it
+    /// has not rebuilt yet).
+    pub async fn get(&self, key: &str) -> Result<Option<(Bytes, Duration)>, RedisError> {
         let value = format!("{}{key}", self.prefix);
         let state = format!("{}#state", self.prefix);
         let commands = [
             vec![&b"GET"[..], value.as_bytes()],
             vec![&b"HGET"[..], state.as_bytes(), &b"applied"[..]],
+            vec![&b"PTTL"[..], value.as_bytes()],
         ];
         // What this daemon knew Redis had applied before asking: Redis answering less lost it.
         // (Compared with `seen` after the answer instead, an apply finishing meanwhile would
@@ -490,7 +492,7 @@ impl RedisCache {
         let known = self.seen.load(Ordering::Acquire);
         let replies = self.with_read_conn(&commands).await?;
         let mut replies = replies.into_iter();
-        let (value, applied) = (replies.next(), replies.next());
+        let (value, applied, ttl) = (replies.next(), replies.next(), replies.next());
         let applied = applied
             .as_ref()
             .and_then(Reply::as_int)
@@ -502,8 +504,12 @@ impl RedisCache {
             self.suspect.store(true, Ordering::Release);
             return Err(RedisError::StateLost);
         }
+        let remaining = ttl
+            .as_ref()
+            .and_then(Reply::as_int)
+            .map_or(Duration::ZERO, |ms| Duration::from_millis(ms.max(0) as u64));
         match value {
-            Some(Reply::Bulk(body)) => Ok(Some(Bytes::from(body))),
+            Some(Reply::Bulk(body)) => Ok(Some((Bytes::from(body), remaining))),
             Some(Reply::Nil) | None => Ok(None),
             Some(Reply::Error(e)) => Err(RedisError::Server(e)),
             Some(other) => Err(RedisError::Protocol(format!("GET answered {other:?}"))),

@@ -100,10 +100,12 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             .collect();
         let only_if_cached = directives.iter().any(|d| d == "only-if-cached");
         let no_cache = directives.iter().any(|d| d == "no-cache");
-        if no_cache {
-            return get_uncached(shared, raw_key).await;
-        }
-        return get_key(shared, raw_key, fresh, only_if_cached).await;
+        let response = if no_cache {
+            get_uncached(shared, raw_key).await
+        } else {
+            get_key(shared, raw_key, fresh, only_if_cached).await
+        };
+        return not_modified_if_matching(request.headers(), response);
     }
     match path {
         "/healthz" if is_get => response(
@@ -167,13 +169,15 @@ async fn get_key(
     let cached = match &shared.redis {
         None => shared.cache.get(&key),
         Some(redis) => match redis.get(&key).await {
-            Ok(body) => body.map(|body| {
+            Ok(cached) => cached.map(|(body, remaining)| {
+                let now = std::time::Instant::now();
+                let age = family.ttl.saturating_sub(remaining);
                 Arc::new(Entry {
                     version: 0,
                     body: Some(body),
                     family: Arc::clone(family),
                     tags: Box::new([]),
-                    stored_at: std::time::Instant::now(),
+                    stored_at: now.checked_sub(age).unwrap_or(now),
                 })
             }),
             // Redis is down or lost state: the database answers, never a stale value.
@@ -289,6 +293,9 @@ async fn wait_until_applied(shared: &Arc<Shared>, timeout: Duration) -> Result<(
     }
 }
 
+/// A value's answer: the JSON with `X-Cache`, an `ETag` (a hash of the body), `Age` (seconds
+/// since it was computed) and `Cache-Control: max-age` (the rest of its TTL; `no-cache` for an
+/// answer that bypassed the cache).
 fn value_response(key: &str, entry: &Entry, cache: &'static str) -> Response<Body> {
     let mut response = match &entry.body {
         Some(body) => response(StatusCode::OK, "application/json", body.clone()),
@@ -297,10 +304,58 @@ fn value_response(key: &str, entry: &Entry, cache: &'static str) -> Response<Bod
             format!("the key {key:?} has no value: its family's query returned no row"),
         ),
     };
+    let headers = response.headers_mut();
+    headers.insert("x-cache", HeaderValue::from_static(cache));
+    if let Some(body) = &entry.body {
+        let age = entry.stored_at.elapsed();
+        let control = if cache == "bypass" {
+            "no-cache".to_owned()
+        } else {
+            format!("max-age={}", entry.family.ttl.saturating_sub(age).as_secs())
+        };
+        let tag = format!("\"{:016x}\"", fnv1a(body));
+        for (name, value) in [
+            (hyper::header::ETAG, tag),
+            (hyper::header::AGE, age.as_secs().to_string()),
+            (hyper::header::CACHE_CONTROL, control),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+    }
     response
-        .headers_mut()
-        .insert("x-cache", HeaderValue::from_static(cache));
-    response
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash: u64, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `If-None-Match` naming the answer's `ETag` (or `*`): `304 Not Modified`, headers only.
+fn not_modified_if_matching(
+    request: &hyper::HeaderMap,
+    response: Response<Body>,
+) -> Response<Body> {
+    let Some(tag) = response.headers().get(hyper::header::ETAG) else {
+        return response;
+    };
+    let tag = tag.as_bytes();
+    let matches = request
+        .get_all(hyper::header::IF_NONE_MATCH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
+        .any(|t| t == b"*" || t == tag || t.strip_prefix(b"W/") == Some(tag));
+    if response.status() != StatusCode::OK || !matches {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    parts.status = StatusCode::NOT_MODIFIED;
+    parts.headers.remove(CONTENT_TYPE);
+    parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
 async fn status(shared: &Arc<Shared>) -> Response<Body> {

@@ -223,6 +223,16 @@ impl Daemon {
             .expect("GET a key, no-cache")
     }
 
+    /// A request with headers, no body.
+    pub fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<Reply> {
+        self.client.request(method, path, headers, &[])
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -182,3 +182,45 @@ fn status_reports_cursor_head_lag_and_counts() {
     assert!(status["config"]["last_reload_error"].is_null());
     assert_eq!(daemon.get_path("/healthz").text(), "ok\n");
 }
+
+#[test]
+fn etag_revalidation_answers_304_until_the_value_changes() {
+    let (catalog, mut daemon) = crate::strategies::catalog_daemon("write-through", "50ms");
+    let first = daemon.get("book:1");
+    let tag = first.header("etag").expect("an ETag").to_owned();
+    let control = first.header("cache-control").expect("Cache-Control");
+    let max_age: u64 = control
+        .strip_prefix("max-age=")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("max-age in {control:?}"));
+    assert!(
+        max_age > 590 && max_age <= 600,
+        "the family's 10m TTL: {control}"
+    );
+    assert!(first.header("age").is_some());
+    let conditional = |daemon: &mut Daemon, tag: &str| {
+        daemon
+            .request_with("GET", "/v1/keys/book:1", &[("If-None-Match", tag)])
+            .expect("GET")
+    };
+    let again = conditional(&mut daemon, &tag);
+    assert_eq!(again.status, 304);
+    assert!(again.body.is_empty());
+    assert_eq!(again.header("etag"), Some(tag.as_str()));
+    assert_eq!(conditional(&mut daemon, "\"other\", *").status, 304);
+    assert_eq!(conditional(&mut daemon, &format!("W/{tag}")).status, 304);
+    assert_eq!(conditional(&mut daemon, "\"nope\"").status, 200);
+
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 5)')");
+    let changed = eventually("the new value is served", || {
+        let reply = conditional(&mut daemon, &tag);
+        (reply.status == 200).then_some(reply)
+    });
+    assert_ne!(changed.header("etag"), Some(tag.as_str()));
+    assert!(
+        changed.text().contains("\"review_count\":3"),
+        "{}",
+        changed.text()
+    );
+}

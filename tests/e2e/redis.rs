@@ -174,6 +174,13 @@ fn every_strategy_and_tag_keeps_redis_exactly_as_fresh_as_the_database() {
         assert_eq!((first.status, x_cache(&first)), (200, "miss"), "{strategy}");
         let again = daemon.get("book:1");
         assert_eq!(x_cache(&again), "hit", "{strategy}: served from redis");
+        assert_eq!(again.header("etag"), first.header("etag"));
+        let control = again.header("cache-control").unwrap_or("");
+        let max_age: u64 = control
+            .strip_prefix("max-age=")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("max-age from redis's TTL: {control:?}"));
+        assert!(max_age > 590 && max_age <= 600, "{control}");
         // A plain Redis client reads exactly the endpoint's JSON, with the family's TTL.
         assert_eq!(
             redis.value("book:1").as_deref(),
