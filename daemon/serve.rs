@@ -107,6 +107,12 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         };
         return not_modified_if_matching(request.headers(), response);
     }
+    if path == "/v1/keys" {
+        if request.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        return multi_get(shared, request).await;
+    }
     match path {
         "/healthz" if is_get => response(
             StatusCode::OK,
@@ -121,7 +127,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         "/healthz" | "/v1/status" => method_not_allowed("GET"),
         "/" if is_get => json_response(
             StatusCode::OK,
-            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "/v1/status", "/v1/verify", "/healthz"]}),
+            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "POST /v1/keys", "/v1/status", "/v1/verify", "/healthz"]}),
         ),
         _ => error(
             StatusCode::NOT_FOUND,
@@ -136,10 +142,19 @@ async fn get_key(
     fresh: bool,
     only_if_cached: bool,
 ) -> Response<Body> {
-    let key = match decode_key(raw_key) {
-        Ok(key) => key,
-        Err(problem) => return error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
-    };
+    match decode_key(raw_key) {
+        Ok(key) => lookup(shared, key, fresh, only_if_cached).await,
+        Err(problem) => error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+    }
+}
+
+/// Answers one key: from the cache, or filled from the database.
+async fn lookup(
+    shared: &Arc<Shared>,
+    key: String,
+    fresh: bool,
+    only_if_cached: bool,
+) -> Response<Body> {
     // The hot path: a hit needs no pattern matching (the entry knows its family).
     if !fresh
         && shared.redis.is_none()
@@ -217,6 +232,138 @@ async fn get_uncached(shared: &Arc<Shared>, raw_key: &str) -> Response<Body> {
         );
     };
     bypass(shared, &key, family, params, "no-cache").await
+}
+
+/// Keys one multi-get may ask for, and the size of its body, at most.
+const MAX_MULTI_KEYS: usize = 1_000;
+const MAX_MULTI_BODY: usize = 1 << 20;
+
+/// `POST /v1/keys` with a JSON list of keys (or `{"keys": [...]}`): each key answered as
+/// `GET /v1/keys/{key}` would, in order, each with its own status.
+async fn multi_get(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let fresh = wants_fresh(request.uri().query());
+    let body = match http_body_util::Limited::new(request.into_body(), MAX_MULTI_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {MAX_MULTI_BODY} bytes (or could not be read)"),
+            );
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Keys {
+        List(Vec<String>),
+        Object { keys: Vec<String> },
+    }
+    let keys = match serde_json::from_slice::<Keys>(&body) {
+        Ok(Keys::List(keys) | Keys::Object { keys }) => keys,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be a JSON list of keys, or {{\"keys\": [...]}}: {e}"),
+            );
+        }
+    };
+    if keys.len() > MAX_MULTI_KEYS {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} keys asked for; at most {MAX_MULTI_KEYS} per request",
+                keys.len()
+            ),
+        );
+    }
+    let mut lookups = tokio::task::JoinSet::new();
+    for (index, key) in keys.iter().cloned().enumerate() {
+        let shared = Arc::clone(shared);
+        lookups.spawn(async move {
+            let answer = match check_key(key) {
+                Ok(key) => lookup(&shared, key, fresh, false).await,
+                Err(problem) => error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+            };
+            (index, answer)
+        });
+    }
+    let mut answers: Vec<Option<Response<Body>>> = (0..keys.len()).map(|_| None).collect();
+    while let Some(joined) = lookups.join_next().await {
+        if let Ok((index, answer)) = joined
+            && let Some(slot) = answers.get_mut(index)
+        {
+            *slot = Some(answer);
+        }
+    }
+    /// One key's answer; the value is embedded as the very JSON a GET returns.
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        key: &'a str,
+        status: u16,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cache: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        value: Option<Box<serde_json::value::RawValue>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<serde_json::Value>,
+    }
+    let mut results = Vec::with_capacity(keys.len());
+    for (key, answer) in keys.iter().zip(answers) {
+        let Some(answer) = answer else {
+            results.push(Answer {
+                key,
+                status: 500,
+                cache: None,
+                value: None,
+                error: Some(json!("the lookup failed")),
+            });
+            continue;
+        };
+        let status = answer.status().as_u16();
+        let cache = answer
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = answer
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        results.push(if status == 200 {
+            Answer {
+                key,
+                status,
+                cache,
+                value: serde_json::value::RawValue::from_string(text).ok(),
+                error: None,
+            }
+        } else {
+            let error = serde_json::from_str::<serde_json::Value>(&text)
+                .map(|mut v| v["error"].take())
+                .unwrap_or_default();
+            Answer {
+                key,
+                status,
+                cache: None,
+                value: None,
+                error: Some(error),
+            }
+        });
+    }
+    #[derive(serde::Serialize)]
+    struct Answers<'a> {
+        results: Vec<Answer<'a>>,
+    }
+    match serde_json::to_vec(&Answers { results }) {
+        Ok(body) => response(StatusCode::OK, "application/json", Bytes::from(body)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Answers straight from the database, storing nothing, because the cache cannot be trusted
@@ -516,6 +663,11 @@ pub fn decode_key(raw: &str) -> Result<String, String> {
         }
     }
     let key = String::from_utf8(out).map_err(|_| "the key is not valid UTF-8".to_owned())?;
+    check_key(key)
+}
+
+/// The rules every key meets: not empty, at most `MAX_KEY_BYTES`, no control characters.
+pub fn check_key(key: String) -> Result<String, String> {
     if key.is_empty() {
         return Err("the key is empty".to_owned());
     }

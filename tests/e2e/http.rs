@@ -224,3 +224,82 @@ fn etag_revalidation_answers_304_until_the_value_changes() {
         changed.text()
     );
 }
+
+#[test]
+fn a_multi_get_answers_each_key_on_its_own() {
+    let (_catalog, mut daemon) = catalog_daemon("delete", "50ms");
+    let single = daemon.get("book:2");
+    let mut client = Client::new(daemon.address);
+    let body = br#"["book:2", "book:3", "book:999", "nothing:1", "", "top-books"]"#;
+    let reply = client
+        .request(
+            "POST",
+            "/v1/keys",
+            &[("Content-Type", "application/json")],
+            body,
+        )
+        .expect("POST");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // The value is embedded exactly as GET returns it (same bytes, same column order).
+    assert!(
+        reply
+            .text()
+            .contains(&format!("\"value\":{}", single.text())),
+        "{}",
+        reply.text()
+    );
+    let results = json(&reply)["results"].as_array().expect("results").clone();
+    let summary: Vec<(String, i64, String)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap_or("?").to_owned(),
+                r["status"].as_i64().unwrap_or(0),
+                r["cache"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, i64, String)> = [
+        ("book:2", 200, "hit"),
+        ("book:3", 200, "miss"),
+        ("book:999", 404, "-"),
+        ("nothing:1", 404, "-"),
+        ("", 400, "-"),
+        ("top-books", 200, "miss"),
+    ]
+    .iter()
+    .map(|(k, s, c)| ((*k).to_owned(), *s, (*c).to_owned()))
+    .collect();
+    assert_eq!(summary, expected);
+    assert!(
+        results[3]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no key family"))
+    );
+    assert_eq!(
+        x_cache(&daemon.get("book:3")),
+        "hit",
+        "the multi-get filled it"
+    );
+
+    let object = client
+        .request("POST", "/v1/keys", &[], br#"{"keys": ["user:1"]}"#)
+        .expect("POST");
+    assert_eq!(json(&object)["results"][0]["value"]["name"], "user1");
+    for bad in [&b"{\"keys\": 5}"[..], b"not json", b"[1, 2]"] {
+        let reply = client.request("POST", "/v1/keys", &[], bad).expect("POST");
+        assert_eq!(reply.status, 400, "{}", String::from_utf8_lossy(bad));
+    }
+    let many = format!(
+        "[{}]",
+        (0..1001)
+            .map(|i| format!("\"user:{i}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let reply = client
+        .request("POST", "/v1/keys", &[], many.as_bytes())
+        .expect("POST");
+    assert_eq!(reply.status, 413);
+    assert_eq!(client.get("/v1/keys").expect("GET").status, 405);
+}
