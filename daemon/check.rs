@@ -154,6 +154,9 @@ fn check_queries(
                 );
             }
         }
+        if let (Some(warm), Some(span)) = (&family.warm, &family.warm_span) {
+            check_warm(conn, name, &pattern_params, warm, span, problems);
+        }
         for param in pattern_params {
             if !used.iter().any(|u| u == param) {
                 problems.at(
@@ -162,5 +165,46 @@ fn check_queries(
                 );
             }
         }
+    }
+}
+
+/// A family's `warm` query: it prepares, only reads, takes no parameters, and its columns name
+/// the pattern's placeholders (or, for a pattern with one, it returns one column).
+fn check_warm(
+    conn: &Connection,
+    name: &str,
+    params: &[&str],
+    warm: &str,
+    span: &std::ops::Range<usize>,
+    problems: &mut Problems<'_>,
+) {
+    let stmt = match conn.prepare(warm) {
+        Ok(stmt) => stmt,
+        Err(e) => {
+            problems.at(
+                span.clone(),
+                format!("key family `{name}`: the warm query does not prepare: {e}"),
+            );
+            return;
+        }
+    };
+    if !stmt.readonly() || stmt.parameter_count() > 0 {
+        problems.at(
+            span.clone(),
+            format!("key family `{name}`: the warm query must only read, without parameters"),
+        );
+    }
+    let columns: Vec<&str> = stmt.column_names().collect();
+    let covered = params.iter().all(|p| columns.contains(p));
+    let single = params.len() == 1 && columns.len() == 1;
+    if !covered && !single {
+        problems.at(
+            span.clone(),
+            format!(
+                "key family `{name}`: the warm query's columns ({}) must name the pattern's placeholders ({})",
+                columns.join(", "),
+                params.join(", ")
+            ),
+        );
     }
 }

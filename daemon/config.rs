@@ -128,6 +128,7 @@ struct RawFamily {
     ttl: Option<Spanned<String>>,
     #[serde(default)]
     tags: Vec<Spanned<String>>,
+    warm: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +220,9 @@ pub struct Family {
     pub retired: AtomicBool,
     /// Its group in the Redis backend: pattern plus a hash of its definition.
     pub group: String,
+    /// A query listing the keys to fill at start (warm start), and where it is in the file.
+    pub warm: Option<String>,
+    pub warm_span: Option<Range<usize>>,
     /// Values computed before this outbox position are no longer served (a family flush).
     pub floor: AtomicU64,
     /// Counters, kept across reloads that leave the family unchanged.
@@ -675,6 +679,12 @@ fn validate_family(
         tags,
         retired: AtomicBool::new(false),
         group,
+        warm: raw
+            .warm
+            .as_ref()
+            .map(|w| w.get_ref().trim().to_owned())
+            .filter(|w| !w.is_empty()),
+        warm_span: raw.warm.as_ref().map(Spanned::span),
         floor: AtomicU64::new(0),
         stats: FamilyStats::default(),
         reads: OnceLock::new(),

@@ -31,6 +31,7 @@ pub mod state;
 pub mod tail;
 pub mod template;
 pub mod verify;
+pub mod warm;
 pub mod watch;
 
 use std::future::Future;
@@ -183,6 +184,7 @@ pub async fn run_with(
     let mut workers: Vec<_> = (0..config.write_behind.workers)
         .map(|_| tokio::spawn(apply::write_behind_worker(Arc::clone(&shared))))
         .collect();
+    workers.push(tokio::spawn(warm::run(Arc::clone(&shared))));
     // SIGHUP reloads the config, as daemons do (file changes reload it too).
     #[cfg(unix)]
     workers.push({

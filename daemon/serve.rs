@@ -588,6 +588,12 @@ async fn status(shared: &Arc<Shared>) -> Response<Body> {
         "stale_found": load(&s.stale_found),
         "entries": entries,
         "write_behind_queue": shared.write_behind.depth(),
+        "warm": {
+            "total": load(&shared.warm.total),
+            "done": load(&shared.warm.done),
+            "failed": load(&shared.warm.failed),
+            "finished": shared.warm.finished.load(Ordering::Acquire),
+        },
         "paused": shared.paused.load(Ordering::Acquire),
         "capture_failures": shared
             .capture_failures

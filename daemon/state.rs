@@ -60,6 +60,8 @@ pub struct Shared {
     pub reload: Mutex<ReloadState>,
     /// Capture is paused (`cachetail pause`): reads bypass the cache.
     pub paused: AtomicBool,
+    /// Warm start's progress.
+    pub warm: crate::warm::WarmProgress,
     /// Tables that cannot be captured now, with why (shown in `/v1/status`).
     pub capture_failures: Mutex<Vec<(String, String)>>,
 }
@@ -94,6 +96,7 @@ impl Shared {
             }),
             paused: AtomicBool::new(false),
             capture_failures: Mutex::new(Vec::new()),
+            warm: crate::warm::WarmProgress::default(),
         }
     }
 

@@ -242,3 +242,42 @@ fn verify_finds_a_value_left_stale_by_a_missing_rule() {
     assert_eq!(report["stale_keys"][0], "author:1");
     assert_eq!(daemon.status()["stale_found"], 1);
 }
+
+#[test]
+fn warm_start_fills_the_listed_keys_while_serving() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let config = catalog_config(port, "delete", "50ms")
+        .replace(
+            "tags = [\"books\"]\n\n[keys.\"top-books\"]",
+            "tags = [\"books\"]\nwarm = \"SELECT id FROM books ORDER BY id LIMIT 3\"\n\n[keys.\"top-books\"]",
+        )
+        .replace("many = true\n", "many = true\nwarm = \"SELECT 1\"\n");
+    assert!(config.contains("LIMIT 3") && config.contains("SELECT 1"));
+    let mut daemon = Daemon::start(&catalog, &config, port);
+    let warm = eventually("warm start finishes", || {
+        let status = daemon.status();
+        (status["warm"]["finished"] == true).then_some(status["warm"].clone())
+    });
+    assert_eq!(
+        (warm["total"].as_u64(), warm["failed"].as_u64()),
+        (Some(4), Some(0)),
+        "{warm}"
+    );
+    for key in ["book:1", "book:2", "book:3", "top-books"] {
+        assert_eq!(daemon.peek(key).status, 200, "{key} was warmed");
+    }
+    assert_eq!(daemon.peek("book:4").status, 504, "not listed, not warmed");
+
+    // A warm query whose columns do not name the placeholders is a config problem.
+    let bad = config.replace(
+        "SELECT id FROM books ORDER BY id LIMIT 3",
+        "SELECT title, year FROM books",
+    );
+    let path = catalog.path().join("bad.toml");
+    std::fs::write(&path, bad).expect("write");
+    let out = cachetail(&["check", "--config", path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warm query"), "{stderr}");
+}
