@@ -31,7 +31,7 @@ pub fn keys(conn: &Connection, family: &Family) -> rusqlite::Result<Vec<String>>
         return Ok(Vec::new());
     };
     let mut stmt = conn.prepare(query)?;
-    let names: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+    let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
     let params = family.pattern.params();
     // A pattern with one placeholder takes a one-column query's column whatever its name.
     let single = (params.len() == 1 && names.len() == 1).then(|| params[0].to_owned());
@@ -104,7 +104,7 @@ pub async fn run(shared: Arc<Shared>) {
             }
             let done = progress.done.fetch_add(1, Ordering::Relaxed) + 1;
             let total = progress.total.load(Ordering::Relaxed);
-            if done % 1000 == 0 || done == total {
+            if done.is_multiple_of(1000) || done == total {
                 tracing::info!(done, total, "warm start");
             }
         });
