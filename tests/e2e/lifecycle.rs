@@ -281,3 +281,29 @@ fn warm_start_fills_the_listed_keys_while_serving() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("warm query"), "{stderr}");
 }
+
+#[test]
+fn the_example_app_reads_fresh_values_without_invalidating_anything() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &reference_config(port), port);
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/catalog_app.py"
+        ))
+        .arg("--db")
+        .arg(catalog.db())
+        .args(["--url", &format!("http://{}", daemon.address), "tour", "1"])
+        .output()
+        .expect("python3 runs the example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("posted a 5-star review"), "{stdout}");
+    assert!(stdout.contains("the app invalidated nothing"), "{stdout}");
+    assert_eq!(daemon.verify()["stale"], 0);
+}
