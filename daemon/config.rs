@@ -88,6 +88,8 @@ struct RawConfig {
     #[serde(default)]
     tail: RawTail,
     #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
     keys: BTreeMap<Spanned<String>, RawFamily>,
     #[serde(default)]
     rules: Vec<RawRule>,
@@ -109,6 +111,14 @@ struct RawCache {
 struct RawWriteBehind {
     delay: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    max_connections: Option<Spanned<i64>>,
+    request_timeout: Option<Spanned<String>>,
+    header_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -158,6 +168,7 @@ pub struct Config {
     pub cache: CacheSettings,
     pub write_behind: WriteBehindSettings,
     pub tail: TailSettings,
+    pub http: HttpSettings,
     /// Key families, most specific pattern first (that is the order keys are matched in).
     pub families: Vec<Arc<Family>>,
     pub rules: Vec<Rule>,
@@ -194,6 +205,17 @@ pub enum Backend {
 pub struct WriteBehindSettings {
     pub delay: Duration,
     pub workers: usize,
+}
+
+/// Limits that keep one client from holding the endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A request's whole answer (a fill included) takes at most this long, else a 503.
+    pub request_timeout: Duration,
+    /// A client has this long to send a request's headers, else the connection is closed.
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -526,6 +548,44 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
             problems,
         ) as usize,
     };
+    let http = HttpSettings {
+        max_connections: positive(
+            raw.http.max_connections.as_ref(),
+            "http.max_connections",
+            1024,
+            problems,
+        ) as usize,
+        request_timeout: duration(
+            raw.http.request_timeout.as_ref(),
+            "http.request_timeout",
+            Duration::from_secs(30),
+            problems,
+        ),
+        header_timeout: duration(
+            raw.http.header_timeout.as_ref(),
+            "http.header_timeout",
+            Duration::from_secs(10),
+            problems,
+        ),
+    };
+    for (value, name, raw_value) in [
+        (
+            http.request_timeout,
+            "http.request_timeout",
+            &raw.http.request_timeout,
+        ),
+        (
+            http.header_timeout,
+            "http.header_timeout",
+            &raw.http.header_timeout,
+        ),
+    ] {
+        if value.is_zero()
+            && let Some(span) = raw_value.as_ref().map(Spanned::span)
+        {
+            problems.at(span, format!("`{name}` must be above zero"));
+        }
+    }
     let tail = TailSettings {
         poll_interval: duration(
             raw.tail.poll_interval.as_ref(),
@@ -600,6 +660,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
         cache,
         write_behind,
         tail,
+        http,
         families,
         rules,
         rules_by_table,

@@ -32,6 +32,9 @@ use crate::template::Params;
 /// Keys longer than this are refused (400): no family needs them, and they cost memory.
 pub const MAX_KEY_BYTES: usize = 1024;
 
+/// A request's line and headers, at most (hyper answers 431 past it).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// How long open connections get to finish after shutdown is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,8 +43,19 @@ type Body = Full<Bytes>;
 /// Accepts connections until `shutdown` resolves, then lets in-flight requests finish.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
+    // At most `max_connections` served at once: past it, new ones wait in the listen backlog.
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        shared.config().http.max_connections,
+    ));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
@@ -54,18 +68,38 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let http = shared.config().http.clone();
+                let header_timeout = http.header_timeout;
                 let shared = Arc::clone(&shared);
                 let service = service_fn(move |request| {
                     let shared = Arc::clone(&shared);
-                    async move { Ok::<_, Infallible>(handle(&shared, request).await) }
+                    async move {
+                        // A request (its fill included) that takes too long gets a 503, and
+                        // its connection is free again; the fill itself finishes on its own.
+                        let answer =
+                            tokio::time::timeout(http.request_timeout, handle(&shared, request))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    error(
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        format!(
+                                            "no answer within http.request_timeout ({:?})",
+                                            http.request_timeout
+                                        ),
+                                    )
+                                });
+                        Ok::<_, Infallible>(answer)
+                    }
                 });
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(header_timeout)
+                    .max_buf_size(MAX_HEAD_BYTES)
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     let _ = connection.await;
+                    drop(permit);
                 });
             }
             () = &mut shutdown => break,

@@ -303,3 +303,50 @@ fn a_multi_get_answers_each_key_on_its_own() {
     assert_eq!(reply.status, 413);
     assert_eq!(client.get("/v1/keys").expect("GET").status, 405);
 }
+
+#[test]
+fn slow_clients_and_slow_requests_cannot_hold_the_daemon() {
+    use std::io::{Read, Write};
+    let catalog = Catalog::new();
+    let port = free_port();
+    let config = catalog_config(port, "delete", "50ms")
+        + "\n[http]\nmax_connections = 2\nheader_timeout = \"300ms\"\nrequest_timeout = \"300ms\"\n\
+           [keys.\"slow:{id}\"]\nquery = \"SELECT :id AS id, (WITH RECURSIVE spin(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM spin WHERE i < 50000000) SELECT count(*) FROM spin) AS n\"\n";
+    let mut daemon = Daemon::start(&catalog, &config, port);
+
+    // Two clients take every connection slot and send half a request, then nothing.
+    let slow: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(daemon.address).expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHo").expect("write");
+            s
+        })
+        .collect();
+    // They are cut off, and a well-behaved client is served.
+    let started = std::time::Instant::now();
+    assert_eq!(daemon.get("user:1").status, 200);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    for mut s in slow {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            s.read(&mut buf).unwrap_or(0),
+            0,
+            "the slow client was disconnected"
+        );
+    }
+
+    // A request that takes too long (a very slow query) gets a 503, not a hung connection.
+    let started = std::time::Instant::now();
+    let reply = daemon.get("slow:1");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        json(&reply)["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("request_timeout")
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(daemon.get("user:2").status, 200, "still serving");
+}
