@@ -276,6 +276,10 @@ pub struct Rule {
     /// Where the table name and each key template stand in the config text.
     pub table_span: Range<usize>,
     pub key_spans: Vec<Range<usize>>,
+    /// Keys and tags it invalidated, and of those keys the ones it had recomputed (since the
+    /// config that holds it was loaded).
+    pub invalidations: AtomicU64,
+    pub recomputes: AtomicU64,
 }
 
 impl Family {
@@ -411,11 +415,16 @@ impl Config {
 
     /// The rules that watch `table`.
     pub fn rules_for(&self, table: &str) -> impl Iterator<Item = &Rule> {
+        self.rules_for_indexed(table).map(|(_, rule)| rule)
+    }
+
+    /// `rules_for`, with each rule's index in `rules`.
+    pub fn rules_for_indexed(&self, table: &str) -> impl Iterator<Item = (usize, &Rule)> {
         self.rules_by_table
             .get(table)
             .into_iter()
             .flatten()
-            .map(|&i| &self.rules[i])
+            .map(|&i| (i, &self.rules[i]))
     }
 
     /// Every watched table with the columns its rules' templates read, sorted: what capture
@@ -865,6 +874,8 @@ fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
         strategy: raw.strategy.unwrap_or(Strategy::Delete),
         table_span: raw.table.span(),
         key_spans,
+        invalidations: AtomicU64::new(0),
+        recomputes: AtomicU64::new(0),
     })
 }
 

@@ -87,6 +87,22 @@ pub fn compute(conn: &Connection, family: &Family, params: &Params) -> rusqlite:
     })
 }
 
+/// `compute`, its duration recorded in the fill latency histogram.
+fn timed_compute(
+    shared: &Shared,
+    conn: &Connection,
+    family: &Family,
+    params: &Params,
+) -> rusqlite::Result<Computed> {
+    let started = std::time::Instant::now();
+    let computed = compute(conn, family, params);
+    shared
+        .stats
+        .fill_seconds
+        .observe(started.elapsed().as_secs_f64());
+    computed
+}
+
 /// Binds each `:name` of the statement to the key parameter of that name. A value written the way
 /// a key renders a number (`42`, `1.5`) is bound as that number, so `WHERE id = :id` matches
 /// whatever the column's affinity; anything else is bound as text. Never spliced into the SQL.
@@ -260,7 +276,7 @@ async fn fill_once(
                 let _ = tokio::task::spawn_blocking(move || {
                     let outcome = worker
                         .pool
-                        .with(|conn| compute(conn, ticket.family(), &params));
+                        .with(|conn| timed_compute(&worker, conn, ticket.family(), &params));
                     finish(&worker, ticket, &params, outcome);
                 })
                 .await;
@@ -287,7 +303,7 @@ pub fn refresh_now(
     params: &Params,
 ) -> bool {
     let ticket = shared.cache.begin_refresh(Arc::from(key), family);
-    let outcome = compute(conn, family, params);
+    let outcome = timed_compute(shared, conn, family, params);
     let ok = outcome.is_ok();
     finish(shared, ticket, params, outcome);
     if !ok {

@@ -21,6 +21,7 @@ pub mod config;
 pub mod demo;
 pub mod fill;
 pub mod lease;
+pub mod metrics;
 pub mod redis_cache;
 pub mod reload;
 pub mod resp;

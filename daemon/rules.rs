@@ -33,6 +33,8 @@ pub struct Plan {
     pub flush_all: Option<u64>,
     /// Tables whose changes may have gone uncaptured → the latest position of such a marker.
     pub flush_tables: HashMap<Arc<str>, u64>,
+    /// Per rule (its index in the config): keys and tags it named, and keys it had recomputed.
+    pub per_rule: HashMap<usize, (u64, u64)>,
 }
 
 /// Maps each change through the rules that watch its table.
@@ -56,10 +58,11 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
                 continue;
             }
         };
-        for rule in config.rules_for(&row.layout.table) {
+        for (index, rule) in config.rules_for_indexed(&row.layout.table) {
             if !rule.on.contains(&row.op) {
                 continue;
             }
+            let counts = plan.per_rule.entry(index).or_insert((0, 0));
             let images: &[Option<&Vec<Value>>] = match row.op {
                 Op::Insert => &[row.new.as_ref()],
                 Op::Delete => &[row.old.as_ref()],
@@ -70,6 +73,10 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
                 for template in &rule.keys {
                     match render(template, &row.layout, image) {
                         Rendered::Key(key) => {
+                            counts.0 += 1;
+                            if rule.strategy != Strategy::Delete {
+                                counts.1 += 1;
+                            }
                             let action = KeyAction {
                                 strategy: rule.strategy,
                                 position: change.position,
@@ -89,6 +96,7 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
                 for template in &rule.tags {
                     match render(template, &row.layout, image) {
                         Rendered::Key(tag) => {
+                            counts.0 += 1;
                             let mark = plan.tags.entry(tag).or_insert(0);
                             *mark = (*mark).max(change.position);
                         }

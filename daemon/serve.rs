@@ -154,14 +154,15 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             Bytes::from_static(b"ok\n"),
         ),
         "/v1/status" if is_get => status(shared).await,
+        "/metrics" if is_get => metrics(shared).await,
         "/v1/verify" if request.method() == Method::POST => {
             verify(shared, request.uri().query()).await
         }
         "/v1/verify" => method_not_allowed("POST"),
-        "/healthz" | "/v1/status" => method_not_allowed("GET"),
+        "/healthz" | "/v1/status" | "/metrics" => method_not_allowed("GET"),
         "/" if is_get => json_response(
             StatusCode::OK,
-            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "POST /v1/keys", "/v1/status", "/v1/verify", "/healthz"]}),
+            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "POST /v1/keys", "/v1/status", "/metrics", "/v1/verify", "/healthz"]}),
         ),
         _ => error(
             StatusCode::NOT_FOUND,
@@ -537,6 +538,22 @@ fn not_modified_if_matching(
     parts.headers.remove(CONTENT_TYPE);
     parts.headers.remove(hyper::header::CONTENT_LENGTH);
     Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+async fn metrics(shared: &Arc<Shared>) -> Response<Body> {
+    let reader = Arc::clone(shared);
+    let head = tokio::task::spawn_blocking(move || reader.pool.with(tail::head))
+        .await
+        .ok()
+        .and_then(Result::ok);
+    match crate::metrics::render(Arc::clone(shared), head) {
+        Ok(text) => response(
+            StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
+            Bytes::from(text),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn status(shared: &Arc<Shared>) -> Response<Body> {

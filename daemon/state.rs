@@ -14,7 +14,7 @@ use crate::fill::ReadPool;
 use crate::redis_cache::RedisCache;
 
 /// Counters shown by `/v1/status`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub events: AtomicU64,
     pub batches: AtomicU64,
@@ -29,6 +29,38 @@ pub struct Stats {
     /// Cached values `verify` compared with the database, and how many of them were stale.
     pub verified: AtomicU64,
     pub stale_found: AtomicU64,
+    /// Capture (re)installs after start-up (a migration, a reload, pause/resume).
+    pub reinstalls: AtomicU64,
+    /// When the tail last found nothing left to apply (unix ms): lag in seconds is the time
+    /// since, while there is lag.
+    pub caught_up_at_ms: AtomicU64,
+    /// How long fills' queries took (seconds).
+    pub fill_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            events: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            invalidations: AtomicU64::default(),
+            tag_invalidations: AtomicU64::default(),
+            recomputes: AtomicU64::default(),
+            hits: AtomicU64::default(),
+            misses: AtomicU64::default(),
+            fills: AtomicU64::default(),
+            fill_errors: AtomicU64::default(),
+            apply_errors: AtomicU64::default(),
+            verified: AtomicU64::default(),
+            stale_found: AtomicU64::default(),
+            reinstalls: AtomicU64::default(),
+            caught_up_at_ms: AtomicU64::default(),
+            // 50 µs to ~1.6 s, doubling.
+            fill_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16),
+            ),
+        }
+    }
 }
 
 /// The outcome of the last config reloads.

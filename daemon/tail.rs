@@ -207,6 +207,9 @@ impl Outbox {
         let report = capture::install(&mut self.conn, config)?;
         self.schema_version = schema_version(&self.conn)?;
         self.installed_for = config_id;
+        if report.changed() || !report.flushed.is_empty() {
+            shared.stats.reinstalls.fetch_add(1, Ordering::Relaxed);
+        }
         note_install(shared, &report);
         Ok(())
     }
@@ -527,6 +530,10 @@ pub fn run(
         .unwrap_or_else(|_| Err(TailError::Panicked));
         match outcome {
             Ok(0) => {
+                shared
+                    .stats
+                    .caught_up_at_ms
+                    .store(now_ms(), Ordering::Relaxed);
                 if let Err(e) = outbox.persist(false, true) {
                     if lost(&e) {
                         stand_by(&shared, &mut outbox);
@@ -567,6 +574,12 @@ pub fn run(
         outbox.lease.release(&outbox.conn);
     }
     tracing::info!(cursor = outbox.cursor(), "tail stopped");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn lost(error: &TailError) -> bool {
@@ -659,6 +672,13 @@ pub fn step(
     };
     let plan = rules::plan(config, &changes);
     apply::apply(shared, config, &plan, outbox.conn(), outbox.cursor, last)?;
+    for (&index, &(invalidations, recomputes)) in &plan.per_rule {
+        if let Some(rule) = config.rules.get(index) {
+            rule.invalidations
+                .fetch_add(invalidations, Ordering::Relaxed);
+            rule.recomputes.fetch_add(recomputes, Ordering::Relaxed);
+        }
+    }
     outbox.advance(last);
     shared.applied.send_replace(last);
     shared

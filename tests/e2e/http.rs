@@ -350,3 +350,89 @@ fn slow_clients_and_slow_requests_cannot_hold_the_daemon() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(daemon.get("user:2").status, 200, "still serving");
 }
+
+/// `/metrics` parsed by the Prometheus project's own Python parser (OpenMetrics):
+/// sample name + labels → value.
+fn scrape(daemon: &mut Daemon) -> std::collections::HashMap<String, f64> {
+    let reply = daemon.get_path("/metrics");
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .header("content-type")
+            .unwrap_or("")
+            .starts_with("application/openmetrics-text"),
+        "{:?}",
+        reply.header("content-type")
+    );
+    let mut parser = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, json\n\
+             from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+             out = {}\n\
+             for family in text_string_to_metric_families(sys.stdin.read()):\n\
+             \x20   for s in family.samples:\n\
+             \x20       labels = ','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))\n\
+             \x20       out[s.name + '{' + labels + '}'] = s.value\n\
+             print(json.dumps(out))\n",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with prometheus_client (pip install prometheus-client)");
+    std::io::Write::write_all(&mut parser.stdin.take().expect("stdin"), &reply.body)
+        .expect("write");
+    let out = parser.wait_with_output().expect("parser");
+    assert!(
+        out.status.success(),
+        "the metrics do not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("parsed samples")
+}
+
+#[test]
+fn metrics_parse_as_openmetrics_and_count_what_happened() {
+    let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
+    daemon.get("book:1");
+    daemon.get("book:1");
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 5)')");
+    daemon.wait_caught_up();
+    let m = scrape(&mut daemon);
+    let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("no {name} in {m:?}"));
+    assert!(get("cachetail_events_applied_total{}") >= 1.0);
+    assert_eq!(get("cachetail_lag_events{}"), 0.0);
+    assert_eq!(get("cachetail_lag_seconds{}"), 0.0);
+    assert_eq!(get("cachetail_hits_total{family=book:{id}}"), 1.0);
+    assert_eq!(get("cachetail_misses_total{family=book:{id}}"), 1.0);
+    assert!(
+        get("cachetail_rule_invalidations_total{rule=0,strategy=write-through,table=reviews}")
+            >= 2.0
+    );
+    assert!(
+        get("cachetail_rule_recomputes_total{rule=0,strategy=write-through,table=reviews}") >= 2.0
+    );
+    assert_eq!(
+        get("cachetail_rule_invalidations_total{rule=2,strategy=delete,table=users}"),
+        0.0
+    );
+    assert!(
+        get("cachetail_fill_duration_seconds_count{}") >= 2.0,
+        "the miss and the recompute"
+    );
+    assert_eq!(get("cachetail_write_behind_queue_depth{}"), 0.0);
+    assert_eq!(get("cachetail_active{}"), 1.0);
+
+    // Reloads: one that takes effect, one refused.
+    let config = std::fs::read_to_string(&daemon.config).expect("config");
+    catalog.write_config(&format!("{config}\n# touched\n"));
+    eventually("a reload", || {
+        (scrape(&mut daemon).get("cachetail_reloads_total{}") == Some(&1.0)).then_some(())
+    });
+    catalog.write_config("database = \"catalog.db\"\nnonsense = 1\n");
+    eventually("a refused reload", || {
+        (scrape(&mut daemon).get("cachetail_reload_failures_total{}") == Some(&1.0)).then_some(())
+    });
+}
