@@ -79,13 +79,20 @@ fn check_rules(config: &Config, conn: &Connection, problems: &mut Problems<'_>) 
 fn check_families(config: &Config, conn: &mut Connection, problems: &mut Problems<'_>) {
     // SQLite's authorizer reports every table a statement reads while it is prepared (through
     // views and subqueries too): that is what a family depends on.
-    let reads = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reads = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
     let seen = Arc::clone(&reads);
     let watching = conn.authorizer(Some(move |context: AuthContext<'_>| {
-        if let AuthAction::Read { table_name, .. } = context.action {
+        if let AuthAction::Read {
+            table_name,
+            column_name,
+        } = context.action
+        {
             let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-            if !seen.iter().any(|t| t == table_name) {
-                seen.push(table_name.to_owned());
+            if !seen
+                .iter()
+                .any(|(t, c)| t == table_name && c == column_name)
+            {
+                seen.push((table_name.to_owned(), column_name.to_owned()));
             }
         }
         Authorization::Allow
@@ -99,7 +106,7 @@ fn check_families(config: &Config, conn: &mut Connection, problems: &mut Problem
 fn check_queries(
     config: &Config,
     conn: &Connection,
-    reads: Option<&Mutex<Vec<String>>>,
+    reads: Option<&Mutex<Vec<(String, String)>>>,
     problems: &mut Problems<'_>,
 ) {
     for family in &config.families {
@@ -109,8 +116,15 @@ fn check_queries(
         }
         let prepared = conn.prepare(&family.query);
         if let (Some(reads), Ok(_)) = (reads, &prepared) {
-            let tables = std::mem::take(&mut *reads.lock().unwrap_or_else(|e| e.into_inner()));
+            let columns = std::mem::take(&mut *reads.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut tables: Vec<String> = Vec::new();
+            for (table, _) in &columns {
+                if !tables.contains(table) {
+                    tables.push(table.clone());
+                }
+            }
             let _ = family.reads.set(tables);
+            let _ = family.read_columns.set(columns);
         }
         let stmt = match prepared {
             Ok(stmt) => stmt,
@@ -207,4 +221,49 @@ fn check_warm(
             ),
         );
     }
+}
+
+/// The tracking gaps: every table a family's query reads that no rule refreshes that family for
+/// (no rule on the table names a key the family's pattern matches, or a tag the family carries).
+/// Needs the reads `check_database` recorded.
+pub fn tracking_gaps(config: &Config) -> Vec<String> {
+    let mut gaps = Vec::new();
+    for family in &config.families {
+        let Some(columns) = family.read_columns.get() else {
+            continue;
+        };
+        let mut tables: Vec<&str> = Vec::new();
+        for (table, _) in columns {
+            if !tables.contains(&table.as_str()) {
+                tables.push(table);
+            }
+        }
+        for table in tables {
+            let covered = config.rules_for(table).any(|rule| {
+                rule.keys.iter().any(|k| k.may_match(&family.pattern))
+                    || rule
+                        .tags
+                        .iter()
+                        .any(|t| family.tags.iter().any(|ft| t.may_match(ft)))
+            });
+            if covered {
+                continue;
+            }
+            let read: Vec<String> = columns
+                .iter()
+                .filter(|(t, c)| t == table && !c.is_empty())
+                .map(|(t, c)| format!("{t}.{c}"))
+                .collect();
+            let read = if read.is_empty() {
+                format!("`{table}`")
+            } else {
+                format!("`{}`", read.join("`, `"))
+            };
+            gaps.push(format!(
+                "key family `{}` reads {read}, but no rule refreshes `{}` when `{table}` changes",
+                family.pattern, family.pattern
+            ));
+        }
+    }
+    gaps
 }

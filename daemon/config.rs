@@ -252,6 +252,8 @@ pub struct Family {
     /// The tables its query reads, as SQLite's authorizer reported them when `check` prepared
     /// it. Unknown (unset) means "assume it reads everything".
     pub reads: OnceLock<Vec<String>>,
+    /// The (table, column) pairs its query reads, likewise.
+    pub read_columns: OnceLock<Vec<(String, String)>>,
     /// Where the pattern and the query stand in the config text.
     pub pattern_span: Range<usize>,
     pub query_span: Range<usize>,
@@ -758,6 +760,7 @@ fn validate_family(
         floor: AtomicU64::new(0),
         stats: FamilyStats::default(),
         reads: OnceLock::new(),
+        read_columns: OnceLock::new(),
         pattern_span: pattern_text.span(),
         query_span: raw.query.span(),
         raw,

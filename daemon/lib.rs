@@ -120,6 +120,9 @@ pub async fn run(
         tokio::task::spawn_blocking(move || prepare(&config).map(|prepared| (config, prepared)))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+    for gap in check::tracking_gaps(&config) {
+        tracing::warn!("{gap}");
+    }
     let shared = Arc::new(Shared::new(config, outbox.cursor()));
     tail::note_install(&shared, &report);
     run_with(shared, outbox, listener, shutdown).await;

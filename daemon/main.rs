@@ -149,6 +149,9 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            for gap in check::tracking_gaps(&config) {
+                eprintln!("warning: {gap}");
+            }
             println!(
                 "{}: ok ({} key families, {} rules, watching {})",
                 config.file,

@@ -56,6 +56,9 @@ pub fn reload(shared: &Shared) -> Result<(), String> {
     let mut state = shared.reload.lock().unwrap_or_else(|e| e.into_inner());
     match &outcome {
         Ok(()) => {
+            for gap in check::tracking_gaps(&shared.config()) {
+                tracing::warn!("{gap}");
+            }
             state.reloads += 1;
             state.last_error = None;
             state.loaded_at = Some(SystemTime::now());

@@ -654,6 +654,7 @@ async fn status(shared: &Arc<Shared>) -> Response<Body> {
             .map(|(table, reason)| json!({"table": table, "error": reason}))
             .collect::<Vec<_>>(),
         "config": {
+            "tracking_gaps": crate::check::tracking_gaps(&config),
             "path": config.path.as_ref().map(|p| p.display().to_string()),
             "database": config.database.display().to_string(),
             "loaded_at": reload.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),

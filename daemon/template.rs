@@ -127,6 +127,33 @@ impl Template {
         names
     }
 
+    /// Whether a key this template renders can match `pattern`: same literal text around the
+    /// placeholders (whatever their names), or, for a literal template, a key the pattern
+    /// matches. Used to tell which rules refresh which key families.
+    pub fn may_match(&self, pattern: &Template) -> bool {
+        if self.is_literal() {
+            let text: String = self
+                .parts
+                .iter()
+                .map(|p| match p {
+                    Part::Literal(text) => text.as_str(),
+                    Part::Param(_) => "",
+                })
+                .collect();
+            return pattern.match_key(&text).is_some() || self.parts == pattern.parts;
+        }
+        self.parts.len() == pattern.parts.len()
+            && self
+                .parts
+                .iter()
+                .zip(&pattern.parts)
+                .all(|pair| match pair {
+                    (Part::Literal(a), Part::Literal(b)) => a == b,
+                    (Part::Param(_), Part::Param(_)) => true,
+                    _ => false,
+                })
+    }
+
     /// True when the template has no placeholders.
     pub fn is_literal(&self) -> bool {
         self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
@@ -256,6 +283,19 @@ fn push_value(out: &mut String, value: &Value) -> Option<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_rule_template_may_match_a_family_pattern_by_shape() {
+        let t = |s: &str| Template::parse(s, true).expect("valid");
+        let family = Template::parse("book:{id}", false).expect("valid");
+        assert!(t("book:{book_id}").may_match(&family));
+        assert!(t("book:7").may_match(&family), "a literal key the pattern matches");
+        assert!(!t("author:{id}").may_match(&family));
+        assert!(!t("book:{id}:reviews").may_match(&family));
+        let top = Template::parse("top-books", false).expect("valid");
+        assert!(t("top-books").may_match(&top));
+        assert!(!t("top-authors").may_match(&top));
+    }
+
     use super::*;
 
     fn pattern(s: &str) -> Template {

@@ -307,3 +307,37 @@ fn the_example_app_reads_fresh_values_without_invalidating_anything() {
     assert!(stdout.contains("the app invalidated nothing"), "{stdout}");
     assert_eq!(daemon.verify()["stale"], 0);
 }
+
+#[test]
+fn check_finds_a_planted_tracking_gap() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let clean = catalog_config(port, "delete", "50ms");
+    let path = catalog.write_config(&clean);
+    let out = cachetail(&["check", "--config", path.to_str().expect("path")]);
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "the catalog config has no gap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A new endpoint caches review data, and nobody adds a rule for it.
+    let planted = format!(
+        "{clean}\n[keys.\"reviews-by-user:{{id}}\"]\nquery = \"SELECT count(*) AS n, avg(rating) AS avg FROM reviews WHERE user_id = :id\"\n"
+    );
+    let path = catalog.write_config(&planted);
+    let out = cachetail(&["check", "--config", path.to_str().expect("path")]);
+    assert!(out.status.success(), "a gap is a warning, not an error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "key family `reviews-by-user:{id}` reads `reviews.rating`, `reviews.user_id`, but no rule refreshes `reviews-by-user:{id}` when `reviews` changes"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("warning").count(), 1, "{stderr}");
+    let mut daemon = Daemon::start_existing(&path, port);
+    let gaps = daemon.status()["config"]["tracking_gaps"].clone();
+    assert_eq!(gaps.as_array().map(Vec::len), Some(1), "{gaps}");
+}
