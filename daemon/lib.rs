@@ -19,6 +19,7 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod fill;
 pub mod lease;
 pub mod metrics;

@@ -41,6 +41,23 @@ enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Print the keys, tags and strategies a change maps to under a config (no daemon needed).
+    Explain {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// The changed table.
+        #[arg(long)]
+        table: String,
+        /// insert, update or delete.
+        #[arg(long, value_parser = ["insert", "update", "delete"])]
+        op: String,
+        /// The old row's column values, as a JSON object (update, delete).
+        #[arg(long)]
+        old: Option<String>,
+        /// The new row's column values, as a JSON object (insert, update).
+        #[arg(long)]
+        new: Option<String>,
+    },
     /// Install (or adjust) the outbox and the capture triggers, then exit.
     Install {
         #[arg(long, short, default_value = "config.toml")]
@@ -192,6 +209,56 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 report.created.len(),
                 report.flushed.join(", ")
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain {
+            config,
+            table,
+            op,
+            old,
+            new,
+        } => {
+            let config = Config::load(&config)?;
+            let op = match op.as_str() {
+                "insert" => cachetail::config::Op::Insert,
+                "update" => cachetail::config::Op::Update,
+                _ => cachetail::config::Op::Delete,
+            };
+            let explained = match cachetail::explain::explain(
+                &config,
+                &table,
+                op,
+                old.as_deref(),
+                new.as_deref(),
+            ) {
+                Ok(explained) => explained,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            println!("{} on {table}:", op.name());
+            if explained.flush_all {
+                println!("  everything is dropped (the change cannot be mapped to keys)");
+            }
+            let width = explained
+                .keys
+                .iter()
+                .map(|(k, _)| k.len())
+                .max()
+                .unwrap_or(0);
+            for (key, strategy) in &explained.keys {
+                println!("  key  {key:<width$}  {}", strategy.name());
+            }
+            for tag in &explained.tags {
+                println!("  tag  {tag}");
+            }
+            if explained.keys.is_empty() && explained.tags.is_empty() && !explained.flush_all {
+                println!("  nothing (no rule fires for it)");
+            }
+            for note in &explained.not_shown {
+                println!("  (not shown: {note})");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { config, sample } => {

@@ -288,7 +288,10 @@ mod tests {
         let t = |s: &str| Template::parse(s, true).expect("valid");
         let family = Template::parse("book:{id}", false).expect("valid");
         assert!(t("book:{book_id}").may_match(&family));
-        assert!(t("book:7").may_match(&family), "a literal key the pattern matches");
+        assert!(
+            t("book:7").may_match(&family),
+            "a literal key the pattern matches"
+        );
         assert!(!t("author:{id}").may_match(&family));
         assert!(!t("book:{id}:reviews").may_match(&family));
         let top = Template::parse("top-books", false).expect("valid");

@@ -341,3 +341,60 @@ fn check_finds_a_planted_tracking_gap() {
     let gaps = daemon.status()["config"]["tracking_gaps"].clone();
     assert_eq!(gaps.as_array().map(Vec::len), Some(1), "{gaps}");
 }
+
+#[test]
+fn explain_prints_what_a_change_maps_to() {
+    let catalog = Catalog::new();
+    let path = catalog.write_config(&catalog_config(free_port(), "write-through", "50ms"));
+    let config = path.to_str().expect("path");
+    let out = cachetail(&[
+        "explain",
+        "--config",
+        config,
+        "--table",
+        "reviews",
+        "--op",
+        "update",
+        "--old",
+        r#"{"book_id":3}"#,
+        "--new",
+        r#"{"book_id":5}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<String> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "update on reviews:",
+            "key book:3 write-through",
+            "key book:5 write-through",
+            "key top-books write-through",
+        ],
+        "{stdout}"
+    );
+    let tag = cachetail(&[
+        "explain",
+        "--config",
+        config,
+        "--table",
+        "books",
+        "--op",
+        "delete",
+        "--old",
+        r#"{"id":1}"#,
+    ]);
+    assert!(String::from_utf8_lossy(&tag.stdout).contains("tag  books"));
+    let unknown = cachetail(&[
+        "explain", "--config", config, "--table", "nope", "--op", "insert", "--new", "{}",
+    ]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no rule watches table `nope`"));
+}

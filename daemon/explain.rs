@@ -1,0 +1,194 @@
+//! `cachetail explain`: what a change would do to the cache under a config, without a daemon or
+//! a database: the keys (with their strategy) and tags the rules map it to.
+
+use std::sync::Arc;
+
+use rusqlite::types::Value;
+
+use crate::capture::Layout;
+use crate::config::{Config, Op, Strategy};
+use crate::rules;
+use crate::tail::{Change, ChangeBody, RowChange};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("no rule watches table `{0}` (the rules watch: {1})")]
+    NotWatched(String, String),
+    #[error("`--{0}` is not a JSON object of column values: {1}")]
+    BadRow(&'static str, String),
+    #[error("an {0} needs `--{1}` (the row's column values as a JSON object)")]
+    MissingRow(&'static str, &'static str),
+}
+
+/// What one change maps to.
+#[derive(Debug, PartialEq)]
+pub struct Explanation {
+    /// Keys, sorted, each with the strategy applied to it.
+    pub keys: Vec<(String, Strategy)>,
+    pub tags: Vec<String>,
+    /// The change cannot be mapped (a template needs a column capture does not record).
+    pub flush_all: bool,
+    /// Templates that named no key because a column they need was not given.
+    pub not_shown: Vec<String>,
+}
+
+/// Maps a change of `table` (`old` / `new`: JSON objects of column values) through the rules.
+pub fn explain(
+    config: &Config,
+    table: &str,
+    op: Op,
+    old: Option<&str>,
+    new: Option<&str>,
+) -> Result<Explanation, ExplainError> {
+    let captured = config.captured_columns();
+    let Some(columns) = captured.get(table) else {
+        let watched: Vec<&str> = captured.keys().map(String::as_str).collect();
+        return Err(ExplainError::NotWatched(
+            table.to_owned(),
+            watched.join(", "),
+        ));
+    };
+    let layout = Arc::new(Layout {
+        id: 0,
+        table: Arc::from(table),
+        columns: columns.iter().map(|c| Arc::from(c.as_str())).collect(),
+    });
+    let missing = std::cell::RefCell::new(Vec::<String>::new());
+    let row =
+        |name: &'static str, text: Option<&str>| -> Result<Option<Vec<Value>>, ExplainError> {
+            let Some(text) = text else {
+                return Ok(None);
+            };
+            let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                .map_err(|e| ExplainError::BadRow(name, e.to_string()))?;
+            let mut values = Vec::with_capacity(columns.len());
+            for column in columns {
+                values.push(match object.get(column) {
+                    Some(value) => to_sqlite(value),
+                    None => {
+                        // Not given: the templates that need it name no key (as with NULL); said.
+                        for template in config
+                            .rules_for(table)
+                            .flat_map(|r| r.keys.iter().chain(&r.tags))
+                            .filter(|t| t.params().contains(&column.as_str()))
+                        {
+                            let note = format!(
+                                "`{}` needs column `{column}` of the {name} row",
+                                template.source()
+                            );
+                            if !missing.borrow().contains(&note) {
+                                missing.borrow_mut().push(note);
+                            }
+                        }
+                        Value::Null
+                    }
+                });
+            }
+            Ok(Some(values))
+        };
+    let (old, new) = match op {
+        Op::Insert => (
+            None,
+            Some(row("new", new)?.ok_or(ExplainError::MissingRow("insert", "new"))?),
+        ),
+        Op::Delete => (
+            Some(row("old", old)?.ok_or(ExplainError::MissingRow("delete", "old"))?),
+            None,
+        ),
+        Op::Update => (
+            Some(row("old", old)?.ok_or(ExplainError::MissingRow("update", "old"))?),
+            Some(row("new", new)?.ok_or(ExplainError::MissingRow("update", "new"))?),
+        ),
+    };
+    let change = Change {
+        position: 1,
+        body: ChangeBody::Row(RowChange {
+            layout,
+            op,
+            old,
+            new,
+        }),
+    };
+    let plan = rules::plan(config, std::slice::from_ref(&change));
+    let mut keys: Vec<(String, Strategy)> = plan
+        .keys
+        .into_iter()
+        .map(|(key, action)| (key, action.strategy))
+        .collect();
+    keys.sort();
+    let mut tags: Vec<String> = plan.tags.into_keys().collect();
+    tags.sort();
+    Ok(Explanation {
+        keys,
+        tags,
+        flush_all: plan.flush_all.is_some(),
+        not_shown: missing.into_inner(),
+    })
+}
+
+/// A JSON value as SQLite would store it (objects and arrays as their JSON text).
+fn to_sqlite(value: &serde_json::Value) -> Value {
+    match value {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Integer(i64::from(*b)),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::Real(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => Value::Text(s.clone()),
+        other => Value::Text(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn an_update_moving_a_review_maps_to_both_books() {
+        let config = Config::parse(
+            "database = \"x.db\"\n\
+             [keys.\"book:{id}\"]\nquery = \"SELECT :id AS id\"\n\
+             [[rules]]\ntable = \"reviews\"\nkeys = [\"book:{book_id}\", \"top\"]\nstrategy = \"write-through\"\n\
+             [[rules]]\ntable = \"reviews\"\ntags = [\"user:{user_id}\"]\n",
+            "test.toml",
+            Path::new("."),
+        )
+        .expect("valid");
+        let explained = explain(
+            &config,
+            "reviews",
+            Op::Update,
+            Some(r#"{"book_id": 3, "user_id": 1}"#),
+            Some(r#"{"book_id": 5, "user_id": 1}"#),
+        )
+        .expect("explained");
+        assert_eq!(
+            explained.keys,
+            [
+                ("book:3".to_owned(), Strategy::WriteThrough),
+                ("book:5".to_owned(), Strategy::WriteThrough),
+                ("top".to_owned(), Strategy::WriteThrough),
+            ]
+        );
+        assert_eq!(explained.tags, ["user:1"]);
+        let partial = explain(
+            &config,
+            "reviews",
+            Op::Insert,
+            None,
+            Some(r#"{"book_id": 3}"#),
+        )
+        .expect("explained");
+        assert!(partial.tags.is_empty());
+        assert_eq!(
+            partial.not_shown,
+            ["`user:{user_id}` needs column `user_id` of the new row"]
+        );
+        assert!(matches!(
+            explain(&config, "books", Op::Insert, None, Some("{}")),
+            Err(ExplainError::NotWatched(..))
+        ));
+    }
+}
