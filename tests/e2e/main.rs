@@ -3,6 +3,7 @@
 
 mod common;
 mod crash;
+mod fuzz;
 mod http;
 mod lifecycle;
 mod migrations;

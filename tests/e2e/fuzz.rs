@@ -1,0 +1,160 @@
+//! A mutation fuzzer for the HTTP endpoint: valid requests, mutated byte by byte (flips,
+//! inserted escapes, braces, NULs, CR/LF, unicode, truncations, odd lengths), each sent on its own
+//! connection to the real daemon. No answer may be a 5xx, the daemon must stay up, and nothing
+//! cached may go stale. It runs for `CACHETAIL_FUZZ_SECONDS` (default 3).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::strategies::catalog_daemon;
+
+const SEEDS: &[&[u8]] = &[
+    b"GET /v1/keys/book:1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/keys/book%3A2?fresh=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/keys/user:1 HTTP/1.1\r\nHost: x\r\nCache-Control: only-if-cached\r\n\r\n",
+    b"GET /v1/keys/top-books HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"abc\", *\r\n\r\n",
+    b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 29\r\n\r\n[\"book:1\", \"user:2\", \"x:1\"]  ",
+    b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{\"keys\": [\"book:3\"]}",
+    b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/keys/book:1'%20OR%201=1-- HTTP/1.1\r\nHost: x\r\n\r\n",
+];
+
+const INTERESTING: &[&[u8]] = &[
+    b"%",
+    b"%zz",
+    b"%00",
+    b"%ff",
+    b"{",
+    b"}",
+    b"{{",
+    b":",
+    b"\0",
+    b"\r\n",
+    b"\n",
+    b" ",
+    b"?",
+    b"&fresh=1",
+    b"/..",
+    b"\xff\xfe",
+    "é".as_bytes(),
+    "\u{202e}".as_bytes(),
+    b"\"",
+    b"'",
+    b"Content-Length: 99999999999\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"9999999999",
+    b"-1",
+    b"[",
+    b"]",
+    b"null",
+    b"\\u0000",
+];
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut bytes = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(bytes.len() + 1);
+        match rng.below(6) {
+            0 if !bytes.is_empty() => {
+                let i = rng.below(bytes.len());
+                bytes[i] ^= 1 << rng.below(8);
+            }
+            1 => {
+                let piece = INTERESTING[rng.below(INTERESTING.len())];
+                bytes.splice(at..at, piece.iter().copied());
+            }
+            2 if at < bytes.len() => {
+                bytes.truncate(at);
+            }
+            3 => {
+                let end = (at + rng.below(16)).min(bytes.len());
+                bytes.drain(at..end);
+            }
+            4 => {
+                let repeat = vec![b'a' + rng.below(26) as u8; rng.below(3000)];
+                bytes.splice(at..at, repeat);
+            }
+            _ => {
+                let random: Vec<u8> = (0..rng.below(8)).map(|_| rng.next() as u8).collect();
+                bytes.splice(at..at, random);
+            }
+        }
+    }
+    bytes
+}
+
+/// Sends raw bytes, half-closes, and returns the status code answered (None: closed without an
+/// answer, which a server may do with a request it cannot parse).
+fn send(address: std::net::SocketAddr, request: &[u8]) -> Option<u16> {
+    let mut stream = TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace().nth(1).and_then(|s| s.parse().ok())
+}
+
+#[test]
+fn mutated_requests_never_get_a_5xx_or_take_the_daemon_down() {
+    let (_catalog, mut daemon) = catalog_daemon("write-through", "50ms");
+    let seconds: u64 = std::env::var("CACHETAIL_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let started = Instant::now();
+    let (mut sent, mut answered) = (0u64, 0u64);
+    let mut statuses = std::collections::BTreeMap::new();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let seed = SEEDS[rng.below(SEEDS.len())];
+        let request = mutate(&mut rng, seed);
+        let status = send(daemon.address, &request);
+        sent += 1;
+        if let Some(status) = status {
+            answered += 1;
+            *statuses.entry(status).or_insert(0u64) += 1;
+            // RFC 9111: `only-if-cached` on a key not cached is answered 504, by design.
+            let asked_only_cached = request.windows(14).any(|w| w == b"only-if-cached");
+            assert!(
+                status < 500 || (status == 504 && asked_only_cached),
+                "a {status} for {:?}",
+                String::from_utf8_lossy(&request)
+            );
+        }
+    }
+    eprintln!(
+        "fuzz: {sent} mutated requests in {seconds}s, {answered} answered, statuses {statuses:?}"
+    );
+    assert!(sent > 100, "only {sent} requests in {seconds}s");
+    assert_eq!(daemon.get_path("/healthz").status, 200, "still up");
+    assert_eq!(daemon.verify()["stale"], 0);
+}
