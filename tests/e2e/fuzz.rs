@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::common::*;
 use crate::strategies::catalog_daemon;
 
 const SEEDS: &[&[u8]] = &[
