@@ -80,6 +80,19 @@ impl InstallReport {
 /// The outbox op code of a flush marker: "changes to this table may have gone uncaptured".
 pub const FLUSH_OP: i64 = 0;
 
+/// The outbox op code of a position marker (an admin action's): it changes nothing; it gives
+/// the action a position of its own, so values read before it can be told from values read after.
+pub const MARKER_OP: i64 = 4;
+
+/// Writes a position marker into the outbox and returns its position. Blocking; a short write.
+pub fn write_marker(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.execute(
+        "INSERT INTO cachetail_outbox (id, capture, op) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM cachetail_outbox), 0, ?1)",
+        [MARKER_OP],
+    )?;
+    Ok(u64::try_from(conn.last_insert_rowid()).unwrap_or(0))
+}
+
 /// Installs the outbox and the triggers the config's rules need, idempotently and in one
 /// transaction: triggers already right are left alone (so the schema does not change for
 /// nothing), stale ones are dropped, missing ones created. A table that had no capture before

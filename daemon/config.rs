@@ -81,6 +81,7 @@ struct RawConfig {
     database: Spanned<String>,
     listen: Option<Spanned<String>>,
     fresh_timeout: Option<Spanned<String>>,
+    admin_token: Option<Spanned<String>>,
     #[serde(default)]
     cache: RawCache,
     #[serde(default)]
@@ -165,6 +166,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How long `?fresh=1` waits for the daemon to catch up before answering 503.
     pub fresh_timeout: Duration,
+    /// The bearer token admin actions need; none: they are disabled.
+    pub admin_token: Option<String>,
     pub cache: CacheSettings,
     pub write_behind: WriteBehindSettings,
     pub tail: TailSettings,
@@ -529,6 +532,17 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
         Duration::from_secs(5),
         problems,
     );
+    let admin_token = raw.admin_token.as_ref().and_then(|token| {
+        let text = token.get_ref().trim();
+        if text.len() < 16 {
+            problems.at(
+                token.span(),
+                "`admin_token` must be at least 16 characters (it guards cache flushes)",
+            );
+            return None;
+        }
+        Some(text.to_owned())
+    });
     let backend = backend(&raw.cache, problems);
     let cache = CacheSettings {
         backend,
@@ -668,6 +682,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
         database,
         listen,
         fresh_timeout,
+        admin_token,
         cache,
         write_behind,
         tail,

@@ -11,6 +11,7 @@
 //! with `config` (parse, validate), `check` (against the database) and `reload` beside it.
 //! [`run`] is the whole daemon; the `cachetail` binary is a thin CLI around it.
 
+pub mod admin;
 pub mod apply;
 pub mod bench;
 pub mod cache;

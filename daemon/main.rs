@@ -264,8 +264,18 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Verify { config, sample } => {
             let config = Config::load(&config)?;
             let mut client = cachetail::client::Client::new(config.listen);
+            let bearer = config.admin_token.as_ref().map(|t| format!("Bearer {t}"));
+            let headers: Vec<(&str, &str)> = bearer
+                .as_deref()
+                .map(|b| vec![("Authorization", b)])
+                .unwrap_or_default();
             let reply = client
-                .request("POST", &format!("/v1/verify?sample={sample}"), &[], &[])
+                .request(
+                    "POST",
+                    &format!("/v1/verify?sample={sample}"),
+                    &headers,
+                    &[],
+                )
                 .with_context(|| format!("cannot reach the daemon at {}", config.listen))?;
             let report = reply.json()?;
             if reply.status != 200 {

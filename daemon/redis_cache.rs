@@ -43,9 +43,11 @@ local ttl = tonumber(ARGV[3])
 local state = prefix .. '#state'
 local applied = redis.call('HGET', state, 'applied')
 if not applied or tonumber(applied) < tonumber(ARGV[4]) then return -1 end
+-- Epoch 0: an operator's removal (admin API), from any daemon: it only removes values, so it
+-- needs no fencing, and it applies no outbox position.
 local epoch = tonumber(ARGV[7])
 local known = tonumber(redis.call('HGET', state, 'epoch') or '0')
-if known > epoch then return -2 end
+if epoch > 0 and known > epoch then return -2 end
 if epoch > known then redis.call('HSET', state, 'epoch', epoch) end
 local i = 8
 local n = tonumber(ARGV[6])
@@ -74,7 +76,7 @@ for _ = 1, n do
 end
 local floor = tonumber(ARGV[i])
 if floor > tonumber(redis.call('HGET', state, 'floor') or '0') then redis.call('HSET', state, 'floor', floor) end
-if pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
+if epoch > 0 and pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
 if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[i + 1]) end
 return 1
 "#;
@@ -165,7 +167,8 @@ pub struct Invalidation {
     pub floor: u64,
     /// The pub/sub message (JSON) for app-local caches.
     pub message: String,
-    /// The applying daemon's lease epoch: Redis refuses a batch from an older epoch.
+    /// The applying daemon's lease epoch: Redis refuses a batch from an older epoch. 0 for an
+    /// operator's removal (admin API), which applies no outbox position.
     pub epoch: u64,
 }
 
@@ -376,12 +379,24 @@ impl RedisCache {
         })();
         self.note(&result);
         match &result {
-            Ok(()) => {
+            Ok(()) if batch.epoch > 0 => {
                 self.seen.fetch_max(batch.position, Ordering::AcqRel);
             }
+            Ok(()) => {}
             Err(_) => *guard = None,
         }
         result
+    }
+
+    /// An operator's removal (admin API; `batch.epoch` must be 0), from any daemon: no
+    /// reconcile, no fencing; refused while Redis has lost state (the applier rebuilds it).
+    pub fn remove(&self, batch: &Invalidation) -> Result<(), RedisError> {
+        let args = self.apply_args(batch);
+        let outcome = self.with_store_conn(|conn| self.apply_script.run(conn, &args))?;
+        match outcome.as_int() {
+            Some(-1) => Err(RedisError::StateLost),
+            _ => Ok(()),
+        }
     }
 
     fn apply_args(&self, batch: &Invalidation) -> Vec<Vec<u8>> {

@@ -43,6 +43,7 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
     for change in changes {
         let row = match &change.body {
             ChangeBody::Row(row) => row,
+            ChangeBody::Marker => continue,
             ChangeBody::Flush { table } => {
                 let mark = plan.flush_tables.entry(Arc::clone(table)).or_insert(0);
                 *mark = (*mark).max(change.position);

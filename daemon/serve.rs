@@ -22,6 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::admin::Action;
 use crate::cache::Entry;
 use crate::config::Family;
 use crate::fill;
@@ -118,8 +119,14 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
     let path = request.uri().path();
     let is_get = request.method() == Method::GET;
     if let Some(raw_key) = path.strip_prefix("/v1/keys/") {
+        if request.method() == Method::DELETE {
+            return match decode_key(raw_key) {
+                Ok(key) => admin(shared, request.headers(), Action::Key(key)).await,
+                Err(problem) => error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+            };
+        }
         if !is_get {
-            return method_not_allowed("GET");
+            return method_not_allowed("GET, DELETE");
         }
         let fresh = wants_fresh(request.uri().query());
         // `Cache-Control: only-if-cached` (RFC 9111): answer from the cache or 504, never fill.
@@ -156,8 +163,44 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         "/v1/status" if is_get => status(shared).await,
         "/metrics" if is_get => metrics(shared).await,
         "/v1/verify" if request.method() == Method::POST => {
+            // Verify only reads; with an admin token set, it needs the token too.
+            if shared.config().admin_token.is_some()
+                && let Err((status, message)) =
+                    crate::admin::authorize(&shared.config(), request.headers())
+            {
+                return error(status, message);
+            }
             verify(shared, request.uri().query()).await
         }
+        "/v1/admin/invalidate" | "/v1/admin/flush" if request.method() == Method::POST => {
+            let query = request.uri().query().unwrap_or("");
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| decode_key(v))
+            };
+            let action = match (path, param("tag"), param("family")) {
+                ("/v1/admin/invalidate", Some(Ok(tag)), _) => Action::Tag(tag),
+                ("/v1/admin/flush", _, Some(Ok(family))) => Action::Family(family),
+                ("/v1/admin/flush", _, None) => Action::All,
+                (_, Some(Err(problem)), _) | (_, _, Some(Err(problem))) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("malformed parameter: {problem}"),
+                    );
+                }
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "POST /v1/admin/invalidate?tag=TAG, or POST /v1/admin/flush[?family=PATTERN]".to_owned(),
+                    );
+                }
+            };
+            admin(shared, request.headers(), action).await
+        }
+        "/v1/admin/invalidate" | "/v1/admin/flush" => method_not_allowed("POST"),
         "/v1/verify" => method_not_allowed("POST"),
         "/healthz" | "/v1/status" | "/metrics" => method_not_allowed("GET"),
         "/" if is_get => json_response(
@@ -267,6 +310,31 @@ async fn get_uncached(shared: &Arc<Shared>, raw_key: &str) -> Response<Body> {
         );
     };
     bypass(shared, &key, family, params, "no-cache").await
+}
+
+/// An admin action, once the token checks out.
+async fn admin(shared: &Arc<Shared>, headers: &hyper::HeaderMap, action: Action) -> Response<Body> {
+    if let Err((status, message)) = crate::admin::authorize(&shared.config(), headers) {
+        let mut answer = error(status, message);
+        if status == StatusCode::UNAUTHORIZED {
+            answer.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        return answer;
+    }
+    let worker = Arc::clone(shared);
+    let described = format!("{action:?}");
+    let done = tokio::task::spawn_blocking(move || crate::admin::perform(&worker, &action)).await;
+    match done {
+        Ok(Ok(position)) => json_response(
+            StatusCode::OK,
+            &json!({"done": described, "position": position}),
+        ),
+        Ok(Err((status, message))) => error(status, message),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Keys one multi-get may ask for, and the size of its body, at most.

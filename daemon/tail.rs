@@ -67,6 +67,8 @@ pub enum ChangeBody {
     Flush { table: Arc<str> },
     /// The row could not be read: the applier drops everything rather than leave anything stale.
     Unreadable(String),
+    /// A position marker (an admin action's): nothing to apply.
+    Marker,
 }
 
 /// An outbox row: its position and what it records.
@@ -260,6 +262,9 @@ impl Outbox {
         old: Option<&str>,
         new: Option<&str>,
     ) -> ChangeBody {
+        if op == capture::MARKER_OP {
+            return ChangeBody::Marker;
+        }
         match self.layouts.get(&layout) {
             Some(l) if op == capture::FLUSH_OP => ChangeBody::Flush {
                 table: Arc::clone(&l.table),

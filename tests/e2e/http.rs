@@ -436,3 +436,112 @@ fn metrics_parse_as_openmetrics_and_count_what_happened() {
         (scrape(&mut daemon).get("cachetail_reload_failures_total{}") == Some(&1.0)).then_some(())
     });
 }
+
+const TOKEN: &str = "s3cret-admin-token-for-tests";
+
+fn admin(daemon: &mut Daemon, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .as_deref()
+        .map(|b| vec![("Authorization", b)])
+        .unwrap_or_default();
+    let reply = daemon
+        .request_with(method, path, &headers)
+        .expect("request");
+    (reply.status, reply.text())
+}
+
+#[test]
+fn admin_actions_need_the_token_and_drop_what_they_name() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let config = catalog_config(port, "delete", "50ms").replacen(
+        "\n[tail]",
+        &format!("\nadmin_token = \"{TOKEN}\"\n\n[tail]"),
+        1,
+    );
+    let mut daemon = Daemon::start(&catalog, &config, port);
+    for key in ["book:1", "book:2", "top-books", "user:1", "user:2"] {
+        daemon.get(key);
+    }
+    assert_eq!(admin(&mut daemon, "DELETE", "/v1/keys/book:1", None).0, 401);
+    assert_eq!(
+        admin(
+            &mut daemon,
+            "DELETE",
+            "/v1/keys/book:1",
+            Some("wrong-token-but-long")
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        daemon.peek("book:1").status,
+        200,
+        "nothing happened without the token"
+    );
+
+    assert_eq!(
+        admin(&mut daemon, "DELETE", "/v1/keys/book:1", Some(TOKEN)).0,
+        200
+    );
+    assert_eq!(daemon.peek("book:1").status, 504);
+    assert_eq!(daemon.peek("book:2").status, 200);
+    assert_eq!(
+        admin(
+            &mut daemon,
+            "POST",
+            "/v1/admin/invalidate?tag=books",
+            Some(TOKEN)
+        )
+        .0,
+        200
+    );
+    assert_eq!(daemon.peek("book:2").status, 504, "tagged books");
+    assert_eq!(daemon.peek("top-books").status, 504, "tagged books");
+    assert_eq!(daemon.peek("user:1").status, 200);
+    assert_eq!(
+        admin(
+            &mut daemon,
+            "POST",
+            "/v1/admin/flush?family=user%3A%7Bid%7D",
+            Some(TOKEN)
+        )
+        .0,
+        200
+    );
+    assert_eq!(daemon.peek("user:1").status, 504);
+    assert_eq!(
+        admin(
+            &mut daemon,
+            "POST",
+            "/v1/admin/flush?family=nope",
+            Some(TOKEN)
+        )
+        .0,
+        404
+    );
+    daemon.get("user:2");
+    assert_eq!(
+        admin(&mut daemon, "POST", "/v1/admin/flush", Some(TOKEN)).0,
+        200
+    );
+    assert_eq!(daemon.peek("user:2").status, 504, "everything");
+    // Refilled afterwards, fresh, as usual.
+    assert_eq!(x_cache(&daemon.get("user:2")), "miss");
+    assert_eq!(x_cache(&daemon.get("user:2")), "hit");
+    // With a token set, verify needs it too.
+    assert_eq!(admin(&mut daemon, "POST", "/v1/verify", None).0, 401);
+    assert_eq!(admin(&mut daemon, "POST", "/v1/verify", Some(TOKEN)).0, 200);
+}
+
+#[test]
+fn admin_actions_are_disabled_without_a_token() {
+    let (_catalog, mut daemon) = catalog_daemon("delete", "50ms");
+    daemon.get("book:1");
+    let (status, text) = admin(&mut daemon, "DELETE", "/v1/keys/book:1", Some(TOKEN));
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("admin_token"), "{text}");
+    assert_eq!(admin(&mut daemon, "POST", "/v1/admin/flush", None).0, 403);
+    assert_eq!(daemon.peek("book:1").status, 200);
+}

@@ -686,3 +686,38 @@ fn a_reload_that_changes_a_family_removes_its_old_values_from_redis() {
     assert_eq!(redis.value("book:2"), Some(reply.text()));
     assert_eq!(x_cache(&daemon.get("book:2")), "hit");
 }
+
+#[test]
+fn admin_actions_remove_values_from_redis() {
+    let redis = RedisServer::start();
+    let catalog = Catalog::new();
+    let port = free_port();
+    let token = "redis-admin-token-0123456789";
+    let config = redis_config(port, &redis, "delete").replacen(
+        "\n[tail]",
+        &format!("\nadmin_token = \"{token}\"\n\n[tail]"),
+        1,
+    );
+    let mut daemon = start_active(&catalog, &config, port);
+    read_all_keys(&mut daemon);
+    let bearer = format!("Bearer {token}");
+    let auth = [("Authorization", bearer.as_str())];
+    let reply = daemon
+        .request_with("DELETE", "/v1/keys/book:1", &auth)
+        .expect("DELETE");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(redis.value("book:1"), None);
+    assert!(redis.value("book:2").is_some());
+    let reply = daemon
+        .request_with("POST", "/v1/admin/flush", &auth)
+        .expect("flush");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        redis.cached_keys(),
+        Vec::<String>::new(),
+        "everything left redis"
+    );
+    // Refills are stored again (the marker gave them a later position).
+    daemon.get("book:2");
+    assert_eq!(redis.value("book:2"), from_database(&mut daemon, "book:2"));
+}
