@@ -82,6 +82,8 @@ struct RawConfig {
     listen: Option<Spanned<String>>,
     fresh_timeout: Option<Spanned<String>>,
     admin_token: Option<Spanned<String>>,
+    /// `"auto"`: every family derives its rules from its query (unless it says otherwise).
+    invalidate: Option<Spanned<String>>,
     #[serde(default)]
     cache: RawCache,
     #[serde(default)]
@@ -140,6 +142,10 @@ struct RawFamily {
     #[serde(default)]
     tags: Vec<Spanned<String>>,
     warm: Option<Spanned<String>>,
+    /// `"auto"`: derive the family's rules from its query.
+    invalidate: Option<Spanned<String>>,
+    /// The strategy of its derived rules (default: delete).
+    strategy: Option<Strategy>,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +291,8 @@ pub struct Rule {
     /// config that holds it was loaded).
     pub invalidations: AtomicU64,
     pub recomputes: AtomicU64,
+    /// Set for a rule `invalidate = "auto"` derived from this family's query.
+    pub derived_from: Option<String>,
 }
 
 impl Family {
@@ -642,8 +650,50 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
         problems.at(span, "`tail.poll_interval` must be above zero");
     }
 
+    let auto_everywhere = match &raw.invalidate {
+        None => false,
+        Some(value) if value.get_ref() == "auto" => true,
+        Some(value) => {
+            problems.at(
+                value.span(),
+                format!(
+                    "`invalidate` = {:?}: the only value is \"auto\"",
+                    value.get_ref()
+                ),
+            );
+            false
+        }
+    };
+    let mut derived_rules = Vec::new();
     let mut families = Vec::new();
-    for (pattern_text, family) in raw.keys {
+    for (pattern_text, mut family) in raw.keys {
+        let auto = match family.invalidate.as_ref() {
+            None => auto_everywhere,
+            Some(value) if value.get_ref() == "auto" => true,
+            Some(value) if value.get_ref() == "rules" => false,
+            Some(value) => {
+                problems.at(
+                    value.span(),
+                    format!(
+                        "key family `{pattern_text}`: `invalidate` = {:?}: use \"auto\" (derive the rules from the query) or \"rules\" (only the [[rules]])",
+                        value.get_ref()
+                    ),
+                );
+                false
+            }
+        };
+        if !auto && let Some(strategy) = family.strategy {
+            problems.at(
+                family.query.span(),
+                format!(
+                    "key family `{pattern_text}`: `strategy = \"{}\"` applies to derived rules: add `invalidate = \"auto\"`",
+                    strategy.name()
+                ),
+            );
+        }
+        if auto {
+            derived_rules.extend(derive_rules(&pattern_text, &mut family, problems));
+        }
         if let Some(f) = validate_family(&pattern_text, family, cache.ttl, problems) {
             if matches!(cache.backend, Backend::Redis { .. }) && f.pattern.source().starts_with('#')
             {
@@ -669,6 +719,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
             rules.push(r);
         }
     }
+    rules.extend(derived_rules);
     let mut rules_by_table: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, rule) in rules.iter().enumerate() {
         rules_by_table
@@ -693,6 +744,62 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config 
         source: String::new(),
         file: String::new(),
     }
+}
+
+/// The rules `invalidate = "auto"` derives from a family's query (see `auto`). A family whose
+/// values a derived rule must drop wholesale gets the tag that rule names.
+fn derive_rules(
+    pattern_text: &Spanned<String>,
+    family: &mut RawFamily,
+    problems: &mut Problems<'_>,
+) -> Vec<Rule> {
+    let Ok(pattern) = Template::parse(pattern_text.get_ref(), false) else {
+        return Vec::new(); // reported by validate_family
+    };
+    let derived = match crate::auto::derive(&pattern, family.query.get_ref()) {
+        Ok(derived) => derived,
+        Err(e) => {
+            problems.at(
+                family.query.span(),
+                format!(
+                    "key family `{pattern_text}`: invalidate = \"auto\" cannot read the query: {e}"
+                ),
+            );
+            return Vec::new();
+        }
+    };
+    let tag = crate::auto::family_tag(pattern_text.get_ref());
+    let mut rules = Vec::new();
+    for d in derived {
+        let keys: Vec<Template> = d
+            .keys
+            .iter()
+            .filter_map(|k| Template::parse(k, true).ok())
+            .collect();
+        let tags: Vec<Template> = if d.flush {
+            if !family.tags.iter().any(|t| t.get_ref() == &tag) {
+                family
+                    .tags
+                    .push(Spanned::new(family.query.span(), tag.clone()));
+            }
+            Template::parse(&tag, true).into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        rules.push(Rule {
+            table: d.table,
+            on: Op::ALL.to_vec(),
+            key_spans: keys.iter().map(|_| family.query.span()).collect(),
+            keys,
+            tags,
+            strategy: family.strategy.unwrap_or(Strategy::Delete),
+            table_span: family.query.span(),
+            invalidations: AtomicU64::new(0),
+            recomputes: AtomicU64::new(0),
+            derived_from: Some(pattern_text.get_ref().clone()),
+        });
+    }
+    rules
 }
 
 fn validate_family(
@@ -894,6 +1001,7 @@ fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
         key_spans,
         invalidations: AtomicU64::new(0),
         recomputes: AtomicU64::new(0),
+        derived_from: None,
     })
 }
 

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod apply;
+pub mod auto;
 pub mod bench;
 pub mod cache;
 pub mod capture;

@@ -166,6 +166,21 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            for rule in config.rules.iter().filter(|r| r.derived_from.is_some()) {
+                let mut names: Vec<&str> = rule.keys.iter().map(|k| k.source()).collect();
+                names.extend(rule.tags.iter().map(|t| t.source()));
+                println!(
+                    "derived (invalidate = \"auto\" on `{}`): a change to `{}` → {} ({})",
+                    rule.derived_from.as_deref().unwrap_or(""),
+                    rule.table,
+                    if rule.keys.is_empty() {
+                        "every key of the family".to_owned()
+                    } else {
+                        names.join(", ")
+                    },
+                    rule.strategy.name()
+                );
+            }
             for gap in check::tracking_gaps(&config) {
                 eprintln!("warning: {gap}");
             }

@@ -662,6 +662,7 @@ async fn status(shared: &Arc<Shared>) -> Response<Body> {
                 "keys": r.keys.iter().map(|k| k.source()).collect::<Vec<_>>(),
                 "tags": r.tags.iter().map(|t| t.source()).collect::<Vec<_>>(),
                 "strategy": r.strategy.name(),
+                "derived_from": r.derived_from,
             })
         })
         .collect();

@@ -8,6 +8,11 @@ use std::fmt;
 
 use rusqlite::types::Value;
 
+/// Text written so that a template reads it literally (`{` → `{{`, `}` → `}}`).
+pub fn escape_braces(text: &str) -> String {
+    text.replace('{', "{{").replace('}', "}}")
+}
+
 /// The values a key gives its pattern's placeholders, by name, in order.
 pub type Params = Vec<(String, String)>;
 
@@ -152,6 +157,23 @@ impl Template {
                     (Part::Param(_), Part::Param(_)) => true,
                     _ => false,
                 })
+    }
+
+    /// The template's text with each placeholder renamed (`book:{id}` → `book:{book_id}`);
+    /// None if `rename` has no name for one.
+    pub fn rename_params(&self, rename: impl Fn(&str) -> Option<String>) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(&escape_braces(text)),
+                Part::Param(name) => {
+                    out.push('{');
+                    out.push_str(&rename(name)?);
+                    out.push('}');
+                }
+            }
+        }
+        Some(out)
     }
 
     /// True when the template has no placeholders.

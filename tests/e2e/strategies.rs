@@ -251,3 +251,99 @@ fn a_value_expires_after_its_ttl() {
     );
     assert_eq!(x_cache(&daemon.get("user:2")), "miss");
 }
+
+#[test]
+fn auto_rules_refresh_exactly_the_matching_keys() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let config = r#"
+database = "catalog.db"
+listen = "127.0.0.1:PORT"
+
+[keys."book:{id}"]
+query = """SELECT b.id, b.title, round(avg(r.rating), 2) AS avg_rating, count(r.id) AS review_count
+           FROM books b LEFT JOIN reviews r ON r.book_id = b.id WHERE b.id = :id GROUP BY b.id"""
+invalidate = "auto"
+strategy = "write-through"
+
+[keys."reviews-by-user:{id}"]
+query = "SELECT count(*) AS n FROM reviews r JOIN users u ON u.id = r.user_id WHERE u.id = :id"
+invalidate = "auto"
+
+[keys."top-books"]
+query = "SELECT b.id, avg(r.rating) AS avg FROM books b JOIN reviews r ON r.book_id = b.id GROUP BY b.id ORDER BY avg DESC, b.id LIMIT 3"
+many = true
+invalidate = "auto"
+"#
+    .replace("PORT", &port.to_string());
+    let mut daemon = Daemon::start(&catalog, &config, port);
+    let fills = |daemon: &mut Daemon, family: &str| -> u64 {
+        let status = daemon.wait_caught_up();
+        status["config"]["families"]
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["pattern"] == family))
+            .and_then(|f| f["fills"].as_u64())
+            .expect("family fills")
+    };
+    for key in [
+        "book:3",
+        "book:4",
+        "reviews-by-user:1",
+        "reviews-by-user:2",
+        "top-books",
+    ] {
+        assert_eq!(daemon.get(key).status, 200, "{key}");
+    }
+    assert_eq!(fills(&mut daemon, "book:{id}"), 2);
+
+    // A review of book 3 by user 1: book:3 is recomputed (write-through), and only it.
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (3, 1, 5)')");
+    eventually("book:3 is recomputed", || {
+        let reply = daemon.peek("book:3");
+        (reply.status == 200 && json(&reply)["review_count"] == 1).then_some(())
+    });
+    assert_eq!(fills(&mut daemon, "book:{id}"), 3, "book:4 was not touched");
+    assert_eq!(x_cache(&daemon.get("book:4")), "hit");
+    assert_eq!(
+        daemon.peek("reviews-by-user:1").status,
+        504,
+        "user 1's count is dropped"
+    );
+    assert_eq!(
+        daemon.peek("reviews-by-user:2").status,
+        200,
+        "user 2's stays"
+    );
+    assert_eq!(
+        daemon.peek("top-books").status,
+        504,
+        "no key to tie: the family"
+    );
+
+    // A change to book 4 itself refreshes book:4 only.
+    catalog.sqlite_cli("UPDATE books SET title = 'Four' WHERE id = 4;");
+    eventually("book:4 is recomputed", || {
+        let reply = daemon.peek("book:4");
+        (reply.status == 200 && json(&reply)["title"] == "Four").then_some(())
+    });
+    assert_eq!(fills(&mut daemon, "book:{id}"), 4, "book:3 was not touched");
+    assert_eq!(daemon.verify()["stale"], 0);
+
+    let rules = daemon.status()["config"]["rules"].clone();
+    let derived: Vec<(String, String)> = rules
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| {
+            (
+                r["table"].as_str().unwrap_or("").to_owned(),
+                r["keys"].to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        derived.contains(&("reviews".to_owned(), "[\"book:{book_id}\"]".to_owned())),
+        "{rules}"
+    );
+}
