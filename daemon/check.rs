@@ -43,14 +43,19 @@ fn check_rules(config: &Config, conn: &Connection, problems: &mut Problems<'_>) 
             .unwrap_or(0)
             > 0;
         if !is_table {
-            problems.at(
-                rule.table_span.clone(),
-                format!(
+            let message = match &rule.derived_from {
+                Some(family) => format!(
+                    "key family `{family}` (invalidate = \"auto\"): its query reads `{}`, which is not a table in {} (a view?); auto rules cannot watch it: write [[rules]] for the tables behind it and set invalidate = \"rules\"",
+                    rule.table,
+                    config.database.display()
+                ),
+                None => format!(
                     "rule: table `{}` does not exist in {}",
                     rule.table,
                     config.database.display()
                 ),
-            );
+            };
+            problems.at(rule.table_span.clone(), message);
             continue;
         }
         for (i, template) in rule.keys.iter().chain(&rule.tags).enumerate() {
