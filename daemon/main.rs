@@ -58,6 +58,15 @@ enum Command {
         #[arg(long)]
         new: Option<String>,
     },
+    /// Follow the running daemon's live feed: a line per applied change, a status line a second.
+    Watch {
+        /// The daemon's config (its `listen` address is followed).
+        #[arg(long, short, conflicts_with = "url")]
+        config: Option<PathBuf>,
+        /// Or the daemon's address, like http://127.0.0.1:8080.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Install (or adjust) the outbox and the capture triggers, then exit.
     Install {
         #[arg(long, short, default_value = "config.toml")]
@@ -274,6 +283,19 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             for note in &explained.not_shown {
                 println!("  (not shown: {note})");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { config, url } => {
+            let address: std::net::SocketAddr = match (config, url) {
+                (_, Some(url)) => url
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .parse()
+                    .with_context(|| format!("`--url {url}` is not like http://127.0.0.1:8080"))?,
+                (Some(config), None) => Config::load(&config)?.listen,
+                (None, None) => Config::load(std::path::Path::new("config.toml"))?.listen,
+            };
+            cachetail::follow::follow(address, &mut std::io::stdout().lock(), None)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { config, sample } => {

@@ -11,7 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
@@ -48,6 +49,11 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
     let connections = Arc::new(tokio::sync::Semaphore::new(
         shared.config().http.max_connections,
     ));
+    let shutdown = async {
+        shutdown.await;
+        // Long-lived streams (`/v1/events`) end now, so draining need not wait for them.
+        shared.stopping.send_replace(true);
+    };
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -77,6 +83,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
                     async move {
                         // A request (its fill included) that takes too long gets a 503, and
                         // its connection is free again; the fill itself finishes on its own.
+                        if request.uri().path() == "/v1/events" {
+                            return Ok::<_, Infallible>(events(&shared, &request));
+                        }
                         let answer =
                             tokio::time::timeout(http.request_timeout, handle(&shared, request))
                                 .await
@@ -89,7 +98,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
                                         ),
                                     )
                                 });
-                        Ok::<_, Infallible>(answer)
+                        Ok::<_, Infallible>(answer.map(BodyExt::boxed))
                     }
                 });
                 let connection = http1::Builder::new()
@@ -113,6 +122,24 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
     {
         tracing::warn!("some connections were still open after {DRAIN_TIMEOUT:?}; closing them");
     }
+}
+
+/// `GET /v1/events`: the live feed, as Server-Sent Events.
+fn events(
+    shared: &Arc<Shared>,
+    request: &Request<Incoming>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    if request.method() != Method::GET {
+        return method_not_allowed("GET").map(BodyExt::boxed);
+    }
+    let mut response = Response::new(BodyExt::boxed(crate::events::subscribe(shared)));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    response
 }
 
 async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
@@ -205,7 +232,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         "/healthz" | "/v1/status" | "/metrics" => method_not_allowed("GET"),
         "/" if is_get => json_response(
             StatusCode::OK,
-            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "POST /v1/keys", "/v1/status", "/metrics", "/v1/verify", "/healthz"]}),
+            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "POST /v1/keys", "/v1/status", "/v1/events", "/metrics", "/v1/verify", "/healthz"]}),
         ),
         _ => error(
             StatusCode::NOT_FOUND,

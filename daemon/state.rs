@@ -92,6 +92,10 @@ pub struct Shared {
     pub reload: Mutex<ReloadState>,
     /// Capture is paused (`cachetail pause`): reads bypass the cache.
     pub paused: AtomicBool,
+    /// The live change feed (`GET /v1/events`).
+    pub events: crate::events::Feed,
+    /// Set when the daemon stops: long-lived streams end so shutdown need not wait for them.
+    pub stopping: watch::Sender<bool>,
     /// Warm start's progress.
     pub warm: crate::warm::WarmProgress,
     /// Tables that cannot be captured now, with why (shown in `/v1/status`).
@@ -129,6 +133,8 @@ impl Shared {
             paused: AtomicBool::new(false),
             capture_failures: Mutex::new(Vec::new()),
             warm: crate::warm::WarmProgress::default(),
+            events: crate::events::feed(),
+            stopping: watch::channel(false).0,
         }
     }
 

@@ -677,6 +677,7 @@ pub fn step(
     };
     let plan = rules::plan(config, &changes);
     apply::apply(shared, config, &plan, outbox.conn(), outbox.cursor, last)?;
+    crate::events::publish(shared, config, &changes);
     for (&index, &(invalidations, recomputes)) in &plan.per_rule {
         if let Some(rule) = config.rules.get(index) {
             rule.invalidations

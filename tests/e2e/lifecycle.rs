@@ -398,3 +398,64 @@ fn explain_prints_what_a_change_maps_to() {
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no rule watches table `nope`"));
 }
+
+#[test]
+fn watch_prints_each_change_with_its_keys_and_survives_a_restart() {
+    use std::io::{BufRead, BufReader};
+    let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+        .args(["watch", "--url", &format!("http://{}", daemon.address)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cachetail watch");
+    let stdout = watch.stdout.take().expect("stdout");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for =
+        |what: &str, lines: &std::sync::mpsc::Receiver<String>, hit: &dyn Fn(&str) -> bool| {
+            let deadline = std::time::Instant::now() + DEADLINE;
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match lines.recv_timeout(left) {
+                    Ok(line) if hit(&line) => return line,
+                    Ok(_) => {}
+                    Err(_) => panic!("timed out waiting for {what}"),
+                }
+            }
+        };
+    wait_for("a status line", &lines, &|l| {
+        l.starts_with("[status] active")
+    });
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (4, 2, 5)')");
+    let line = wait_for("the change", &lines, &|l| l.contains("insert reviews"));
+    assert!(line.contains("book_id=4"), "{line}");
+    assert!(line.contains("book:4 (write-through)"), "{line}");
+    assert!(line.contains("top-books (write-through)"), "{line}");
+
+    // The daemon restarts: watch reconnects and keeps printing.
+    daemon.kill();
+    let mut daemon = Daemon::start_existing(&daemon.config.clone(), daemon.address.port());
+    wait_for("the reconnection", &lines, &|l| {
+        l.starts_with("-- following")
+    });
+    catalog.python("con.execute(\"UPDATE users SET name = 'Zed' WHERE id = 2\")");
+    let line = wait_for("the next change", &lines, &|l| l.contains("update users"));
+    assert!(line.contains("user:2 (delete)"), "{line}");
+    // A stop with the feed still open ends the feed instead of waiting for it.
+    let stopping = std::time::Instant::now();
+    assert_eq!(daemon.stop().code(), Some(0));
+    assert!(
+        stopping.elapsed() < std::time::Duration::from_secs(5),
+        "stopping took {:?} with a feed open",
+        stopping.elapsed()
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
