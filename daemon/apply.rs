@@ -83,7 +83,13 @@ fn invalidate_in_memory(shared: &Shared, config: &Config, plan: &Plan) {
     for (tag, &position) in &plan.tags {
         shared.cache.invalidate_tag(tag, position);
     }
-    for key in plan.keys.keys() {
+    for (key, action) in &plan.keys {
+        // A write-through key keeps its value until the recompute lands (which supersedes any
+        // fill in flight): removing it first would open a window of misses whose fills, once
+        // superseded, could hand their waiters a value newer than the recompute stores.
+        if action.strategy == Strategy::WriteThrough && config.match_key(key).is_some() {
+            continue;
+        }
         shared.cache.invalidate(key);
     }
 }

@@ -260,7 +260,8 @@ impl Cache {
     }
 
     /// Finishes a fill: stores the value unless the flight was superseded or a newer value is
-    /// already cached, then wakes every request waiting on it. Returns whether it was stored.
+    /// already cached, then wakes every request waiting on it (with `Superseded` when it was not
+    /// stored). Returns whether it was stored.
     pub fn finish_fill(&self, ticket: FillTicket, computed: Result<Filled, Arc<str>>) -> bool {
         let (key, id, done, outcome) = ticket.resolve(computed);
         let mut stored = false;
@@ -273,6 +274,14 @@ impl Cache {
                 }
             }
         }
+        // A value that was not stored (its flight was superseded, or a newer one is cached) is
+        // not handed out either: it may be newer than what the superseding flight will store, or
+        // older than what is cached, and either way a later read could go backwards. The
+        // waiters fill again (joining the superseding flight, or hitting the newer value).
+        let outcome = match outcome {
+            Ok(_) if !stored => Err(FillError::Superseded),
+            other => other,
+        };
         done.send_replace(Some(outcome));
         stored
     }

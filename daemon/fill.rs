@@ -229,13 +229,31 @@ pub async fn fill(
             other => return other,
         }
     }
-    // The last try answers with what it read, stored if Redis takes it (so no older read lands
-    // after this answer).
+    // The last try answers with what it read, stored if it may be (a superseding recompute in
+    // memory; Redis's guard), so that no older read lands after this answer.
     let (reader, family_for_query) = (Arc::clone(shared), Arc::clone(family));
+    let refresh_key = Arc::clone(&key);
     let computed = tokio::task::spawn_blocking(move || {
+        let ticket = reader
+            .redis
+            .is_none()
+            .then(|| reader.cache.begin_refresh(refresh_key, &family_for_query));
         let computed = reader
             .pool
-            .with(|conn| compute(conn, &family_for_query, &params))?;
+            .with(|conn| compute(conn, &family_for_query, &params));
+        if let Some(ticket) = ticket {
+            // Finished either way, so the flight leaves the map and its joiners wake.
+            let filled = match &computed {
+                Ok(c) => Ok(Filled {
+                    version: c.version,
+                    body: c.body.clone(),
+                    tags: render_tags(&family_for_query, &params),
+                }),
+                Err(e) => Err(Arc::from(e.to_string())),
+            };
+            reader.cache.finish_fill(ticket, filled);
+        }
+        let computed = computed?;
         let entry = Entry {
             version: computed.version,
             body: computed.body,
