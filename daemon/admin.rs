@@ -120,11 +120,13 @@ pub fn perform(shared: &Shared, action: &Action) -> Result<u64, (StatusCode, Str
                     batch.floor = head;
                 }
             }
-            batch.message = serde_json::json!({
-                "position": head, "keys": keys, "tags": tags, "families": families,
-                "all": *action == Action::All,
-            })
-            .to_string();
+            batch.message = redis_cache::fan_out_message(
+                head,
+                &names(&keys),
+                &names(&tags),
+                &names(&families),
+                *action == Action::All,
+            );
             redis
                 .remove(&batch)
                 .map_err(|e| unavailable(e.to_string()))?;
@@ -132,4 +134,8 @@ pub fn perform(shared: &Shared, action: &Action) -> Result<u64, (StatusCode, Str
     }
     tracing::info!(?action, position = head, "admin action");
     Ok(head)
+}
+
+fn names(list: &[String]) -> Vec<&str> {
+    list.iter().map(String::as_str).collect()
 }

@@ -118,16 +118,11 @@ fn redis_batch(config: &Config, plan: &Plan, last: u64) -> Invalidation {
     }
     let mut keys: Vec<String> = plan.keys.keys().cloned().collect();
     keys.sort_unstable();
-    let mut tags: Vec<&String> = plan.tags.keys().collect();
+    let mut tags: Vec<&str> = plan.tags.keys().map(String::as_str).collect();
     tags.sort_unstable();
-    let message = serde_json::json!({
-        "position": last,
-        "keys": keys,
-        "tags": tags,
-        "families": families,
-        "all": plan.flush_all.is_some(),
-    })
-    .to_string();
+    let key_names: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let message =
+        redis_cache::fan_out_message(last, &key_names, &tags, &families, plan.flush_all.is_some());
     Invalidation {
         epoch: 0,
         position: last,
@@ -159,10 +154,7 @@ pub fn flush_redis_for_pause(
             .map(|f| (f.group.clone(), head.saturating_add(1)))
             .collect(),
         floor: head.saturating_add(1),
-        message: serde_json::json!({
-            "position": cursor, "keys": [], "tags": [], "families": [], "all": true,
-        })
-        .to_string(),
+        message: redis_cache::fan_out_message(cursor, &[], &[], &[], true),
         epoch: shared.epoch.load(Ordering::Acquire),
     };
     redis.apply(&batch, cursor)
@@ -178,14 +170,11 @@ pub fn retire_families(shared: &Shared, cursor: u64) -> Result<(), RedisError> {
     if pending.is_empty() {
         return Ok(());
     }
-    let message = serde_json::json!({
-        "position": cursor,
-        "keys": [],
-        "tags": [],
-        "families": pending.iter().map(|(pattern, _)| pattern).collect::<Vec<_>>(),
-        "all": false,
-    })
-    .to_string();
+    let families: Vec<&str> = pending
+        .iter()
+        .map(|(pattern, _)| pattern.as_str())
+        .collect();
+    let message = redis_cache::fan_out_message(cursor, &[], &[], &families, false);
     let batch = Invalidation {
         position: cursor,
         keys: Vec::new(),

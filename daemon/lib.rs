@@ -11,6 +11,14 @@
 //! with `config` (parse, validate), `check` (against the database) and `reload` beside it.
 //! [`run`] is the whole daemon; the `cachetail` binary is a thin CLI around it.
 
+/// FNV-1a, 64-bit: a stable hash (the same across builds and processes), for ETags and Redis
+/// family generations.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash: u64, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 pub mod admin;
 pub mod apply;
 pub mod auto;

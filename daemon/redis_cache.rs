@@ -652,13 +652,22 @@ fn glob_escape(text: &str) -> String {
 /// The group name of a family generation: a value computed by another definition of the family
 /// (before a reload changed its query) is in another group, which the reload retires.
 pub fn family_group(pattern: &str, definition: &str) -> String {
-    // FNV-1a: stable across builds, so two daemons on one config agree.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in definition.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("f:{pattern}:{hash:016x}")
+    // Stable across builds, so two daemons on one config agree.
+    format!("f:{pattern}:{:016x}", crate::fnv1a(definition.as_bytes()))
+}
+
+/// The pub/sub message app-local caches receive for one invalidation (README, "Fan-out").
+pub fn fan_out_message(
+    position: u64,
+    keys: &[&str],
+    tags: &[&str],
+    families: &[&str],
+    all: bool,
+) -> String {
+    serde_json::json!({
+        "position": position, "keys": keys, "tags": tags, "families": families, "all": all,
+    })
+    .to_string()
 }
 
 pub fn tag_group(tag: &str) -> String {

@@ -590,7 +590,7 @@ fn value_response(key: &str, entry: &Entry, cache: &'static str) -> Response<Bod
         } else {
             format!("max-age={}", entry.family.ttl.saturating_sub(age).as_secs())
         };
-        let tag = format!("\"{:016x}\"", fnv1a(body));
+        let tag = format!("\"{:016x}\"", crate::fnv1a(body));
         for (name, value) in [
             (hyper::header::ETAG, tag),
             (hyper::header::AGE, age.as_secs().to_string()),
@@ -602,12 +602,6 @@ fn value_response(key: &str, entry: &Entry, cache: &'static str) -> Response<Bod
         }
     }
     response
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash: u64, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// `If-None-Match` naming the answer's `ETag` (or `*`): `304 Not Modified`, headers only.

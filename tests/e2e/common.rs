@@ -303,6 +303,23 @@ impl Drop for Daemon {
     }
 }
 
+/// A child process's output lines, as they come (read on a thread of their own).
+pub fn lines_of(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 /// Runs `cachetail VERB --config CONFIG` and asserts it succeeded.
 pub fn cli_ok(verb: &str, config: &Path) {
     let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))

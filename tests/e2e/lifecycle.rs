@@ -401,7 +401,6 @@ fn explain_prints_what_a_change_maps_to() {
 
 #[test]
 fn watch_prints_each_change_with_its_keys_and_survives_a_restart() {
-    use std::io::{BufRead, BufReader};
     let (catalog, mut daemon) = catalog_daemon("write-through", "50ms");
     let mut watch = Command::new(env!("CARGO_BIN_EXE_cachetail"))
         .args(["watch", "--url", &format!("http://{}", daemon.address)])
@@ -409,14 +408,7 @@ fn watch_prints_each_change_with_its_keys_and_survives_a_restart() {
         .spawn()
         .expect("cachetail watch");
     let stdout = watch.stdout.take().expect("stdout");
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = lines_of(stdout);
     let wait_for =
         |what: &str, lines: &std::sync::mpsc::Receiver<String>, hit: &dyn Fn(&str) -> bool| {
             let deadline = std::time::Instant::now() + DEADLINE;

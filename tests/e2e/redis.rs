@@ -3,7 +3,6 @@
 //! change stream, a standby daemon taking over (and a paused one fenced off), and the pub/sub
 //! messages for app-local caches.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -550,14 +549,7 @@ fn invalidation_messages_arrive_in_order_for_app_local_caches() {
         .spawn()
         .expect("the subscriber example runs");
     let stdout = subscriber.stdout.take().expect("stdout");
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = lines_of(stdout);
     let first = lines
         .recv_timeout(DEADLINE)
         .expect("the subscriber subscribes");
