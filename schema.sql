@@ -9,7 +9,10 @@ CREATE TABLE IF NOT EXISTS cachetail_outbox (
     capture INTEGER NOT NULL,  -- cachetail_capture.id: which table, which columns
     op      INTEGER NOT NULL,  -- 1 insert, 2 update, 3 delete
     old     TEXT,              -- the old row's captured columns: quote()d SQL literals, comma-separated
-    new     TEXT               -- the new row's, likewise
+    new     TEXT,              -- the new row's, likewise
+    -- When the write ran: julianday('now'), millisecond precision. Added later: `install`
+    -- adds it to an older outbox, whose rows have none.
+    at      REAL
 );
 
 -- The column layout of each capture trigger generation. Outbox rows name their layout, so rows

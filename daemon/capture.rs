@@ -87,10 +87,35 @@ pub const MARKER_OP: i64 = 4;
 /// Writes a position marker into the outbox and returns its position. Blocking; a short write.
 pub fn write_marker(conn: &Connection) -> rusqlite::Result<u64> {
     conn.execute(
-        "INSERT INTO cachetail_outbox (id, capture, op) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM cachetail_outbox), 0, ?1)",
+        "INSERT INTO cachetail_outbox (id, capture, op, at) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM cachetail_outbox), 0, ?1, julianday('now'))",
         [MARKER_OP],
     )?;
     Ok(u64::try_from(conn.last_insert_rowid()).unwrap_or(0))
+}
+
+/// What a capture trigger stores in `cachetail_outbox.at`: the write's time as SQLite's clock
+/// tells it (a Julian day, millisecond precision, the same for every row of one statement).
+/// `julianday` exists in every SQLite the app may link, unlike `unixepoch('subsec')`.
+const WRITTEN_AT: &str = "julianday('now')";
+
+/// A Julian day (`cachetail_outbox.at`) as unix milliseconds.
+pub fn julian_to_unix_ms(day: f64) -> f64 {
+    (day - 2_440_587.5) * 86_400_000.0
+}
+
+/// Creates cachetail's tables if missing, and brings an older outbox up to date (the `at`
+/// column came later: rows written before it have none).
+pub fn ensure_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    let has_at: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('cachetail_outbox') WHERE name = 'at'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_at {
+        conn.execute_batch("ALTER TABLE cachetail_outbox ADD COLUMN at REAL")?;
+    }
+    Ok(())
 }
 
 /// Installs the outbox and the triggers the config's rules need, idempotently and in one
@@ -102,7 +127,7 @@ pub fn write_marker(conn: &Connection) -> rusqlite::Result<u64> {
 pub fn install(conn: &mut Connection, config: &Config) -> Result<InstallReport, CaptureError> {
     ensure_wal(conn)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute_batch(SCHEMA)?;
+    ensure_schema(&tx)?;
     let mut report = InstallReport {
         paused: is_paused(&tx)?,
         ..InstallReport::default()
@@ -155,7 +180,7 @@ pub fn install(conn: &mut Connection, config: &Config) -> Result<InstallReport, 
         let failed = report.failed.iter().any(|(t, _)| t == table);
         if failed || (!report.paused && !captured_before(table)) {
             tx.execute(
-                "INSERT INTO cachetail_outbox (capture, op) VALUES (?1, ?2)",
+                "INSERT INTO cachetail_outbox (capture, op, at) VALUES (?1, ?2, julianday('now'))",
                 params![layout, FLUSH_OP],
             )?;
             report.flushed.push(table.clone());
@@ -170,7 +195,7 @@ pub fn install(conn: &mut Connection, config: &Config) -> Result<InstallReport, 
 /// reads from the database, bypassing the cache, until `resume`.
 pub fn pause(conn: &mut Connection) -> Result<usize, CaptureError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute_batch(SCHEMA)?;
+    ensure_schema(&tx)?;
     tx.execute(
         "INSERT OR REPLACE INTO cachetail_meta (key, value) VALUES ('paused', '1')",
         [],
@@ -182,7 +207,7 @@ pub fn pause(conn: &mut Connection) -> Result<usize, CaptureError> {
 
 /// Ends a pause: clears the flag and reinstalls capture; every watched table gets a flush marker.
 pub fn resume(conn: &mut Connection, config: &Config) -> Result<InstallReport, CaptureError> {
-    conn.execute_batch(SCHEMA)?;
+    ensure_schema(conn)?;
     conn.execute("DELETE FROM cachetail_meta WHERE key = 'paused'", [])?;
     install(conn, config)
 }
@@ -527,20 +552,21 @@ fn table_triggers(
         (name, sql)
     };
     let outbox = "INSERT INTO cachetail_outbox";
+    let now = WRITTEN_AT;
     let (insert, update, delete) = (Op::Insert.code(), Op::Update.code(), Op::Delete.code());
     let replaced = "cachetail_replaced";
     vec![
         named(
             "insert",
             format!(
-                "AFTER INSERT ON {t} BEGIN {outbox} (capture, op, new) VALUES ({layout}, {insert}, {}); END",
+                "AFTER INSERT ON {t} BEGIN {outbox} (capture, op, new, at) VALUES ({layout}, {insert}, {}, {now}); END",
                 values("NEW")
             ),
         ),
         named(
             "update",
             format!(
-                "AFTER UPDATE ON {t} BEGIN {outbox} (capture, op, old, new) VALUES ({layout}, {update}, {}, {}); END",
+                "AFTER UPDATE ON {t} BEGIN {outbox} (capture, op, old, new, at) VALUES ({layout}, {update}, {}, {}, {now}); END",
                 values("OLD"),
                 values("NEW")
             ),
@@ -548,14 +574,14 @@ fn table_triggers(
         named(
             "delete",
             format!(
-                "AFTER DELETE ON {t} BEGIN {outbox} (capture, op, old) VALUES ({layout}, {delete}, {}); END",
+                "AFTER DELETE ON {t} BEGIN {outbox} (capture, op, old, at) VALUES ({layout}, {delete}, {}, {now}); END",
                 values("OLD")
             ),
         ),
         named(
             "replace_insert",
             format!(
-                "BEFORE INSERT ON {t} BEGIN {outbox} (capture, op, old) SELECT {layout}, {delete}, {} FROM {t} AS {replaced} WHERE {}; END",
+                "BEFORE INSERT ON {t} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {now} FROM {t} AS {replaced} WHERE {}; END",
                 values(replaced),
                 shape.conflict(replaced)
             ),
@@ -563,7 +589,7 @@ fn table_triggers(
         named(
             "replace_update",
             format!(
-                "BEFORE UPDATE ON {t} WHEN {} BEGIN {outbox} (capture, op, old) SELECT {layout}, {delete}, {} FROM {t} AS {replaced} WHERE ({}) AND NOT {}; END",
+                "BEFORE UPDATE ON {t} WHEN {} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {now} FROM {t} AS {replaced} WHERE ({}) AND NOT {}; END",
                 shape.unique_column_changes(),
                 values(replaced),
                 shape.conflict(replaced),

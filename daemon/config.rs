@@ -274,6 +274,9 @@ pub struct FamilyStats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub fills: AtomicU64,
+    /// Queries run for this family (fills and recomputes), and their total time.
+    pub computes: AtomicU64,
+    pub compute_micros: AtomicU64,
 }
 
 /// A rule: what a change to one table does to the cache.

@@ -177,12 +177,14 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     let base = format!("http://{address}");
     println!("\ncachetail is serving {base} for {}", database.display());
+    println!("dashboard: {base}/ui  (open it in a browser: every change live)");
     println!("try, while the simulated app writes:");
     println!("  curl -i {base}/v1/keys/book:1");
     println!("  curl -i {base}/v1/keys/top-books");
     println!("  curl -i {base}/v1/keys/catalog-stats");
     println!("  curl -i '{base}/v1/keys/book:1?fresh=1'");
     println!("  curl -s {base}/v1/status");
+    println!("  cargo run --release -- watch --url {base}");
     println!(
         "  sqlite3 {} \"INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 1, 5)\"",
         database.display()

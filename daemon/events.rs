@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -93,28 +92,6 @@ fn to_json(value: &Value) -> serde_json::Value {
     }
 }
 
-/// A status snapshot for the feed.
-fn status(shared: &Shared) -> serde_json::Value {
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let s = &shared.stats;
-    let families: Vec<_> = shared
-        .config()
-        .families
-        .iter()
-        .map(|f| {
-            json!({"family": f.pattern.source(), "hits": load(&f.stats.hits),
-                   "misses": load(&f.stats.misses), "fills": load(&f.stats.fills)})
-        })
-        .collect();
-    json!({
-        "type": "status", "cursor": shared.applied(), "events": load(&s.events),
-        "hits": load(&s.hits), "misses": load(&s.misses), "fills": load(&s.fills),
-        "write_behind_queue": shared.write_behind.depth(),
-        "role": if shared.active.load(Ordering::Acquire) { "active" } else { "standby" },
-        "families": families,
-    })
-}
-
 /// The body of `GET /v1/events`: fed by a task that ends when the client goes or the daemon
 /// stops.
 pub struct EventBody {
@@ -143,17 +120,27 @@ pub fn subscribe(shared: &Arc<Shared>) -> EventBody {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut stopping = shared.stopping.subscribe();
+        // Browsers' EventSource reconnects after this many milliseconds when the daemon goes.
+        if tx
+            .send(Bytes::from_static(b"retry: 1000\n\n"))
+            .await
+            .is_err()
+        {
+            return;
+        }
         loop {
-            let event = tokio::select! {
-                _ = tick.tick() => status(&shared).to_string(),
-                received = changes.recv() => match received {
-                    Ok(event) => event.to_string(),
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        json!({"type": "skipped", "count": n}).to_string()
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
+            let received = tokio::select! {
+                _ = tick.tick() => None,
+                received = changes.recv() => Some(received),
                 _ = stopping.wait_for(|&s| s) => break,
+            };
+            let event = match received {
+                None => crate::status::live(&shared).await.to_string(),
+                Some(Ok(event)) => event.to_string(),
+                Some(Err(broadcast::error::RecvError::Lagged(n))) => {
+                    json!({"type": "skipped", "count": n}).to_string()
+                }
+                Some(Err(broadcast::error::RecvError::Closed)) => break,
             };
             let frame = Bytes::from(format!("data: {event}\n\n"));
             if tx.send(frame).await.is_err() {

@@ -102,6 +102,7 @@ pub fn explain(
     };
     let change = Change {
         position: 1,
+        written_ms: None,
         body: ChangeBody::Row(RowChange {
             layout,
             op,

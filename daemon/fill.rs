@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -96,10 +97,17 @@ fn timed_compute(
 ) -> rusqlite::Result<Computed> {
     let started = std::time::Instant::now();
     let computed = compute(conn, family, params);
+    let took = started.elapsed();
+    shared.stats.fill_seconds.observe(took.as_secs_f64());
     shared
         .stats
-        .fill_seconds
-        .observe(started.elapsed().as_secs_f64());
+        .fill_recent
+        .record(crate::latency::now_ms(), &[took.as_secs_f64() * 1000.0]);
+    family.stats.computes.fetch_add(1, Ordering::Relaxed);
+    family
+        .stats
+        .compute_micros
+        .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     computed
 }
 

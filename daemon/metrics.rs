@@ -4,7 +4,6 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -13,13 +12,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::state::Shared;
+use crate::tail::Backlog;
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The metrics now; `head` is the newest outbox id (None when it could not be read).
-pub fn render(shared: Arc<Shared>, head: Option<u64>) -> Result<String, fmt::Error> {
+/// The metrics now; `backlog` is None when the outbox could not be read.
+pub fn render(shared: Arc<Shared>, backlog: Option<Backlog>) -> Result<String, fmt::Error> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Snapshot { shared, head }));
+    registry.register_collector(Box::new(Snapshot { shared, backlog }));
     let mut text = String::with_capacity(8 * 1024);
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
     Ok(text)
@@ -27,7 +27,7 @@ pub fn render(shared: Arc<Shared>, head: Option<u64>) -> Result<String, fmt::Err
 
 struct Snapshot {
     shared: Arc<Shared>,
-    head: Option<u64>,
+    backlog: Option<Backlog>,
 }
 
 impl fmt::Debug for Snapshot {
@@ -87,27 +87,21 @@ impl Collector for Snapshot {
             "Batches applied.",
             load(&stats.batches),
         )?;
-        let cursor = shared.applied();
-        let lag = self.head.map_or(0, |h| h.saturating_sub(cursor));
+        let cursor = self.backlog.map_or_else(|| shared.applied(), |b| b.cursor);
+        let lag = self.backlog.map_or(0, |b| b.events());
         gauge(
             e,
             "cachetail_lag_events",
             "Changes committed but not applied yet.",
             lag as f64,
         )?;
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let caught_up = load(&stats.caught_up_at_ms);
-        let lag_seconds = if lag == 0 || caught_up == 0 {
-            0.0
-        } else {
-            now_ms.saturating_sub(caught_up) as f64 / 1000.0
-        };
+        let lag_seconds = self.backlog.map_or(0.0, |b| {
+            b.seconds(load(&stats.caught_up_at_ms), crate::latency::now_ms())
+        });
         gauge(
             e,
             "cachetail_lag_seconds",
-            "While changes wait to be applied: seconds since the daemon last had none waiting.",
+            "How long the oldest change not applied yet has waited, in seconds.",
             lag_seconds,
         )?;
         gauge(
@@ -204,6 +198,12 @@ impl Collector for Snapshot {
             "How long a fill's query took.",
             None,
             stats.fill_seconds.metric_type(),
+        )?)?;
+        stats.fresh_seconds.encode(e.encode_descriptor(
+            "cachetail_commit_to_fresh_seconds",
+            "From a write (its captured time, millisecond precision) to its cache actions done.",
+            None,
+            stats.fresh_seconds.metric_type(),
         )?)?;
         gauge(
             e,

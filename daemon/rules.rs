@@ -167,6 +167,7 @@ tags = ["user:{user_id}"]
         let image = |v: [i64; 2]| v.iter().map(|&i| Value::Integer(i)).collect();
         Change {
             position,
+            written_ms: None,
             body: ChangeBody::Row(RowChange {
                 layout,
                 op,
@@ -206,6 +207,7 @@ tags = ["user:{user_id}"]
     fn an_unreadable_change_drops_everything() {
         let unreadable = Change {
             position: 4,
+            written_ms: None,
             body: ChangeBody::Unreadable("bad".into()),
         };
         assert_eq!(plan(&config(), &[unreadable]).flush_all, Some(4));

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -230,10 +230,23 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         "/v1/admin/invalidate" | "/v1/admin/flush" => method_not_allowed("POST"),
         "/v1/verify" => method_not_allowed("POST"),
         "/healthz" | "/v1/status" | "/metrics" => method_not_allowed("GET"),
+        "/" if is_get && accepts_html(request.headers()) => response(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            Bytes::from_static(crate::ui::HOME.as_bytes()),
+        ),
         "/" if is_get => json_response(
             StatusCode::OK,
-            &json!({"name": "cachetail", "routes": ["/v1/keys/{key}", "POST /v1/keys", "/v1/status", "/v1/events", "/metrics", "/v1/verify", "/healthz"]}),
+            &json!({"name": "cachetail", "dashboard": "/ui", "routes": ["/v1/keys/{key}", "POST /v1/keys", "/v1/status", "/v1/events", "/metrics", "/v1/verify", "/healthz", "/ui"]}),
         ),
+        _ if path == "/ui" || path.starts_with("/ui/") => match crate::ui::find(path) {
+            Some(asset) if is_get => ui_asset(request.headers(), asset),
+            Some(_) => method_not_allowed("GET"),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("no route {path}: the dashboard is at /ui"),
+            ),
+        },
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no route {path}: try GET /v1/keys/{{key}} or GET /v1/status"),
@@ -604,6 +617,44 @@ fn value_response(key: &str, entry: &Entry, cache: &'static str) -> Response<Bod
     response
 }
 
+/// A browser asking for a page (`Accept: text/html`), not a client asking for JSON.
+fn accepts_html(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")))
+}
+
+/// A file of the dashboard, with its validator and the page's security headers.
+fn ui_asset(request: &hyper::HeaderMap, asset: &crate::ui::Asset) -> Response<Body> {
+    let mut answer = response(
+        StatusCode::OK,
+        asset.content_type,
+        Bytes::from_static(asset.body.as_bytes()),
+    );
+    let headers = answer.headers_mut();
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    headers.insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(crate::ui::CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        hyper::header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    if let Ok(tag) = HeaderValue::from_str(&asset.etag()) {
+        headers.insert(hyper::header::ETAG, tag);
+    }
+    not_modified_if_matching(request, answer)
+}
+
 /// `If-None-Match` naming the answer's `ETag` (or `*`): `304 Not Modified`, headers only.
 fn not_modified_if_matching(
     request: &hyper::HeaderMap,
@@ -630,12 +681,8 @@ fn not_modified_if_matching(
 }
 
 async fn metrics(shared: &Arc<Shared>) -> Response<Body> {
-    let reader = Arc::clone(shared);
-    let head = tokio::task::spawn_blocking(move || reader.pool.with(tail::head))
-        .await
-        .ok()
-        .and_then(Result::ok);
-    match crate::metrics::render(Arc::clone(shared), head) {
+    let backlog = crate::status::read_backlog(shared).await.ok();
+    match crate::metrics::render(Arc::clone(shared), backlog) {
         Ok(text) => response(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
@@ -646,117 +693,7 @@ async fn metrics(shared: &Arc<Shared>) -> Response<Body> {
 }
 
 async fn status(shared: &Arc<Shared>) -> Response<Body> {
-    let reader = Arc::clone(shared);
-    let head = tokio::task::spawn_blocking(move || reader.pool.with(tail::head)).await;
-    let cursor = shared.applied();
-    let (head, head_error) = match head {
-        Ok(Ok(head)) => (Some(head), None),
-        Ok(Err(e)) => (None, Some(e.to_string())),
-        Err(e) => (None, Some(e.to_string())),
-    };
-    let config = shared.config();
-    let reload = shared.reload_state();
-    let s = &shared.stats;
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let families: Vec<_> = config
-        .families
-        .iter()
-        .map(|f| {
-            json!({
-                "pattern": f.pattern.source(),
-                "many": f.many,
-                "ttl_ms": f.ttl.as_millis() as u64,
-                "tags": f.tags.iter().map(|t| t.source()).collect::<Vec<_>>(),
-                "hits": load(&f.stats.hits),
-                "misses": load(&f.stats.misses),
-                "fills": load(&f.stats.fills),
-            })
-        })
-        .collect();
-    let rules: Vec<_> = config
-        .rules
-        .iter()
-        .map(|r| {
-            json!({
-                "table": r.table,
-                "on": r.on.iter().map(|o| o.name()).collect::<Vec<_>>(),
-                "keys": r.keys.iter().map(|k| k.source()).collect::<Vec<_>>(),
-                "tags": r.tags.iter().map(|t| t.source()).collect::<Vec<_>>(),
-                "strategy": r.strategy.name(),
-                "derived_from": r.derived_from,
-            })
-        })
-        .collect();
-    let (entries, redis) = match &shared.redis {
-        None => (Some(shared.cache.entry_count()), serde_json::Value::Null),
-        Some(redis) => {
-            let groups: Vec<String> = config.families.iter().map(|f| f.group.clone()).collect();
-            let count = redis.count(&groups).await;
-            let health = redis.health();
-            let since = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-            (
-                count.as_ref().ok().copied(),
-                json!({
-                    "address": redis.address(),
-                    "prefix": redis.prefix,
-                    "ok": health.down_since.is_none() && count.is_ok(),
-                    "down_since": health.down_since.map(since),
-                    "last_error": health.last_error,
-                    "outages": health.outages,
-                }),
-            )
-        }
-    };
-    let body = json!({
-        "role": if shared.active.load(Ordering::Acquire) { "active" } else { "standby" },
-        "backend": if shared.redis.is_some() { "redis" } else { "memory" },
-        "redis": redis,
-        "cursor": cursor,
-        "head": head,
-        "lag": head.map(|h| h.saturating_sub(cursor)),
-        "head_error": head_error,
-        "events": load(&s.events),
-        "batches": load(&s.batches),
-        "invalidations": load(&s.invalidations),
-        "tag_invalidations": load(&s.tag_invalidations),
-        "recomputes": load(&s.recomputes),
-        "hits": load(&s.hits),
-        "misses": load(&s.misses),
-        "fills": load(&s.fills),
-        "fill_errors": load(&s.fill_errors),
-        "apply_errors": load(&s.apply_errors),
-        "verified": load(&s.verified),
-        "stale_found": load(&s.stale_found),
-        "entries": entries,
-        "write_behind_queue": shared.write_behind.depth(),
-        "warm": {
-            "total": load(&shared.warm.total),
-            "done": load(&shared.warm.done),
-            "failed": load(&shared.warm.failed),
-            "finished": shared.warm.finished.load(Ordering::Acquire),
-        },
-        "paused": shared.paused.load(Ordering::Acquire),
-        "capture_failures": shared
-            .capture_failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(table, reason)| json!({"table": table, "error": reason}))
-            .collect::<Vec<_>>(),
-        "config": {
-            "tracking_gaps": crate::check::tracking_gaps(&config),
-            "path": config.path.as_ref().map(|p| p.display().to_string()),
-            "database": config.database.display().to_string(),
-            "loaded_at": reload.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-            "reloads": reload.reloads,
-            "reload_failures": reload.failures,
-            "last_reload_error": reload.last_error,
-            "families": families,
-            "rules": rules,
-        },
-        "now": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-    });
-    json_response(StatusCode::OK, &body)
+    json_response(StatusCode::OK, &crate::status::full(shared).await)
 }
 
 /// `POST /v1/verify?sample=N`: recompute up to N cached values (default 1000, at most 100000)

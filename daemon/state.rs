@@ -11,6 +11,7 @@ use crate::apply::WriteBehindQueue;
 use crate::cache::Cache;
 use crate::config::{Backend, Config};
 use crate::fill::ReadPool;
+use crate::latency::Recent;
 use crate::redis_cache::RedisCache;
 
 /// Counters shown by `/v1/status`.
@@ -36,6 +37,11 @@ pub struct Stats {
     pub caught_up_at_ms: AtomicU64,
     /// How long fills' queries took (seconds).
     pub fill_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// From a write (its captured time) to its cache actions done (seconds).
+    pub fresh_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// The same two, recent samples, for percentiles in `/v1/status` and the dashboard.
+    pub fill_recent: Recent,
+    pub fresh_recent: Recent,
 }
 
 impl Default for Stats {
@@ -59,6 +65,12 @@ impl Default for Stats {
             fill_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16),
             ),
+            // 250 µs to ~8 s, doubling (the captured time has millisecond precision).
+            fresh_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_25, 2.0, 16),
+            ),
+            fill_recent: Recent::default(),
+            fresh_recent: Recent::default(),
         }
     }
 }

@@ -75,6 +75,8 @@ pub enum ChangeBody {
 #[derive(Debug)]
 pub struct Change {
     pub position: u64,
+    /// When the write ran (unix ms, SQLite's clock), if the capture recorded it.
+    pub written_ms: Option<f64>,
     pub body: ChangeBody,
 }
 
@@ -226,7 +228,7 @@ impl Outbox {
         let mut raw = Vec::with_capacity(limit.min(4096));
         {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT id, capture, op, old, new FROM cachetail_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, capture, op, old, new, at FROM cachetail_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
             let mut rows = stmt.query(params![self.cursor as i64, limit as i64])?;
             while let Some(row) = rows.next()? {
@@ -236,11 +238,12 @@ impl Outbox {
                     row.get::<_, i64>(2)?,
                     row.get::<_, Option<String>>(3)?,
                     row.get::<_, Option<String>>(4)?,
+                    row.get::<_, Option<f64>>(5).ok().flatten(),
                 ));
             }
         }
         let mut changes = Vec::with_capacity(raw.len());
-        for (id, layout, op, old, new) in raw {
+        for (id, layout, op, old, new, at) in raw {
             if !self.layouts.contains_key(&layout) {
                 // Capture was reinstalled (a reload changed the columns): learn the new layouts.
                 self.layouts = capture::load_layouts(&self.conn)?;
@@ -248,6 +251,7 @@ impl Outbox {
             let body = self.decode(id, layout, op, old.as_deref(), new.as_deref());
             changes.push(Change {
                 position: u64::try_from(id).unwrap_or(0),
+                written_ms: at.map(capture::julian_to_unix_ms),
                 body,
             });
         }
@@ -439,6 +443,54 @@ pub fn note_install(shared: &Shared, report: &capture::InstallReport) {
     }
 }
 
+/// How far the outbox is ahead of the applied position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    /// The newest outbox id.
+    pub head: u64,
+    /// The applied position it was read against.
+    pub cursor: u64,
+    /// When the oldest change not applied yet was written (unix ms), if any and recorded.
+    pub oldest_written_ms: Option<f64>,
+}
+
+impl Backlog {
+    /// Changes committed but not applied yet.
+    pub fn events(&self) -> u64 {
+        self.head.saturating_sub(self.cursor)
+    }
+
+    /// How long the oldest unapplied change has waited; for outbox rows written before capture
+    /// recorded times, the time since the tail was last caught up (`caught_up_ms`).
+    pub fn seconds(&self, caught_up_ms: u64, now_ms: u64) -> f64 {
+        if self.events() == 0 {
+            return 0.0;
+        }
+        match self.oldest_written_ms {
+            Some(written) => ((now_ms as f64 - written) / 1000.0).max(0.0),
+            None if caught_up_ms == 0 => 0.0,
+            None => now_ms.saturating_sub(caught_up_ms) as f64 / 1000.0,
+        }
+    }
+}
+
+/// The backlog after `cursor`: one indexed read.
+pub fn backlog(conn: &Connection, cursor: u64) -> rusqlite::Result<Backlog> {
+    let (head, oldest): (i64, Option<f64>) = conn
+        .prepare_cached(
+            "SELECT (SELECT coalesce(max(id), 0) FROM cachetail_outbox), \
+                    (SELECT at FROM cachetail_outbox WHERE id > ?1 AND at IS NOT NULL ORDER BY id LIMIT 1)",
+        )?
+        .query_row([cursor as i64], |row| {
+            Ok((row.get(0)?, row.get::<_, Option<f64>>(1).ok().flatten()))
+        })?;
+    Ok(Backlog {
+        head: u64::try_from(head).unwrap_or(0),
+        cursor,
+        oldest_written_ms: oldest.map(capture::julian_to_unix_ms),
+    })
+}
+
 /// The newest outbox id.
 pub fn head(conn: &Connection) -> rusqlite::Result<u64> {
     let id: i64 = conn
@@ -538,7 +590,7 @@ pub fn run(
                 shared
                     .stats
                     .caught_up_at_ms
-                    .store(now_ms(), Ordering::Relaxed);
+                    .store(crate::latency::now_ms(), Ordering::Relaxed);
                 if let Err(e) = outbox.persist(false, true) {
                     if lost(&e) {
                         stand_by(&shared, &mut outbox);
@@ -581,10 +633,21 @@ pub fn run(
     tracing::info!(cursor = outbox.cursor(), "tail stopped");
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
+/// Commit → fresh: from each change's captured write time to now, when its cache actions are
+/// done (invalidations applied, write-through values stored).
+fn record_freshness(shared: &Shared, changes: &[Change]) {
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let took: Vec<f64> = changes
+        .iter()
+        .filter_map(|c| c.written_ms)
+        .map(|written| (now - written).max(0.0))
+        .collect();
+    for ms in &took {
+        shared.stats.fresh_seconds.observe(ms / 1000.0);
+    }
+    shared.stats.fresh_recent.record(now as u64, &took);
 }
 
 fn lost(error: &TailError) -> bool {
@@ -677,6 +740,7 @@ pub fn step(
     };
     let plan = rules::plan(config, &changes);
     apply::apply(shared, config, &plan, outbox.conn(), outbox.cursor, last)?;
+    record_freshness(shared, &changes);
     crate::events::publish(shared, config, &changes);
     for (&index, &(invalidations, recomputes)) in &plan.per_rule {
         if let Some(rule) = config.rules.get(index) {
@@ -696,4 +760,37 @@ pub fn step(
         tracing::warn!(error = %e, "writing the cursor failed; it will be retried after the next batch");
     }
     Ok(changes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_ages_from_the_oldest_unapplied_write() -> rusqlite::Result<()> {
+        let conn = Connection::open_in_memory()?;
+        // An outbox from before write times were recorded, with a row in it.
+        conn.execute_batch(
+            "CREATE TABLE cachetail_outbox (id INTEGER PRIMARY KEY, capture INTEGER NOT NULL, \
+                 op INTEGER NOT NULL, old TEXT, new TEXT);
+             INSERT INTO cachetail_outbox (id, capture, op) VALUES (1, 0, 4);",
+        )?;
+        capture::ensure_schema(&conn)?;
+        capture::ensure_schema(&conn)?; // idempotent
+        conn.execute_batch(
+            "INSERT INTO cachetail_outbox (id, capture, op, at) VALUES \
+                 (2, 0, 4, julianday('now', '-5 seconds')), (3, 0, 4, julianday('now'));",
+        )?;
+        let now = crate::latency::now_ms();
+        let all = backlog(&conn, 0)?;
+        assert_eq!((all.head, all.events()), (3, 3));
+        let waited = all.seconds(0, now);
+        assert!((4.9..6.0).contains(&waited), "{waited}");
+        assert!(backlog(&conn, 2)?.seconds(0, now) < 1.0);
+        assert_eq!(backlog(&conn, 3)?.seconds(0, now), 0.0);
+        // Rows without a time: the time since the tail was last caught up.
+        conn.execute("UPDATE cachetail_outbox SET at = NULL", [])?;
+        assert_eq!(backlog(&conn, 0)?.seconds(now - 2000, now), 2.0);
+        Ok(())
+    }
 }

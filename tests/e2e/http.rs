@@ -424,6 +424,17 @@ fn metrics_parse_as_openmetrics_and_count_what_happened() {
     );
     assert_eq!(get("cachetail_write_behind_queue_depth{}"), 0.0);
     assert_eq!(get("cachetail_active{}"), 1.0);
+    // Commit → fresh, from the captured write time: the review (and the install's markers).
+    let fresh = get("cachetail_commit_to_fresh_seconds_count{}");
+    let took = get("cachetail_commit_to_fresh_seconds_sum{}");
+    assert!(fresh >= 1.0, "the review was timed");
+    assert!(
+        took > 0.0 && took / fresh < 5.0,
+        "a plausible mean: {took} s over {fresh}"
+    );
+    let latency = &daemon.status()["latency"]["commit_to_fresh"];
+    assert!(latency["count"].as_u64() >= Some(1), "{latency}");
+    assert!(latency["p99_ms"].as_f64() >= latency["p50_ms"].as_f64());
 
     // Reloads: one that takes effect, one refused.
     let config = std::fs::read_to_string(&daemon.config).expect("config");

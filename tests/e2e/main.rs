@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `cachetail` binary (or library), a real SQLite file written by
 //! separate processes, real HTTP over loopback. One test binary, so the crate links once.
 
+mod browser;
 mod common;
 mod crash;
 mod fuzz;

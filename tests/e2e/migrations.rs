@@ -155,3 +155,53 @@ fn pause_serves_from_the_database_and_resume_flushes() {
     });
     assert_eq!(daemon.verify()["stale"], 0);
 }
+
+#[test]
+fn an_outbox_from_before_write_times_is_upgraded_in_place() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let config = catalog.write_config(&reference_config(port));
+    cli_ok("install", &config);
+    // Turn the install into what an older cachetail left: no `at` column, triggers without it,
+    // and a change captured that way, waiting to be applied.
+    catalog.python(
+        "rows = con.execute(\"SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'cachetail_%'\").fetchall()\n\
+         assert rows and all(\"julianday('now')\" in sql for _, sql in rows)\n\
+         for name, _ in rows: con.execute(f'DROP TRIGGER \"{name}\"')\n\
+         con.execute('CREATE TABLE old_outbox (id INTEGER PRIMARY KEY, capture INTEGER NOT NULL, op INTEGER NOT NULL, old TEXT, new TEXT)')\n\
+         con.execute('INSERT INTO old_outbox SELECT id, capture, op, old, new FROM cachetail_outbox')\n\
+         con.execute('DROP TABLE cachetail_outbox')\n\
+         con.execute('ALTER TABLE old_outbox RENAME TO cachetail_outbox')\n\
+         for _, sql in rows: con.execute(sql.replace(', at)', ')').replace(\", julianday('now')\", ''))\n\
+         con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 3, 1)')",
+    );
+    assert_eq!(
+        catalog.sqlite_cli(
+            "SELECT count(*) FROM pragma_table_info('cachetail_outbox') WHERE name = 'at'"
+        ),
+        "0"
+    );
+    let mut daemon = Daemon::start_existing(&config, port);
+    let status = daemon.wait_caught_up();
+    assert_eq!(status["apply_errors"], 0, "the old row decodes: {status}");
+    assert_eq!(
+        catalog.sqlite_cli(
+            "SELECT count(*) FROM pragma_table_info('cachetail_outbox') WHERE name = 'at'"
+        ),
+        "1",
+        "the column is added"
+    );
+    assert_eq!(review_count(&mut daemon, "book:2"), 2);
+    let timed = |daemon: &mut Daemon| {
+        daemon.status()["latency"]["commit_to_fresh"]["count"]
+            .as_u64()
+            .expect("count")
+    };
+    let before = timed(&mut daemon);
+    catalog.sqlite_cli("INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 2, 4)");
+    eventually("the new trigger records the write time", || {
+        (timed(&mut daemon) > before).then_some(())
+    });
+    assert_eq!(review_count(&mut daemon, "book:2"), 3);
+    assert_eq!(daemon.verify()["stale"], 0);
+}
