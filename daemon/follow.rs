@@ -148,16 +148,27 @@ pub fn describe(event: &Value) -> String {
             }
             line
         }
-        Some("status") => format!(
-            "[status] {} · cursor {} · events {} · hits {} · misses {} · fills {} · write-behind queue {}",
-            event["role"].as_str().unwrap_or("?"),
-            event["cursor"],
-            event["events"],
-            event["hits"],
-            event["misses"],
-            event["fills"],
-            event["write_behind_queue"]
-        ),
+        Some("status") => {
+            let fresh = &event["latency"]["commit_to_fresh"];
+            let ms = |v: &Value| {
+                v.as_f64()
+                    .map_or_else(|| "–".to_owned(), |x| format!("{x:.1}"))
+            };
+            format!(
+                "[status] {} · cursor {} · lag {} ({:.1} s) · events {} · hits {} · misses {} · fills {} · commit→fresh p50 {} p99 {} ms · write-behind queue {}",
+                event["role"].as_str().unwrap_or("?"),
+                event["cursor"],
+                event["lag"],
+                event["lag_seconds"].as_f64().unwrap_or(0.0),
+                event["events"],
+                event["hits"],
+                event["misses"],
+                event["fills"],
+                ms(&fresh["p50_ms"]),
+                ms(&fresh["p99_ms"]),
+                event["write_behind_queue"]
+            )
+        }
         Some("skipped") => format!("… {} more changes not shown", event["count"]),
         _ => event.to_string(),
     }

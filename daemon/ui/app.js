@@ -93,8 +93,10 @@ function drawChart(svg, values) {
   const width = box.width;
   const height = box.height;
   const max = Math.max(1e-9, ...values);
-  const step = width / (HISTORY - 1);
-  const offset = HISTORY - values.length;
+  // The x axis spans the history there is (at least a minute), up to HISTORY seconds.
+  const span = Math.max(60, values.length);
+  const step = width / (span - 1);
+  const offset = span - values.length;
   const points = values.map((v, i) => {
     const x = (offset + i) * step;
     const y = height - 1 - (v / max) * (height - 2);

@@ -430,6 +430,10 @@ fn watch_prints_each_change_with_its_keys_and_survives_a_restart() {
     assert!(line.contains("book_id=4"), "{line}");
     assert!(line.contains("book:4 (write-through)"), "{line}");
     assert!(line.contains("top-books (write-through)"), "{line}");
+    let status = wait_for("a status line with the change timed", &lines, &|l| {
+        l.starts_with("[status] active") && l.contains("commit→fresh p50 ") && !l.contains("p50 –")
+    });
+    assert!(status.contains(" · lag "), "{status}");
 
     // The daemon restarts: watch reconnects and keeps printing.
     daemon.kill();
