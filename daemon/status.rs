@@ -16,13 +16,15 @@ fn load(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-/// A family's counters: hits, misses, fills and the mean time of its queries.
-fn counters(family: &Family) -> Map<String, Value> {
+/// A family's counters: hits, misses, fills and the mean time of its queries, with its pattern
+/// under `name`.
+fn counters(family: &Family, name: &str) -> Map<String, Value> {
     let stats = &family.stats;
     let runs = load(&stats.computes);
     let mean_fill_ms =
         (runs > 0).then(|| load(&stats.compute_micros) as f64 / runs as f64 / 1000.0);
     let mut map = Map::new();
+    map.insert(name.into(), json!(family.pattern.source()));
     map.insert("hits".into(), json!(load(&stats.hits)));
     map.insert("misses".into(), json!(load(&stats.misses)));
     map.insert("fills".into(), json!(load(&stats.fills)));
@@ -39,11 +41,7 @@ pub async fn live(shared: &Arc<Shared>) -> Value {
     let families: Vec<_> = config
         .families
         .iter()
-        .map(|f| {
-            let mut family = counters(f);
-            family.insert("family".into(), json!(f.pattern.source()));
-            Value::Object(family)
-        })
+        .map(|f| Value::Object(counters(f, "family")))
         .collect();
     json!({
         "type": "status",
@@ -103,21 +101,18 @@ pub async fn full(shared: &Arc<Shared>) -> Value {
         Ok(b) => (Some(b.head), None),
         Err(e) => (None, Some(e.clone())),
     };
-    let lag_seconds = backlog.as_ref().ok().map(|b| {
-        b.seconds(
-            shared.stats.caught_up_at_ms.load(Ordering::Relaxed),
-            now_ms(),
-        )
-    });
+    let s = &shared.stats;
+    let lag_seconds = backlog
+        .as_ref()
+        .ok()
+        .map(|b| b.seconds(load(&s.caught_up_at_ms), now_ms()));
     let config = shared.config();
     let reload = shared.reload_state();
-    let s = &shared.stats;
     let families: Vec<_> = config
         .families
         .iter()
         .map(|f| {
-            let mut family = counters(f);
-            family.insert("pattern".into(), json!(f.pattern.source()));
+            let mut family = counters(f, "pattern");
             family.insert("many".into(), json!(f.many));
             family.insert("ttl_ms".into(), json!(f.ttl.as_millis() as u64));
             let tags: Vec<_> = f.tags.iter().map(|t| t.source()).collect();
