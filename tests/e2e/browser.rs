@@ -207,11 +207,16 @@ fn number(text: &str) -> Option<u64> {
 fn the_dashboard_shows_each_change_live_and_reconnects() {
     let catalog = Catalog::new();
     let port = free_port();
+    // The reference config, an admin token, and a family whose rules are derived (`auto`).
     let config = reference_config(port).replacen(
         "\n[cache]",
         &format!("\nadmin_token = \"{TOKEN}\"\n\n[cache]"),
         1,
-    );
+    ) + r#"
+[keys."reviews-by-user:{id}"]
+query = "SELECT count(*) AS n FROM reviews r JOIN users u ON u.id = r.user_id WHERE u.id = :id"
+invalidate = "auto"
+"#;
     let mut daemon = Daemon::start(&catalog, &config, port);
     let base = format!("http://127.0.0.1:{port}");
 
@@ -240,6 +245,11 @@ fn the_dashboard_shows_each_change_live_and_reconnects() {
         let shown = browser.script("return document.querySelectorAll('#rules tbody tr').length;");
         (shown.as_u64()? == rules).then_some(())
     });
+    let listed = browser.text("rules");
+    assert!(
+        listed.contains("auto, from reviews-by-user:{id}"),
+        "the derived rule is marked: {listed}"
+    );
 
     // Reads move the per-family counters.
     let events_before = eventually("the counters show", || number(&browser.text("events")));
@@ -271,6 +281,7 @@ fn the_dashboard_shows_each_change_live_and_reconnects() {
         "top-bookswrite-behind",
         "book:3:reviewswrite-behind",
         "user:2write-behind",
+        "reviews-by-user:2delete",
     ] {
         assert!(
             entry.contains(expected),
@@ -321,6 +332,24 @@ fn the_dashboard_shows_each_change_live_and_reconnects() {
     });
     browser.screenshot("dashboard-phone.png");
     browser.resize(1280, 1100);
+
+    // A config saved broken: the page shows why (the old rules stay); fixed: the notice goes.
+    let good = std::fs::read_to_string(&daemon.config).expect("config");
+    let error_shown = |browser: &mut Browser| {
+        browser
+            .script("return !document.getElementById('reload-error').hidden;")
+            .as_bool()
+    };
+    catalog.write_config(&format!("{good}\n[keys.\"broken:{{id}}\"]\nqueryy = 1\n"));
+    eventually("the page shows the reload error", || {
+        error_shown(&mut browser)?.then_some(())
+    });
+    let why = browser.text("reload-error-text");
+    assert!(why.contains("queryy"), "{why}");
+    catalog.write_config(&good);
+    eventually("a good reload clears it", || {
+        (!error_shown(&mut browser)?).then_some(())
+    });
 
     // The daemon restarts: the page says so, reconnects on its own, and the feed goes on.
     daemon.stop();
