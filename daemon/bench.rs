@@ -252,15 +252,16 @@ fn drain(options: &BenchOptions) -> anyhow::Result<Row> {
     {
         let conn = crate::sqlite::open(&db)?;
         let mut stmt =
-            conn.prepare("SELECT id, capture, op, old, new FROM cachetail_outbox ORDER BY id")?;
+            conn.prepare("SELECT id, capture, op, old, new, at FROM cachetail_outbox ORDER BY id")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let _: (i64, i64, i64, Option<String>, Option<String>) = (
+            let _: (i64, i64, i64, Option<String>, Option<String>, Option<f64>) = (
                 row.get(0)?,
                 row.get(1)?,
                 row.get(2)?,
                 row.get(3)?,
                 row.get(4)?,
+                row.get(5)?,
             );
             read += 1;
         }
