@@ -19,7 +19,7 @@ import urllib.request
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-quic",
+    "--disable-quic", "--disable-dev-shm-usage",
 ]
 
 

@@ -54,6 +54,7 @@ impl Browser {
             "--disable-component-update",
             "--disable-sync",
             "--disable-quic",
+            "--disable-dev-shm-usage", // a small /dev/shm (containers) must not crash tabs
             "--window-size=1280,1100",
         ]
         .map(String::from)
