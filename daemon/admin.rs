@@ -58,11 +58,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Carries the action out; returns the outbox position it took effect at. Blocking.
 pub fn perform(shared: &Shared, action: &Action) -> Result<u64, (StatusCode, String)> {
     let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
-    // A position of its own: values read before it are dropped, values read after it are
-    // fresh (even after a change cachetail could not see, which is why operators flush).
-    let head = crate::sqlite::open_writer(&shared.config().database)
-        .and_then(|conn| capture::write_marker(&conn))
-        .map_err(|e| unavailable(format!("cannot write a position marker to the outbox: {e}")))?;
     let config = shared.config();
     let family = match action {
         Action::Family(pattern) => Some(
@@ -79,6 +74,11 @@ pub fn perform(shared: &Shared, action: &Action) -> Result<u64, (StatusCode, Str
         ),
         _ => None,
     };
+    // A position of its own: values read before it are dropped, values read after it are
+    // fresh (even after a change cachetail could not see, which is why operators flush).
+    let head = crate::sqlite::open_writer(&config.database)
+        .and_then(|conn| capture::write_marker(&conn))
+        .map_err(|e| unavailable(format!("cannot write a position marker to the outbox: {e}")))?;
     match &shared.redis {
         None => match action {
             Action::Key(key) => shared.cache.invalidate(key),

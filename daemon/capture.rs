@@ -87,7 +87,7 @@ pub const MARKER_OP: i64 = 4;
 /// Writes a position marker into the outbox and returns its position. Blocking; a short write.
 pub fn write_marker(conn: &Connection) -> rusqlite::Result<u64> {
     conn.execute(
-        "INSERT INTO cachetail_outbox (id, capture, op, at) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM cachetail_outbox), 0, ?1, julianday('now'))",
+        &format!("INSERT INTO cachetail_outbox (id, capture, op, at) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM cachetail_outbox), 0, ?1, {WRITTEN_AT})"),
         [MARKER_OP],
     )?;
     Ok(u64::try_from(conn.last_insert_rowid()).unwrap_or(0))
@@ -180,7 +180,9 @@ pub fn install(conn: &mut Connection, config: &Config) -> Result<InstallReport, 
         let failed = report.failed.iter().any(|(t, _)| t == table);
         if failed || (!report.paused && !captured_before(table)) {
             tx.execute(
-                "INSERT INTO cachetail_outbox (capture, op, at) VALUES (?1, ?2, julianday('now'))",
+                &format!(
+                    "INSERT INTO cachetail_outbox (capture, op, at) VALUES (?1, ?2, {WRITTEN_AT})"
+                ),
                 params![layout, FLUSH_OP],
             )?;
             report.flushed.push(table.clone());
@@ -552,21 +554,20 @@ fn table_triggers(
         (name, sql)
     };
     let outbox = "INSERT INTO cachetail_outbox";
-    let now = WRITTEN_AT;
     let (insert, update, delete) = (Op::Insert.code(), Op::Update.code(), Op::Delete.code());
     let replaced = "cachetail_replaced";
     vec![
         named(
             "insert",
             format!(
-                "AFTER INSERT ON {t} BEGIN {outbox} (capture, op, new, at) VALUES ({layout}, {insert}, {}, {now}); END",
+                "AFTER INSERT ON {t} BEGIN {outbox} (capture, op, new, at) VALUES ({layout}, {insert}, {}, {WRITTEN_AT}); END",
                 values("NEW")
             ),
         ),
         named(
             "update",
             format!(
-                "AFTER UPDATE ON {t} BEGIN {outbox} (capture, op, old, new, at) VALUES ({layout}, {update}, {}, {}, {now}); END",
+                "AFTER UPDATE ON {t} BEGIN {outbox} (capture, op, old, new, at) VALUES ({layout}, {update}, {}, {}, {WRITTEN_AT}); END",
                 values("OLD"),
                 values("NEW")
             ),
@@ -574,14 +575,14 @@ fn table_triggers(
         named(
             "delete",
             format!(
-                "AFTER DELETE ON {t} BEGIN {outbox} (capture, op, old, at) VALUES ({layout}, {delete}, {}, {now}); END",
+                "AFTER DELETE ON {t} BEGIN {outbox} (capture, op, old, at) VALUES ({layout}, {delete}, {}, {WRITTEN_AT}); END",
                 values("OLD")
             ),
         ),
         named(
             "replace_insert",
             format!(
-                "BEFORE INSERT ON {t} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {now} FROM {t} AS {replaced} WHERE {}; END",
+                "BEFORE INSERT ON {t} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {WRITTEN_AT} FROM {t} AS {replaced} WHERE {}; END",
                 values(replaced),
                 shape.conflict(replaced)
             ),
@@ -589,7 +590,7 @@ fn table_triggers(
         named(
             "replace_update",
             format!(
-                "BEFORE UPDATE ON {t} WHEN {} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {now} FROM {t} AS {replaced} WHERE ({}) AND NOT {}; END",
+                "BEFORE UPDATE ON {t} WHEN {} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {WRITTEN_AT} FROM {t} AS {replaced} WHERE ({}) AND NOT {}; END",
                 shape.unique_column_changes(),
                 values(replaced),
                 shape.conflict(replaced),

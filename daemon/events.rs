@@ -40,9 +40,13 @@ pub fn publish(shared: &Shared, config: &Config, changes: &[Change]) {
         let mut keys: Vec<_> = plan
             .keys
             .iter()
-            .map(|(key, action)| json!({"key": key, "strategy": action.strategy.name()}))
+            .map(|(key, action)| (key, action.strategy.name()))
             .collect();
-        keys.sort_by_key(|k| k["key"].as_str().unwrap_or("").to_owned());
+        keys.sort();
+        let keys: Vec<_> = keys
+            .into_iter()
+            .map(|(key, strategy)| json!({"key": key, "strategy": strategy}))
+            .collect();
         let mut tags: Vec<&String> = plan.tags.keys().collect();
         tags.sort();
         let event = match &change.body {

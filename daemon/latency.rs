@@ -65,11 +65,16 @@ impl Recent {
     }
 }
 
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
+/// Unix milliseconds now, with their fraction.
+pub fn unix_ms() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    unix_ms() as u64
 }
 
 #[cfg(test)]

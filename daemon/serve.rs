@@ -149,7 +149,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         if request.method() == Method::DELETE {
             return match decode_key(raw_key) {
                 Ok(key) => admin(shared, request.headers(), Action::Key(key)).await,
-                Err(problem) => error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+                Err(problem) => malformed_key(&problem),
             };
         }
         if !is_get {
@@ -191,9 +191,9 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         "/metrics" if is_get => metrics(shared).await,
         "/v1/verify" if request.method() == Method::POST => {
             // Verify only reads; with an admin token set, it needs the token too.
-            if shared.config().admin_token.is_some()
-                && let Err((status, message)) =
-                    crate::admin::authorize(&shared.config(), request.headers())
+            let config = shared.config();
+            if config.admin_token.is_some()
+                && let Err((status, message)) = crate::admin::authorize(&config, request.headers())
             {
                 return error(status, message);
             }
@@ -262,7 +262,7 @@ async fn get_key(
 ) -> Response<Body> {
     match decode_key(raw_key) {
         Ok(key) => lookup(shared, key, fresh, only_if_cached).await,
-        Err(problem) => error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+        Err(problem) => malformed_key(&problem),
     }
 }
 
@@ -340,7 +340,7 @@ async fn lookup(
 async fn get_uncached(shared: &Arc<Shared>, raw_key: &str) -> Response<Body> {
     let key = match decode_key(raw_key) {
         Ok(key) => key,
-        Err(problem) => return error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+        Err(problem) => return malformed_key(&problem),
     };
     let config = shared.config();
     let Some((family, params)) = config.match_key(&key) else {
@@ -428,7 +428,7 @@ async fn multi_get(shared: &Arc<Shared>, request: Request<Incoming>) -> Response
         lookups.spawn(async move {
             let answer = match check_key(key) {
                 Ok(key) => lookup(&shared, key, fresh, false).await,
-                Err(problem) => error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+                Err(problem) => malformed_key(&problem),
             };
             (index, answer)
         });
@@ -519,15 +519,12 @@ async fn bypass(
     params: Params,
     reason: &'static str,
 ) -> Response<Body> {
-    let (reader, family_for_query) = (Arc::clone(shared), Arc::clone(family));
-    let computed = tokio::task::spawn_blocking(move || {
-        reader
-            .pool
-            .with(|conn| fill::compute(conn, &family_for_query, &params))
-    })
-    .await;
+    let family_for_query = Arc::clone(family);
+    let computed = shared
+        .read(move |conn| fill::compute(conn, &family_for_query, &params))
+        .await;
     match computed {
-        Ok(Ok(computed)) => {
+        Ok(computed) => {
             let entry = Entry {
                 version: computed.version,
                 body: computed.body,
@@ -543,33 +540,21 @@ async fn bypass(
             }
             response
         }
-        Ok(Err(e)) => error(
+        Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the query of key family `{}` failed: {e}", family.pattern),
         ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
 /// Waits until the daemon has applied every change committed before now (read-your-writes).
 async fn wait_until_applied(shared: &Arc<Shared>, timeout: Duration) -> Result<(), Response<Body>> {
-    let reader = Arc::clone(shared);
-    let head = tokio::task::spawn_blocking(move || reader.pool.with(tail::head)).await;
-    let head = match head {
-        Ok(Ok(head)) => head,
-        Ok(Err(e)) => {
-            return Err(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot read the outbox head: {e}"),
-            ));
-        }
-        Err(e) => {
-            return Err(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot read the outbox head: {e}"),
-            ));
-        }
-    };
+    let head = shared.read(tail::head).await.map_err(|e| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the outbox head: {e}"),
+        )
+    })?;
     let mut applied = shared.applied.subscribe();
     match tokio::time::timeout(timeout, applied.wait_for(|&position| position >= head)).await {
         Ok(Ok(_)) => Ok(()),
@@ -603,7 +588,7 @@ fn value_response(key: &str, entry: &Entry, cache: &'static str) -> Response<Bod
         } else {
             format!("max-age={}", entry.family.ttl.saturating_sub(age).as_secs())
         };
-        let tag = format!("\"{:016x}\"", crate::fnv1a(body));
+        let tag = etag(body);
         for (name, value) in [
             (hyper::header::ETAG, tag),
             (hyper::header::AGE, age.as_secs().to_string()),
@@ -615,6 +600,11 @@ fn value_response(key: &str, entry: &Entry, cache: &'static str) -> Response<Bod
         }
     }
     response
+}
+
+/// A strong validator: a hash of the body, quoted.
+fn etag(body: &[u8]) -> String {
+    format!("\"{:016x}\"", crate::fnv1a(body))
 }
 
 /// A browser asking for a page (`Accept: text/html`), not a client asking for JSON.
@@ -649,7 +639,7 @@ fn ui_asset(request: &hyper::HeaderMap, asset: &crate::ui::Asset) -> Response<Bo
         hyper::header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    if let Ok(tag) = HeaderValue::from_str(&asset.etag()) {
+    if let Ok(tag) = HeaderValue::from_str(&etag(asset.body.as_bytes())) {
         headers.insert(hyper::header::ETAG, tag);
     }
     not_modified_if_matching(request, answer)
@@ -791,6 +781,10 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
 
 fn error(status: StatusCode, message: String) -> Response<Body> {
     json_response(status, &json!({ "error": message }))
+}
+
+fn malformed_key(problem: &str) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}"))
 }
 
 fn method_not_allowed(allowed: &'static str) -> Response<Body> {

@@ -115,6 +115,18 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Runs `work` on a pooled read connection, on tokio's blocking pool (SQLite blocks).
+    pub async fn read<R: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, String> {
+        let shared = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || shared.pool.with(work)).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     pub fn new(config: Config, cursor: u64) -> Shared {
         let cache = Cache::new(config.cache.max_entries);
         let pool = ReadPool::new(config.database.clone(), 8);

@@ -32,6 +32,22 @@ fn counters(family: &Family, name: &str) -> Map<String, Value> {
     map
 }
 
+fn role(shared: &Shared) -> &'static str {
+    if shared.active.load(Ordering::Acquire) {
+        "active"
+    } else {
+        "standby"
+    }
+}
+
+fn backend(shared: &Shared) -> &'static str {
+    if shared.redis.is_some() {
+        "redis"
+    } else {
+        "memory"
+    }
+}
+
 /// The snapshot the live feed sends every second: the moving numbers, not the config.
 pub async fn live(shared: &Arc<Shared>) -> Value {
     let backlog = read_backlog(shared).await.ok();
@@ -56,8 +72,8 @@ pub async fn live(shared: &Arc<Shared>) -> Value {
         "fill_errors": load(&s.fill_errors),
         "write_behind_queue": shared.write_behind.depth(),
         "latency": latencies(shared),
-        "role": if shared.active.load(Ordering::Acquire) { "active" } else { "standby" },
-        "backend": if shared.redis.is_some() { "redis" } else { "memory" },
+        "role": role(shared),
+        "backend": backend(shared),
         "redis_ok": shared.redis.as_ref().map(|r| r.health().down_since.is_none()),
         "paused": shared.paused.load(Ordering::Acquire),
         "reloads": reload.reloads,
@@ -70,14 +86,8 @@ pub async fn live(shared: &Arc<Shared>) -> Value {
 
 /// The outbox's backlog behind the applied position (one read on the pool).
 pub async fn read_backlog(shared: &Arc<Shared>) -> Result<tail::Backlog, String> {
-    let reader = Arc::clone(shared);
     let cursor = shared.applied();
-    match tokio::task::spawn_blocking(move || reader.pool.with(|c| tail::backlog(c, cursor))).await
-    {
-        Ok(Ok(backlog)) => Ok(backlog),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
-    }
+    shared.read(move |conn| tail::backlog(conn, cursor)).await
 }
 
 /// The recent commit → fresh and fill-time percentiles, over the last minute.
@@ -154,13 +164,13 @@ pub async fn full(shared: &Arc<Shared>) -> Value {
             )
         }
     };
-    let body = json!({
-        "role": if shared.active.load(Ordering::Acquire) { "active" } else { "standby" },
-        "backend": if shared.redis.is_some() { "redis" } else { "memory" },
+    json!({
+        "role": role(shared),
+        "backend": backend(shared),
         "redis": redis,
         "cursor": cursor,
         "head": head,
-        "lag": head.map(|h| h.saturating_sub(cursor)),
+        "lag": backlog.as_ref().ok().map(tail::Backlog::events),
         "lag_seconds": lag_seconds,
         "latency": latencies(shared),
         "head_error": head_error,
@@ -203,7 +213,6 @@ pub async fn full(shared: &Arc<Shared>) -> Value {
             "families": families,
             "rules": rules,
         },
-        "now": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-    });
-    body
+        "now": now_ms() / 1000,
+    })
 }

@@ -636,9 +636,7 @@ pub fn run(
 /// Commit → fresh: from each change's captured write time to now, when its cache actions are
 /// done (invalidations applied, write-through values stored).
 fn record_freshness(shared: &Shared, changes: &[Change]) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let now = crate::latency::unix_ms();
     let took: Vec<f64> = changes
         .iter()
         .filter_map(|c| c.written_ms)

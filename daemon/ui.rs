@@ -39,13 +39,6 @@ pub fn find(path: &str) -> Option<&'static Asset> {
     ASSETS.iter().find(|asset| asset.path == path)
 }
 
-impl Asset {
-    /// A strong validator: the body's hash (the assets change only with the binary).
-    pub fn etag(&self) -> String {
-        format!("\"{:016x}\"", crate::fnv1a(self.body.as_bytes()))
-    }
-}
-
 /// `GET /` from a browser: where things are.
 pub const HOME: &str = "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>cachetail</title>\

@@ -69,14 +69,9 @@ pub async fn run(shared: Arc<Shared>) {
     }
     let mut listed: Vec<(Arc<Family>, String)> = Vec::new();
     for family in families {
-        let (reader, lister) = (Arc::clone(&shared), Arc::clone(&family));
-        let found =
-            tokio::task::spawn_blocking(move || reader.pool.with(|conn| keys(conn, &lister))).await;
-        match found {
-            Ok(Ok(keys)) => listed.extend(keys.into_iter().map(|k| (Arc::clone(&family), k))),
-            Ok(Err(e)) => {
-                tracing::warn!(family = %family.pattern, error = %e, "the warm query failed");
-            }
+        let lister = Arc::clone(&family);
+        match shared.read(move |conn| keys(conn, &lister)).await {
+            Ok(keys) => listed.extend(keys.into_iter().map(|k| (Arc::clone(&family), k))),
             Err(e) => tracing::warn!(family = %family.pattern, error = %e, "the warm query failed"),
         }
     }
