@@ -1,5 +1,6 @@
-//! kill -9 at random moments while a writer streams 100k changes; a crash during trigger
-//! installation; a start while an app writer holds the database's write lock.
+//! kill -9 at random moments while a writer streams 100k changes; kill -9 inside the install
+//! transaction (hundreds of watched tables make it long); a start while an app writer holds the
+//! database's write lock.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -152,35 +153,239 @@ fn a_daemon_started_while_a_writer_holds_the_lock_waits_and_then_serves() {
     });
 }
 
-#[test]
-fn a_crash_during_installation_leaves_no_half_installed_capture() {
-    let catalog = Catalog::new();
-    let port = free_port();
-    let config = catalog.write_config(&catalog_config(port, "delete", "50ms"));
-    let mut holder = hold_write_lock(&catalog, 2.0);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+/// A catalog with `TABLES` more tables, each watched by a rule: the one install transaction then
+/// creates thousands of triggers and takes long enough (about half a second) to be killed in the
+/// middle of. The database is in WAL mode already, so the install is the daemon's first write.
+struct ManyTables {
+    template: Catalog,
+}
+
+impl ManyTables {
+    const TABLES: usize = 500;
+
+    fn new() -> ManyTables {
+        let template = Catalog::new();
+        template.python(&format!(
+            "con.execute('PRAGMA journal_mode = WAL')\n\
+             con.executescript('BEGIN;' + ''.join(f'CREATE TABLE t{{i}} (id INTEGER PRIMARY KEY, v INTEGER);' for i in range({})) + 'COMMIT;')",
+            Self::TABLES
+        ));
+        ManyTables { template }
+    }
+
+    /// Every table a rule watches: the catalog's three and the many.
+    fn watched() -> u64 {
+        Self::TABLES as u64 + 3
+    }
+
+    /// A fresh copy of the database (no capture yet) and its config, listening on `port`.
+    fn copy(&self, port: u16) -> (Catalog, std::path::PathBuf) {
+        let catalog = Catalog {
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        std::fs::copy(self.template.db(), catalog.db()).expect("copy the database");
+        let mut config = catalog_config(port, "delete", "50ms");
+        config.push_str(
+            "\n[keys.\"row:{table}:{id}\"]\nquery = \"SELECT :table AS tbl, :id AS id\"\n",
+        );
+        for i in 0..Self::TABLES {
+            config.push_str(&format!(
+                "\n[[rules]]\ntable = \"t{i}\"\nkeys = [\"row:t{i}:{{id}}\"]\n"
+            ));
+        }
+        let config = catalog.write_config(&config);
+        (catalog, config)
+    }
+}
+
+/// Starts `cachetail run` quietly (its log would list thousands of triggers).
+fn spawn_quiet(config: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_cachetail"))
         .args(["run", "--config"])
-        .arg(&config)
+        .arg(config)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start");
-    std::thread::sleep(Duration::from_millis(500)); // the daemon is now waiting to install
-    child.kill().expect("kill -9");
-    child.wait().expect("reaped");
-    assert!(holder.wait().expect("holder").success());
-    let triggers = number(
-        &catalog,
+        .expect("start cachetail")
+}
+
+/// Whether another connection (the daemon) holds the database's write lock: `BEGIN IMMEDIATE`
+/// with no busy timeout fails with "database is locked" exactly then. The probe's own
+/// transaction is rolled back at once.
+fn write_locked(probe: &rusqlite::Connection) -> bool {
+    match probe.execute_batch("BEGIN IMMEDIATE; ROLLBACK;") {
+        Ok(()) => false,
+        Err(e) if cachetail::is_busy(&e) => true,
+        Err(e) => panic!("the lock probe failed: {e}"),
+    }
+}
+
+fn lock_probe(catalog: &Catalog) -> rusqlite::Connection {
+    let probe = rusqlite::Connection::open(catalog.db()).expect("open the probe");
+    probe.busy_timeout(Duration::ZERO).expect("no busy timeout");
+    probe
+}
+
+/// What a kill left in the database: capture triggers, cachetail's tables, capture layouts,
+/// flush markers above the cursor, the outbox head, the cursor.
+#[derive(Debug, Default)]
+struct Installed {
+    triggers: u64,
+    tables: u64,
+    layouts: u64,
+    above_cursor: u64,
+    head: u64,
+    cursor: u64,
+}
+
+fn installed(catalog: &Catalog) -> Installed {
+    let conn = rusqlite::Connection::open(catalog.db()).expect("open");
+    let count = |sql: &str| {
+        conn.query_row(sql, [], |row| row.get::<_, i64>(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}")) as u64
+    };
+    let triggers = count(
         "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'cachetail_%'",
     );
-    assert!(
-        triggers == 0 || triggers == 15,
-        "all or nothing: {triggers} triggers"
+    let tables = count(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name LIKE 'cachetail_%'",
     );
-    assert_eq!(catalog.sqlite_cli("PRAGMA integrity_check"), "ok");
-    let mut daemon = Daemon::start_existing(&config, port);
-    catalog
-        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 2, 2)')");
-    eventually("capture works after the crash", || {
-        (json(&daemon.get("book:2"))["review_count"] == 2).then_some(())
+    if tables == 0 {
+        return Installed {
+            triggers,
+            ..Installed::default()
+        };
+    }
+    Installed {
+        triggers,
+        tables,
+        layouts: count("SELECT count(*) FROM cachetail_capture"),
+        above_cursor: count(
+            "SELECT count(*) FROM cachetail_outbox WHERE op = 0 AND id > (SELECT position FROM cachetail_cursor)",
+        ),
+        head: count("SELECT coalesce(max(id), 0) FROM cachetail_outbox"),
+        cursor: count("SELECT position FROM cachetail_cursor"),
+    }
+}
+
+#[test]
+fn a_crash_during_installation_leaves_no_half_installed_capture() {
+    let many = ManyTables::new();
+    let watched = ManyTables::watched();
+
+    // A whole install: how long it holds the write lock here, and what it leaves behind.
+    let port = free_port();
+    let (catalog, config) = many.copy(port);
+    let probe = lock_probe(&catalog);
+    let mut child = spawn_quiet(&config);
+    eventually("the daemon takes the write lock to install capture", || {
+        write_locked(&probe).then_some(())
     });
+    let locked_at = Instant::now();
+    let mut client =
+        cachetail::client::Client::new(format!("127.0.0.1:{port}").parse().expect("address"));
+    eventually("the daemon serves once installed", || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the daemon exited with {status}");
+        }
+        client.get("/healthz").ok().filter(|r| r.status == 200)
+    });
+    let mut install_took = locked_at.elapsed();
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+    let whole = installed(&catalog);
+    assert!(
+        whole.triggers >= 3 * watched && whole.layouts == watched,
+        "a whole install captures every watched table: {whole:?}"
+    );
+    eprintln!(
+        "crash test: the install of {watched} tables ({} triggers) took {install_took:?}",
+        whole.triggers
+    );
+
+    // kill -9 at moments through the install transaction, each on a fresh copy. A moment the
+    // install is already over at (the machine got faster) shortens the estimate for the next.
+    let mut inside = Vec::new();
+    for percent in [10u32, 30, 50, 70, 90] {
+        let port = free_port();
+        let (catalog, config) = many.copy(port);
+        let probe = lock_probe(&catalog);
+        let mut child = spawn_quiet(&config);
+        eventually("the daemon takes the write lock to install capture", || {
+            write_locked(&probe).then_some(())
+        });
+        let locked_at = Instant::now();
+        std::thread::sleep((install_took * percent / 100).saturating_sub(locked_at.elapsed()));
+        let still_locked = write_locked(&probe);
+        let at = locked_at.elapsed();
+        child.kill().expect("kill -9");
+        child.wait().expect("reaped");
+        drop(probe);
+
+        let left = installed(&catalog);
+        eprintln!(
+            "crash test: kill -9 {at:?} into the install (the lock still held: {still_locked}): {left:?}"
+        );
+        assert_eq!(catalog.sqlite_cli("PRAGMA integrity_check"), "ok");
+        if left.triggers == 0 {
+            assert_eq!(
+                left.tables, 0,
+                "no trigger, so nothing of the install may be left: {left:?}"
+            );
+            if still_locked {
+                inside.push(at);
+            }
+        } else {
+            assert_eq!(
+                left.triggers, whole.triggers,
+                "all triggers or none, after a kill -9 {at:?} into the install: {left:?}"
+            );
+            assert_eq!(
+                left.layouts, watched,
+                "a layout per watched table: {left:?}"
+            );
+            assert!(
+                left.head == watched && left.cursor <= left.head,
+                "a flush marker per watched table, the cursor at most there: {left:?}"
+            );
+            assert_eq!(
+                left.above_cursor,
+                left.head - left.cursor,
+                "every marker above the cursor is kept: {left:?}"
+            );
+            install_took = install_took.min(at);
+        }
+
+        if percent == 90 {
+            // A restart installs capture, and captures.
+            let mut child = spawn_quiet(&config);
+            let mut client = cachetail::client::Client::new(
+                format!("127.0.0.1:{port}").parse().expect("address"),
+            );
+            catalog.python(
+                "con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 2, 2)')",
+            );
+            let review_count = |client: &mut cachetail::client::Client| {
+                let reply = client.get("/v1/keys/book:2").ok()?;
+                json(&reply)["review_count"].as_u64()
+            };
+            eventually("capture works after the crash", || {
+                (review_count(&mut client) == Some(2)).then_some(())
+            });
+            assert_eq!(installed(&catalog).triggers, whole.triggers);
+            catalog.python(
+                "con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 3, 4)')",
+            );
+            eventually("a later review is captured", || {
+                (review_count(&mut client) == Some(3)).then_some(())
+            });
+            child.kill().expect("kill");
+            child.wait().expect("reaped");
+        }
+    }
+    assert!(
+        inside.len() >= 3,
+        "only {} of 5 kills landed inside the install transaction ({inside:?})",
+        inside.len()
+    );
 }
