@@ -34,7 +34,7 @@ use crate::template::Params;
 /// Keys longer than this are refused (400): no family needs them, and they cost memory.
 pub const MAX_KEY_BYTES: usize = 1024;
 
-/// A request's line and headers, at most (hyper answers 431 past it).
+/// A request's line and headers, at most: 431 past it.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// How long open connections get to finish after shutdown is asked for.
@@ -81,6 +81,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
                 let service = service_fn(move |request| {
                     let shared = Arc::clone(&shared);
                     async move {
+                        if head_bytes(&request) > MAX_HEAD_BYTES {
+                            return Ok(error(
+                                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                format!("the request's head is over {MAX_HEAD_BYTES} bytes"),
+                            )
+                            .map(BodyExt::boxed));
+                        }
                         // A request (its fill included) that takes too long gets a 503, and
                         // its connection is free again; the fill itself finishes on its own.
                         if request.uri().path() == "/v1/events" {
@@ -101,6 +108,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
                         Ok::<_, Infallible>(answer.map(BodyExt::boxed))
                     }
                 });
+                // hyper refuses a head that fills its buffer before it ends (its own 431), but a
+                // head that arrives in one large read can be parsed past it: `head_bytes` above
+                // holds every request to the limit, whatever the reads were.
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
@@ -122,6 +132,22 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
     {
         tracing::warn!("some connections were still open after {DRAIN_TIMEOUT:?}; closing them");
     }
+}
+
+/// The size of a request's head as a client writes it: the request line, a `Name: value` line
+/// per header, the blank line.
+fn head_bytes<B>(request: &Request<B>) -> usize {
+    let uri = request.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = request.method().as_str().len() + " ".len() + target + " HTTP/1.1\r\n".len();
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    line + headers + "\r\n".len()
 }
 
 /// `GET /v1/events`: the live feed, as Server-Sent Events.
@@ -801,6 +827,24 @@ fn method_not_allowed(allowed: &'static str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_is_measured_as_a_client_writes_it() {
+        let raw = "GET /v1/keys/book:1?fresh=1 HTTP/1.1\r\nHost: x\r\nX-Padding: abc\r\n\r\n";
+        let request = Request::get("/v1/keys/book:1?fresh=1")
+            .header("Host", "x")
+            .header("X-Padding", "abc")
+            .body(())
+            .expect("a request");
+        assert_eq!(head_bytes(&request), raw.len());
+        let absolute = Request::get("http://x:80/healthz")
+            .body(())
+            .expect("a request");
+        assert_eq!(
+            head_bytes(&absolute),
+            "GET http://x:80/healthz HTTP/1.1\r\n\r\n".len()
+        );
+    }
 
     #[test]
     fn keys_are_percent_decoded_and_checked() {
