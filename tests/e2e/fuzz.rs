@@ -102,7 +102,8 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
 }
 
 /// Sends raw bytes, half-closes, and returns the status code answered (None: closed without an
-/// answer, which a server may do with a request it cannot parse).
+/// answer, which a server may do with a request it cannot parse). A daemon that neither answers
+/// nor closes within 10 s is hung on the request: that fails the test.
 fn send(address: std::net::SocketAddr, request: &[u8]) -> Option<u16> {
     let mut stream = TcpStream::connect(address).expect("connect");
     stream
@@ -114,8 +115,13 @@ fn send(address: std::net::SocketAddr, request: &[u8]) -> Option<u16> {
     let mut buf = [0u8; 4096];
     while !head.windows(2).any(|w| w == b"\r\n") {
         match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "no answer and the connection still open after 10 s ({e}) for {:?}",
+                String::from_utf8_lossy(&request[..request.len().min(300)])
+            ),
         }
     }
     let line = String::from_utf8_lossy(&head);

@@ -96,10 +96,12 @@ fn a_dropped_and_recreated_table_is_reported_then_captured_again() {
         (!failures.is_empty()).then_some(failures)
     });
     assert_eq!(failures[0]["table"], "users");
-    assert_ne!(
-        daemon.peek("user:2").status,
-        200,
-        "its values are not served"
+    let peeked = daemon.peek("user:2");
+    assert_eq!(
+        peeked.status,
+        504,
+        "its values are not served from the cache: {}",
+        peeked.text()
     );
 
     catalog.python("con.execute('CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)')\ncon.execute(\"INSERT INTO users VALUES (2, 'again')\")");
