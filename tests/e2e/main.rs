@@ -4,6 +4,7 @@
 mod browser;
 mod common;
 mod crash;
+mod feed;
 mod fuzz;
 mod http;
 mod lifecycle;
