@@ -7,6 +7,7 @@ mod crash;
 mod feed;
 mod fuzz;
 mod http;
+mod in_flight;
 mod lifecycle;
 mod migrations;
 mod never_hurt;
