@@ -232,15 +232,16 @@ fn a_fill_started_before_a_reload_is_not_served_under_the_new_definition() {
         "a read after the reload joined a fill of the old definition"
     );
     // The old definition's fill of note:2 lands after the reload: it is not served.
-    assert_eq!(
-        columns(&slow_2.join().expect("the slow read")),
-        new_shape,
-        "a read whose old-definition fill landed after the reload is answered under the new one"
-    );
+    let landed = slow_2.join().expect("the slow read");
     assert_eq!(
         columns(&daemon.get("note:2")),
         new_shape,
         "a fill of the old definition, landed after the reload, was served"
+    );
+    assert_eq!(
+        columns(&landed),
+        new_shape,
+        "a read whose old-definition fill landed after the reload is answered under the new one"
     );
     assert_eq!(
         columns(&slow_1.join().expect("the slow read")),
