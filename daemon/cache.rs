@@ -10,7 +10,8 @@
 //! - **Never backwards.** A fill is stored only over a value of the same or an older version.
 //! - **Marks for groups.** Invalidating a tag, a family or everything records the position it
 //!   happened at; a value whose version is older than a mark that applies to it is not served.
-//!   That is O(1) per invalidation, however many keys carry the tag.
+//!   That is O(1) per invalidation, however many keys carry the tag. A fill that read before a
+//!   mark raised while it ran is not stored, nor handed to the requests that joined it.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -314,9 +315,15 @@ impl Cache {
         stored
     }
 
-    /// Stores `entry` unless a value read at a later position is cached (called under the key's
-    /// flight lock, so no invalidation of the key runs in between).
+    /// Stores `entry` unless it could not be served (it read before a tag, family or flush mark
+    /// raised while its query ran, or a reload retired its family) or a value read at a later
+    /// position is cached (called under the key's flight lock, so no invalidation of the key
+    /// runs in between). A value refused for a mark is not handed to the requests that joined
+    /// its fill either: one may have joined after the mark, and must see what the mark stands for.
     fn store_if_newer(&self, key: &Arc<str>, entry: &Arc<Entry>) -> bool {
+        if !self.is_current(entry) {
+            return false;
+        }
         if let Some(existing) = self.entries.get(key)
             && existing.version > entry.version
             && self.is_current(&existing)
@@ -426,6 +433,49 @@ mod tests {
         assert!(!cache.finish_fill(again, value(8, "older")));
         let body = cache.get("k:1").and_then(|e| e.body.clone());
         assert_eq!(body.as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn a_fill_that_read_before_a_mark_is_neither_stored_nor_handed_to_its_waiters() {
+        let family = family();
+        for mark in ["tag", "flush"] {
+            let cache = Cache::new(100);
+            // A reader misses and reads at position 5; while its query runs, a tag (or
+            // everything) is invalidated at 6, and then a second request joins the fill ...
+            let ticket = lead(&cache, "k:1", &family);
+            match mark {
+                "tag" => cache.invalidate_tag("t", 6),
+                _ => cache.flush_all(6),
+            }
+            let Begin::Join(mut waiter) = cache.begin_fill(Arc::from("k:1"), &family) else {
+                panic!("expected to join");
+            };
+            // ... which must not be answered with what was read at 5: it fills again.
+            assert!(!cache.finish_fill(ticket, value(5, "old")), "{mark}");
+            let seen = waiter.borrow_and_update().clone();
+            assert!(
+                matches!(seen, Some(Err(FillError::Superseded))),
+                "{mark}: {seen:?}"
+            );
+            let ticket = lead(&cache, "k:1", &family);
+            assert!(cache.finish_fill(ticket, value(6, "new")), "{mark}");
+        }
+    }
+
+    #[test]
+    fn a_fill_of_a_family_a_reload_retired_is_not_stored() {
+        let cache = Cache::new(100);
+        let (old, new) = (family(), family());
+        // The reload: `new` replaces `old`, and a read under `new` stores its value.
+        old.retired.store(true, Ordering::Release);
+        let current = lead(&cache, "k:1", &new);
+        assert!(cache.finish_fill(current, value(5, "new shape")));
+        // A request that resolved the key before the reload fills under `old`, at the same
+        // position: its value replaces nothing.
+        let late = lead(&cache, "k:1", &old);
+        assert!(!cache.finish_fill(late, value(5, "old shape")));
+        let body = cache.get("k:1").and_then(|e| e.body.clone());
+        assert_eq!(body.as_deref(), Some(&b"new shape"[..]));
     }
 
     #[test]

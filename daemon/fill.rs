@@ -229,17 +229,32 @@ pub async fn fill(
     family: &Arc<Family>,
     params: Params,
 ) -> FillOutcome {
-    // With Redis, another daemon's invalidation may supersede a fill this one joined: fill again
-    // (rare: only when a change lands while the query runs), then compute without the cache.
+    // The fill this request led or joined is not handed out when it was not stored: an
+    // invalidation of the key superseded it, a mark raised while its query ran hides it (this
+    // request may have joined after the mark), Redis refused it (perhaps another daemon's
+    // invalidation), or a reload retired its family. Fill again (rare: only when something
+    // changes while the query runs), then compute without the cache.
+    let (mut family, mut params) = (Arc::clone(family), params);
     for _ in 0..3 {
-        match fill_once(shared, Arc::clone(&key), family, params.clone()).await {
-            Err(FillError::Superseded) => continue,
+        match fill_once(shared, Arc::clone(&key), &family, params.clone()).await {
+            Err(FillError::Superseded) => {
+                // A reload replaced the family: answer under the definition now in force,
+                // rather than run the retired query again (its values are never stored).
+                if family.retired.load(Ordering::Acquire) {
+                    let config = shared.config();
+                    let Some((current, current_params)) = config.match_key(&key) else {
+                        break; // the key has no family any more: the last try answers
+                    };
+                    family = Arc::clone(current);
+                    params = current_params;
+                }
+            }
             other => return other,
         }
     }
     // The last try answers with what it read, stored if it may be (a superseding recompute in
     // memory; Redis's guard), so that no older read lands after this answer.
-    let (reader, family_for_query) = (Arc::clone(shared), Arc::clone(family));
+    let (reader, family_for_query) = (Arc::clone(shared), Arc::clone(&family));
     let refresh_key = Arc::clone(&key);
     let computed = tokio::task::spawn_blocking(move || {
         let ticket = reader

@@ -4,8 +4,10 @@
 mod browser;
 mod common;
 mod crash;
+mod feed;
 mod fuzz;
 mod http;
+mod in_flight;
 mod lifecycle;
 mod migrations;
 mod never_hurt;
