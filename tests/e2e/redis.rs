@@ -771,6 +771,26 @@ fn a_standby_on_the_memory_backend_answers_from_the_database() {
     eprintln!("standby takeover after a clean stop (lease {LONG_LEASE}): {took:?}");
     b.get("book:1");
     assert_eq!(x_cache(&b.get("book:1")), "hit");
+
+    // On one host the standby also sees that the stopped holder's process is gone, which alone
+    // gives the takeover above; the release itself shows in the lease row. With no standby
+    // left, B stops: the row still names B, and has expired.
+    let pid = b.pid().expect("running");
+    assert_eq!(b.stop().code(), Some(0));
+    let (holder, expires_at_ms, now_ms): (String, i64, i64) = rusqlite::Connection::open(catalog.db())
+        .expect("open")
+        .query_row(
+            "SELECT holder, expires_at, CAST(unixepoch('subsec') * 1000 AS INTEGER) FROM cachetail_lease",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .expect("the lease row");
+    assert!(holder.contains(&format!(":{pid}:")), "{holder}");
+    assert!(
+        expires_at_ms <= now_ms,
+        "a clean stop must release the lease: it expires in {} ms",
+        expires_at_ms - now_ms
+    );
 }
 
 fn write_named(catalog: &Catalog, name: &str, text: &str) -> PathBuf {
