@@ -3,6 +3,7 @@
 //! change stream, a standby daemon taking over (and a paused one fenced off), and the pub/sub
 //! messages for app-local caches.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -299,36 +300,349 @@ fn read_all_keys(daemon: &mut Daemon) {
     }
 }
 
+/// Books the cold-key stream may touch, each once: more than it reaches.
+const COLD_BOOKS: u64 = 40_000;
+/// Books per transaction of the cold-key stream.
+const COLD_WINDOW: u64 = 20;
+/// How many times the daemon is killed during the cold-key stream, and how many times it is
+/// frozen and looked at while it catches up after each restart.
+const COLD_KILLS: u32 = 12;
+const PROBES_PER_RESTART: u64 = 40;
+
+/// A child process killed when dropped (a failing test leaves no writer or subscriber behind).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A writer process that, like an app, reads a window of `window` books through the endpoint
+/// (one multi-get: they are cached in Redis), then adds one review to each, in one transaction:
+/// each book changes once, and never again. Its reads fail while the daemon is down: it writes
+/// anyway. Stops when `stop` exists; prints the first book it did not touch.
+fn cold_writer(catalog: &Catalog, port: u16, stop: &Path, window: u64) -> Reaped {
+    let child = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json, os, sqlite3, sys, time, urllib.request\n\
+             db, port, stop, window, last = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])\n\
+             con = sqlite3.connect(db, timeout=5)\n\
+             book = 6\n\
+             while not os.path.exists(stop) and book + window <= last:\n\
+             \x20   keys = [f'book:{b}' for b in range(book, book + window)]\n\
+             \x20   request = urllib.request.Request(f'http://127.0.0.1:{port}/v1/keys', data=json.dumps(keys).encode(), method='POST')\n\
+             \x20   try:\n\
+             \x20       urllib.request.urlopen(request, timeout=5).read()\n\
+             \x20   except OSError:\n\
+             \x20       pass\n\
+             \x20   con.executemany('INSERT INTO reviews (book_id, user_id, rating) VALUES (?, 1, 4)', [(b,) for b in range(book, book + window)])\n\
+             \x20   con.commit()\n\
+             \x20   book += window\n\
+             \x20   time.sleep(0.002)\n\
+             print(book)\n",
+        )
+        .arg(catalog.db())
+        .arg(port.to_string())
+        .arg(stop)
+        .arg(window.to_string())
+        .arg((6 + COLD_BOOKS).to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 writer");
+    Reaped(child)
+}
+
+/// Freezes the daemon at random moments and looks at what a crash there would leave: the
+/// durable cursor, and the position Redis has applied (`{prefix}#state`). A python3 process, so
+/// that a probe costs a fraction of a millisecond (a `kill` process per signal costs more than
+/// the moments worth catching). Told a config file, it waits for the `cachetail run` process
+/// using it to appear, then probes it COUNT times at random gaps from its very start (a daemon
+/// catching up after a restart); it answers one line: `ok`, or each probe that found the
+/// cursor ahead.
+struct Prober {
+    child: Reaped,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Prober {
+    fn start(db: &Path, redis: &RedisServer) -> Prober {
+        let mut child = Reaped(
+            Command::new("python3")
+                .arg("-c")
+                .arg(
+                    "import os, random, signal, socket, sqlite3, sys, time\n\
+                     con = sqlite3.connect(sys.argv[1])\n\
+                     sock = socket.create_connection(('127.0.0.1', int(sys.argv[2])))\n\
+                     replies = sock.makefile('rb')\n\
+                     key = sys.argv[3].encode()\n\
+                     def applied():\n\
+                     \x20   sock.sendall(b'*3\\r\\n$4\\r\\nHGET\\r\\n$%d\\r\\n%s\\r\\n$7\\r\\napplied\\r\\n' % (len(key), key))\n\
+                     \x20   length = int(replies.readline()[1:])\n\
+                     \x20   return None if length < 0 else int(replies.read(length + 2)[:-2])\n\
+                     def daemon(config):\n\
+                     \x20   deadline = time.time() + 15\n\
+                     \x20   while time.time() < deadline:\n\
+                     \x20       for pid in filter(str.isdigit, os.listdir('/proc')):\n\
+                     \x20           try:\n\
+                     \x20               args = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')\n\
+                     \x20           except OSError:\n\
+                     \x20               continue\n\
+                     \x20           if b'run' in args and config in args:\n\
+                     \x20               return int(pid)\n\
+                     \x20   raise SystemExit('the daemon did not start')\n\
+                     rnd = random.Random(3)\n\
+                     for line in sys.stdin:\n\
+                     \x20   config, count, gap = line.split()\n\
+                     \x20   pid = daemon(config.encode())\n\
+                     \x20   found = []\n\
+                     \x20   for probe in range(int(count)):\n\
+                     \x20       time.sleep(rnd.random() * int(gap) / 1e6)\n\
+                     \x20       os.kill(pid, signal.SIGSTOP)\n\
+                     \x20       try:\n\
+                     \x20           cursor = con.execute(\"SELECT position FROM cachetail_cursor WHERE consumer = 'main'\").fetchone()[0]\n\
+                     \x20           position = applied()\n\
+                     \x20       finally:\n\
+                     \x20           os.kill(pid, signal.SIGCONT)\n\
+                     \x20       if position is None or position < cursor:\n\
+                     \x20           found.append(f'probe {probe}: cursor {cursor}, redis applied {position}')\n\
+                     \x20   print('; '.join(found) or 'ok', flush=True)\n",
+                )
+                .arg(db)
+                .arg(redis.port.to_string())
+                .arg(format!("{PREFIX}#state"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3 prober"),
+        );
+        let stdout = child.0.stdout.take().expect("stdout");
+        Prober {
+            child,
+            lines: std::io::BufRead::lines(std::io::BufReader::new(stdout)),
+        }
+    }
+
+    /// Starts probing the daemon that is about to start on `config`: `count` probes at random
+    /// gaps of up to `max_gap`.
+    fn watch(&mut self, config: &Path, count: u64, max_gap: Duration) {
+        let stdin = self.child.0.stdin.as_mut().expect("stdin");
+        let config = config.to_str().expect("a UTF-8 path");
+        assert!(!config.contains(char::is_whitespace), "{config}");
+        writeln!(stdin, "{config} {count} {}", max_gap.as_micros()).expect("tell the prober");
+    }
+
+    /// What the probes found wrong, if anything.
+    fn found(&mut self) -> Option<String> {
+        let answer = self
+            .lines
+            .next()
+            .expect("the prober answers")
+            .expect("a line");
+        (answer != "ok").then_some(answer)
+    }
+}
+
+/// The values of `keys` in Redis (None: not stored), read with `redis-cli MGET`.
+fn redis_values(redis: &RedisServer, keys: &[String]) -> Vec<Option<String>> {
+    let mut args = vec!["MGET".to_owned()];
+    args.extend(keys.iter().map(|k| format!("{PREFIX}{k}")));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = redis.try_cli(&args).unwrap_or_else(|e| panic!("{e}"));
+    let values: Vec<Option<String>> = text
+        .strip_suffix('\n')
+        .unwrap_or(&text)
+        .split('\n')
+        .map(|v| (!v.is_empty()).then(|| v.to_owned()))
+        .collect();
+    assert_eq!(
+        values.len(),
+        keys.len(),
+        "MGET answered {} values",
+        values.len()
+    );
+    values
+}
+
+/// The endpoint's answers for `keys` (one multi-get): status and value per key.
+fn endpoint_values(daemon: &Daemon, keys: &[String]) -> Vec<(u64, Option<String>)> {
+    let body = serde_json::to_vec(keys).expect("JSON");
+    let reply = cachetail::client::Client::new(daemon.address)
+        .request(
+            "POST",
+            "/v1/keys",
+            &[("Content-Type", "application/json")],
+            &body,
+        )
+        .expect("multi-get");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    json(&reply)["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_u64().expect("status"),
+                r.get("value").map(Value::to_string),
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn kill_9_of_the_daemon_during_a_100k_change_stream_leaves_nothing_stale_in_redis() {
+fn kill_9_during_a_change_stream_over_keys_that_go_cold_leaves_nothing_stale() {
     let redis = RedisServer::start();
     let catalog = Catalog::new();
+    catalog.python(&format!(
+        "con.executemany('INSERT INTO books (id, title, author) VALUES (?, ?, ?)', \
+             [(i, f'Book {{i}}', 'A') for i in range(6, {})])",
+        6 + COLD_BOOKS
+    ));
     let port = free_port();
-    let config = redis_config(port, &redis, "write-through");
-    let mut daemon = Daemon::start(&catalog, &config, port);
-    let mut writer = stream_writer(&catalog, 1000);
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut kills = 0;
-    while writer.try_wait().expect("writer").is_none() {
-        read_all_keys(&mut daemon);
+    let mut daemon = start_active(&catalog, &redis_config(port, &redis, "delete"), port);
+    // An app server's local cache listens for invalidations all along.
+    let mut subscriber = Reaped(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/redis_subscriber.py"
+            ))
+            .args(["--url", &redis.url(), "--prefix", PREFIX])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the subscriber example runs"),
+    );
+    let messages = lines_of(subscriber.0.stdout.take().expect("stdout"));
+    let first = messages
+        .recv_timeout(DEADLINE)
+        .expect("the subscriber subscribes");
+    assert!(first.contains("subscribed"), "{first}");
+
+    let stop = catalog.path().join("stop-writer");
+    let mut writer = cold_writer(&catalog, port, &stop, COLD_WINDOW);
+    let db = rusqlite::Connection::open(catalog.db()).expect("open");
+    let mut prober = Prober::start(&catalog.db(), &redis);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = move |below: u64| {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(50 + rng % 400));
-        if kills < 10 {
-            daemon.kill();
-            kills += 1;
-            daemon = Daemon::start_existing(&daemon.config.clone(), port);
+        rng % below
+    };
+    let mut ahead = Vec::new();
+    let started = Instant::now();
+    for kill in 0..COLD_KILLS {
+        std::thread::sleep(Duration::from_micros(random(150_000)));
+        // kill -9 at a random moment. Redis must hold every change the durable cursor covers,
+        // as the cursor moves only after a batch's cache actions are done: a crash at any moment
+        // replays, never skips.
+        daemon.kill();
+        let (cursor, _) = cursor_row(&db);
+        let applied: Option<u64> = redis
+            .cli(&["HGET", &format!("{PREFIX}#state"), "applied"])
+            .parse()
+            .ok();
+        if applied.is_none_or(|a| a < cursor) {
+            ahead.push(format!(
+                "kill {kill}: cursor {cursor}, redis applied {applied:?}"
+            ));
+        }
+        // The same look at many more moments, while the restarted daemon catches up with what
+        // was written while it was down: frozen (SIGSTOP), looked at, resumed.
+        let config = daemon.config.clone();
+        prober.watch(&config, PROBES_PER_RESTART, Duration::from_millis(2));
+        daemon = Daemon::start_existing(&config, port);
+        if let Some(found) = prober.found() {
+            ahead.push(format!("after restart {kill}: {found}"));
         }
     }
-    assert!(writer.wait().expect("writer").success());
-    assert!(kills >= 3, "only {kills} kills happened during the stream");
-    daemon.wait_caught_up();
-    read_all_keys(&mut daemon);
-    let checked = assert_redis_matches_database(&redis, &mut daemon);
-    assert!(checked >= 7, "{checked} keys checked");
-    let report = daemon.verify();
-    assert_eq!(report["stale"], 0, "{report}");
+    let probes = u64::from(COLD_KILLS) * PROBES_PER_RESTART;
+    let probing = started.elapsed();
+    std::fs::write(&stop, "").expect("stop the writer");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut writer.0.stdout.take().expect("stdout"), &mut out)
+        .expect("the writer's output");
+    assert!(writer.0.wait().expect("writer").success());
+    let end: u64 = out.trim().parse().expect("the writer's last book");
+    assert!(end < 6 + COLD_BOOKS, "the writer ran out of books");
+    eprintln!(
+        "cold-key stream: {} books changed; {COLD_KILLS} kill -9 and {probes} SIGSTOP probes in {probing:?}; cursor ahead of redis at {} of them: {ahead:?}",
+        end - 6,
+        ahead.len()
+    );
+    assert!(
+        ahead.is_empty(),
+        "the durable cursor was ahead of what Redis had applied (a crash there skips those changes): {ahead:#?}"
+    );
+    let head = daemon.wait_caught_up()["head"].as_u64().expect("head");
+
+    // Every book changed once: each must show its one review, in Redis (where stored) and
+    // through the endpoint.
+    let counts: std::collections::HashMap<u64, i64> = {
+        let mut stmt = db
+            .prepare("SELECT book_id, count(*) FROM reviews WHERE book_id >= 6 GROUP BY book_id")
+            .expect("prepare");
+        stmt.query_map([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("counts")
+    };
+    assert_eq!(counts.len() as u64, end - 6);
+    let keys: Vec<String> = (6..end).map(|b| format!("book:{b}")).collect();
+    let (mut in_redis, mut stale) = (0, Vec::new());
+    for chunk in keys.chunks(1000) {
+        let stored = redis_values(&redis, chunk);
+        let answered = endpoint_values(&daemon, chunk);
+        for ((key, stored), (status, answered)) in chunk.iter().zip(stored).zip(answered) {
+            let book: u64 = key["book:".len()..].parse().expect("book id");
+            let expected = counts.get(&book).copied().unwrap_or(0);
+            assert_eq!(status, 200, "{key}");
+            if let Some(value) = stored {
+                in_redis += 1;
+                if review_count(&value) != expected {
+                    stale.push(format!("{key} in redis: {value}"));
+                }
+            }
+            let answered = answered.expect("a value");
+            if review_count(&answered) != expected {
+                stale.push(format!("{key} answered: {answered}"));
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{} stale values, e.g. {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+
+    // The subscriber heard of every change: each book is in some message.
+    let mut announced = std::collections::HashSet::new();
+    loop {
+        let line = messages
+            .recv_timeout(DEADLINE)
+            .expect("a message up to the head");
+        let message: Value = serde_json::from_str(&line).expect("each message is JSON");
+        for key in message["keys"].as_array().expect("keys") {
+            announced.insert(key.as_str().expect("a key").to_owned());
+        }
+        if message["position"].as_u64() >= Some(head) {
+            break;
+        }
+    }
+    let unannounced: Vec<&String> = keys.iter().filter(|k| !announced.contains(*k)).collect();
+    assert!(
+        unannounced.is_empty(),
+        "{} changed keys were never announced to subscribers, e.g. {:?}",
+        unannounced.len(),
+        &unannounced[..unannounced.len().min(5)]
+    );
+    eprintln!(
+        "{in_redis} of {} changed keys were in redis at the end",
+        keys.len()
+    );
 }
 
 #[test]
@@ -508,20 +822,21 @@ fn a_standby_takes_over_at_once_after_kill_9_of_the_active_daemon() {
     assert!(assert_redis_matches_database(&redis, active) >= 7);
 }
 
-/// How far the slow `user:{id}` query counts while `knobs.spin` says so: about a second of CPU
-/// on the project's machine, so the test can catch the tail inside it.
+/// How far a slow `user:{id}` query counts: about a second of CPU on the project's machine, so
+/// the test can catch the tail inside it.
 const SPIN: u64 = 4_000_000;
 
 /// The Redis config with `user:{id}` write-through and slow on demand: its query spins (a
-/// recursive CTE counting to `knobs.spin`) before it reads. `knobs` is a table no rule watches:
-/// setting it invalidates nothing, and a recompute reads it in its own snapshot.
+/// recursive CTE counting to the user's `knobs.spin`, if the user has a row there) before it
+/// reads. `knobs` is a table no rule watches: setting it invalidates nothing, and a recompute
+/// reads it in its own snapshot.
 fn slow_users_config(port: u16, redis: &RedisServer) -> String {
     let config = redis_config(port, redis, "write-through");
     let slow = config
         .replace(
             r#"query = "SELECT id, name FROM users WHERE id = :id""#,
             r#"query = """SELECT id, name FROM users WHERE id = :id AND (WITH RECURSIVE spin(n) AS
-           (SELECT 1 UNION ALL SELECT n + 1 FROM spin WHERE n < (SELECT spin FROM knobs))
+           (SELECT 1 UNION ALL SELECT n + 1 FROM spin WHERE n < (SELECT spin FROM knobs WHERE id = :id))
            SELECT count(*) FROM spin) > 0""""#,
         )
         .replace(
@@ -531,6 +846,20 @@ fn slow_users_config(port: u16, redis: &RedisServer) -> String {
     assert_eq!(slow.matches("knobs").count(), 1, "the slow query is in");
     assert!(slow.contains("keys = [\"user:{id}\"]\nstrategy"));
     slow
+}
+
+/// A catalog with the (unwatched) `knobs` table of `slow_users_config`: every user fast.
+fn catalog_with_knobs() -> Catalog {
+    let catalog = Catalog::new();
+    catalog.sqlite_cli("CREATE TABLE knobs (id INTEGER PRIMARY KEY, spin INTEGER NOT NULL)");
+    catalog
+}
+
+/// Makes `user:{id}`'s query spin to `spin` (0: fast again).
+fn set_spin(catalog: &Catalog, id: u64, spin: u64) {
+    catalog.sqlite_cli(&format!(
+        "INSERT OR REPLACE INTO knobs (id, spin) VALUES ({id}, {spin})"
+    ));
 }
 
 /// The thread of process `pid` named `name` (the daemon names its tail thread).
@@ -617,8 +946,7 @@ fn endless_writer(catalog: &Catalog, stop: &Path) -> Child {
 #[test]
 fn a_daemon_paused_in_the_middle_of_applying_is_fenced_off() {
     let redis = RedisServer::start();
-    let catalog = Catalog::new();
-    catalog.python("con.execute('CREATE TABLE knobs (spin INTEGER NOT NULL)')\ncon.execute('INSERT INTO knobs VALUES (1)')");
+    let catalog = catalog_with_knobs();
     let (port_a, port_b) = (free_port(), free_port());
     let config_a = catalog.write_config(&slow_users_config(port_a, &redis));
     let config_b = write_named(&catalog, "b.toml", &slow_users_config(port_b, &redis));
@@ -644,7 +972,7 @@ fn a_daemon_paused_in_the_middle_of_applying_is_fenced_off() {
 
     // user:{id} turns slow, and user 1 changes: in the middle of the stream, A's tail applies
     // the batch to Redis (epoch and all), then recomputes user:1 in it.
-    catalog.python(&format!("con.execute('UPDATE knobs SET spin = {SPIN}')"));
+    set_spin(&catalog, 1, SPIN);
     let pid = a.pid().expect("running");
     let tail = thread_named(pid, "cachetail-tail");
     let changed_at: u64 = catalog
@@ -672,7 +1000,7 @@ fn a_daemon_paused_in_the_middle_of_applying_is_fenced_off() {
 
     // B takes over when A's lease runs out, continues from the durable cursor with the recompute
     // fast again, applies the rest of the stream, and changes user 1 once more.
-    catalog.python("con.execute('UPDATE knobs SET spin = 1')");
+    set_spin(&catalog, 1, 0);
     eventually("B takes over from the paused A", || {
         (role(&mut b) == "active").then_some(())
     });
@@ -978,4 +1306,207 @@ fn admin_actions_remove_values_from_redis() {
     // Refills are stored again (the marker gave them a later position).
     daemon.get("book:2");
     assert_eq!(redis.value("book:2"), from_database(&mut daemon, "book:2"));
+}
+
+#[test]
+fn two_daemons_started_at_the_same_moment_exactly_one_applies() {
+    let redis = RedisServer::start();
+    let catalog = Catalog::new();
+    let (port_a, port_b) = (free_port(), free_port());
+    // A long lease: a daemon that wrongly believed it held the lease would not find out by
+    // renewing it during the test.
+    let config = |port| with_lease(&redis_config(port, &redis, "delete"), LONG_LEASE);
+    let configs = [
+        (catalog.write_config(&config(port_a)), port_a),
+        (write_named(&catalog, "b.toml", &config(port_b)), port_b),
+    ];
+    let mut subscriber = Reaped(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/redis_subscriber.py"
+            ))
+            .args(["--url", &redis.url(), "--prefix", PREFIX])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the subscriber example runs"),
+    );
+    let messages = lines_of(subscriber.0.stdout.take().expect("stdout"));
+    let first = messages
+        .recv_timeout(DEADLINE)
+        .expect("the subscriber subscribes");
+    assert!(first.contains("subscribed"), "{first}");
+    for round in 1..=5 {
+        // Both processes are spawned at the same moment.
+        let barrier = std::sync::Barrier::new(2);
+        let mut daemons: Vec<Daemon> = std::thread::scope(|scope| {
+            let started: Vec<_> = configs
+                .iter()
+                .map(|(config, port)| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        Daemon::start_existing(config, *port)
+                    })
+                })
+                .collect();
+            started
+                .into_iter()
+                .map(|s| s.join().expect("started"))
+                .collect()
+        });
+        // Exactly one applies, the other stands by, and it stays so.
+        let roles =
+            |daemons: &mut Vec<Daemon>| -> Vec<String> { daemons.iter_mut().map(role).collect() };
+        eventually("one of the two holds the lease", || {
+            roles(&mut daemons)
+                .contains(&"active".to_owned())
+                .then_some(())
+        });
+        for _ in 0..10 {
+            let mut seen = roles(&mut daemons);
+            seen.sort();
+            assert_eq!(seen, ["active", "standby"], "round {round}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let active = usize::from(role(&mut daemons[1]) == "active");
+        let standby = 1 - active;
+
+        // A change is applied once: by the active daemon, announced once, and both serve it.
+        let expected = 2 + round;
+        let position: u64 = catalog
+            .python(
+                "con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 5)')\n\
+                 print(con.execute('SELECT max(id) FROM cachetail_outbox').fetchone()[0])",
+            )
+            .trim()
+            .parse()
+            .expect("position");
+        for daemon in daemons.iter_mut() {
+            eventually("both serve the change", || {
+                (review_count(&daemon.get("book:1").text()) == expected).then_some(())
+            });
+        }
+        daemons[active].wait_caught_up();
+        assert_eq!(
+            daemons[standby].status()["events"].as_u64(),
+            Some(0),
+            "round {round}: the standby applied changes"
+        );
+        let mut announced = 0;
+        loop {
+            let line = messages
+                .recv_timeout(DEADLINE)
+                .expect("the change's message");
+            let message: Value = serde_json::from_str(&line).expect("each message is JSON");
+            let at = message["position"].as_u64().expect("position");
+            if at >= position
+                && message["keys"]
+                    .as_array()
+                    .expect("keys")
+                    .iter()
+                    .any(|k| k == "book:1")
+            {
+                announced += 1;
+            }
+            if at >= position {
+                break;
+            }
+        }
+        // Anything else published for it would be here by now.
+        std::thread::sleep(Duration::from_millis(100));
+        while let Ok(line) = messages.try_recv() {
+            if line.contains("\"book:1\"") {
+                announced += 1;
+            }
+        }
+        assert_eq!(
+            announced, 1,
+            "round {round}: the change was applied {announced} times"
+        );
+        for mut daemon in daemons {
+            assert_eq!(daemon.stop().code(), Some(0));
+        }
+    }
+}
+
+#[test]
+fn on_a_standby_fresh_reads_wait_for_the_durable_cursor_which_follows_the_active_one_closely() {
+    let redis = RedisServer::start();
+    let catalog = catalog_with_knobs();
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = start_active(&catalog, &slow_users_config(port_a, &redis), port_a);
+    let config_b = write_named(&catalog, "b.toml", &slow_users_config(port_b, &redis));
+    let mut b = Daemon::start_existing(&config_b, port_b);
+    assert_eq!(role(&mut b), "standby");
+    read_all_keys(&mut a);
+
+    // The standby's lag: after a commit, `?fresh=1` on the active daemon, then on the standby:
+    // how long the standby takes to answer the committed value once the active one has applied
+    // it. Writes now and then first (the active daemon writes its cursor at once, and the
+    // standby hears of it through the same file notifications as the change), then in the
+    // middle of a stream of changes (the cursor is written at most every 100 ms).
+    let lag = |a: &mut Daemon, b: &mut Daemon, n: u64| -> Duration {
+        catalog.sqlite_cli(&format!("UPDATE users SET name = 'name {n}' WHERE id = 2"));
+        let name = format!("\"name {n}\"");
+        let reply = a.get_path("/v1/keys/user:2?fresh=1");
+        assert!(reply.text().contains(&name), "{}", reply.text());
+        let asked = Instant::now();
+        let reply = b.get_path("/v1/keys/user:2?fresh=1");
+        let took = asked.elapsed();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(
+            reply.text().contains(&name),
+            "a fresh read on the standby answered {}",
+            reply.text()
+        );
+        took
+    };
+    let mut quiet: Vec<Duration> = (1..=10).map(|n| lag(&mut a, &mut b, n)).collect();
+    let stop = catalog.path().join("stop-stream");
+    let mut writer = Reaped(endless_writer(&catalog, &stop));
+    let mut streaming: Vec<Duration> = (11..=20).map(|n| lag(&mut a, &mut b, n)).collect();
+    std::fs::write(&stop, "").expect("stop the stream");
+    assert!(writer.0.wait().expect("writer").success());
+    quiet.sort();
+    streaming.sort();
+    eprintln!(
+        "standby ?fresh=1 lag behind the active daemon: quiet {quiet:?}; during a stream {streaming:?}"
+    );
+    let median = streaming[streaming.len() / 2];
+    let max = quiet
+        .iter()
+        .chain(&streaming)
+        .max()
+        .copied()
+        .unwrap_or_default();
+    assert!(
+        median < Duration::from_millis(400) && max < Duration::from_secs(2),
+        "the standby's durable cursor lags the active daemon's by far more than about 300 ms: quiet {quiet:?}, streaming {streaming:?}"
+    );
+
+    // Only waiting gives the fresh value. The active daemon's tail is kept busy (user:1's
+    // recompute made slow, after its batch removed the old value from Redis); user 2 changes
+    // meanwhile: Redis keeps user:2's old value until the tail gets to it, and the durable
+    // cursor moves after that.
+    let before = b.get("user:2").text();
+    set_spin(&catalog, 1, SPIN / 2);
+    catalog.sqlite_cli("UPDATE users SET name = 'renamed' WHERE id = 1");
+    eventually(
+        "the active daemon's tail is inside user:1's recompute",
+        || redis.value("user:1").is_none().then_some(()),
+    );
+    catalog.sqlite_cli("UPDATE users SET name = 'renamed 2' WHERE id = 2");
+    let reply = b.get_path("/v1/keys/user:2?fresh=1");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        reply.text().contains("renamed 2"),
+        "a fresh read on the standby answered {} (before the write: {before})",
+        reply.text()
+    );
+    assert!(
+        redis.value("user:1").is_some_and(|v| v.contains("renamed")),
+        "the slow recompute was done before the standby answered"
+    );
+    set_spin(&catalog, 1, 0);
 }
