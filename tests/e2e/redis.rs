@@ -824,7 +824,7 @@ fn a_standby_takes_over_at_once_after_kill_9_of_the_active_daemon() {
 
 /// How far a slow `user:{id}` query counts: about a second of CPU on the project's machine, so
 /// the test can catch the tail inside it.
-const SPIN: u64 = 4_000_000;
+const SPIN: u64 = 6_000_000;
 
 /// The Redis config with `user:{id}` write-through and slow on demand: its query spins (a
 /// recursive CTE counting to the user's `knobs.spin`, if the user has a row there) before it
@@ -1019,14 +1019,20 @@ fn a_daemon_paused_in_the_middle_of_applying_is_fenced_off() {
 
     // A resumes inside its recompute: it finishes it, and must write no cursor (its own is far
     // behind B's), apply nothing more, and stand by.
+    let cpu_paused = cpu_time(pid, tail);
     signal(&a, "-CONT");
     let resumed = Instant::now();
     eventually("A finds out it lost the lease and stands by", || {
         (role(&mut a) == "standby").then_some(())
     });
+    let computed = cpu_time(pid, tail) - cpu_paused;
     eprintln!(
-        "takeover from a daemon paused mid-apply: {takeover:?} (lease 1s); it stood by {:?} after it resumed",
+        "takeover from a daemon paused mid-apply: {takeover:?} (lease 1s); it stood by {:?} after it resumed, its tail computing for {computed:?} more",
         resumed.elapsed()
+    );
+    assert!(
+        computed >= Duration::from_millis(30),
+        "the test paused A after its recompute, not inside it (its tail used {computed:?} after it resumed)"
     );
     assert_eq!(
         cursor_row(&db),
@@ -1034,6 +1040,12 @@ fn a_daemon_paused_in_the_middle_of_applying_is_fenced_off() {
         "the resumed daemon wrote the durable cursor (B's was {durable:?})"
     );
     assert_eq!(role(&mut b), "active");
+    // What A computed read user 1 before B's second change: Redis refused to store it.
+    assert_eq!(
+        redis.value("user:1"),
+        from_database(&mut b, "user:1"),
+        "the fenced daemon's late recompute landed in redis"
+    );
     let a_events = a.status()["events"].as_u64().expect("events");
     catalog.python(
         "con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 1, 5)')\n\
