@@ -680,8 +680,7 @@ fn redis_restarted_mid_stream_and_from_an_old_snapshot_serves_nothing_stale() {
     assert!(daemon.status()["apply_errors"].as_u64() > Some(0));
     let status = daemon.wait_caught_up();
     assert!(status["cursor"].as_u64() > Some(cursor_during));
-    read_all_keys(&mut daemon);
-    assert!(assert_redis_matches_database(&redis, &mut daemon) >= 7);
+    refilled_fresh(&redis, &mut daemon);
 
     // Redis comes back from a snapshot older than the invalidations it was told of since.
     let before = redis.value("book:1").expect("cached");
@@ -709,8 +708,17 @@ fn redis_restarted_mid_stream_and_from_an_old_snapshot_serves_nothing_stale() {
         );
         (redis.value("book:1").as_deref() != Some(before.as_str())).then_some(())
     });
-    read_all_keys(&mut daemon);
-    assert!(assert_redis_matches_database(&redis, &mut daemon) >= 7);
+    refilled_fresh(&redis, &mut daemon);
+}
+
+/// Reads every key until Redis stores them all again, each value equal to the database's. The
+/// daemon rebuilds Redis on its own schedule (it removes the keys one SCAN page at a time, then
+/// resets the state): until it is done, reads answer from the database and store nothing.
+fn refilled_fresh(redis: &RedisServer, daemon: &mut Daemon) {
+    eventually("redis is rebuilt and refilled", || {
+        read_all_keys(daemon);
+        (assert_redis_matches_database(redis, daemon) >= 7).then_some(())
+    });
 }
 
 fn role(daemon: &mut Daemon) -> String {
