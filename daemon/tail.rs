@@ -754,8 +754,14 @@ pub fn step(
         .events
         .fetch_add(changes.len() as u64, Ordering::Relaxed);
     shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = outbox.persist(false, false) {
-        tracing::warn!(error = %e, "writing the cursor failed; it will be retried after the next batch");
+    match outbox.persist(false, false) {
+        Ok(()) => {}
+        // Another daemon holds the lease (this one was paused past it): the batch's cache
+        // actions are done and harmless, but nothing more may be applied: stand by now.
+        Err(e) if lost(&e) => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "writing the cursor failed; it will be retried after the next batch");
+        }
     }
     Ok(changes.len())
 }
@@ -763,6 +769,54 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cursor_write_that_finds_the_lease_taken_ends_the_step_as_lease_lost() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("app.db");
+        let app = Connection::open(&db).expect("open");
+        app.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL);")
+            .expect("schema");
+        let config = Config::parse(
+            "database = \"app.db\"\n\
+             [keys.\"t:{id}\"]\nquery = \"SELECT id, v FROM t WHERE id = :id\"\n\
+             [[rules]]\ntable = \"t\"\nkeys = [\"t:{id}\"]\n",
+            "test.toml",
+            dir.path(),
+        )
+        .expect("config");
+        let (mut outbox, _) = crate::prepare(&config).expect("prepare");
+        let shared = Shared::new(config, outbox.cursor());
+        assert!(
+            first_take_over(&shared, &mut outbox),
+            "alone: it holds the lease"
+        );
+        let config = shared.config();
+        app.execute("INSERT INTO t (v) VALUES ('a')", [])
+            .expect("write");
+        std::thread::sleep(PERSIST_EVERY);
+        // The first batch: capture's flush marker and the write.
+        let applied = step(&shared, &config, &mut outbox).expect("a batch");
+        assert_eq!(applied, 2);
+        let durable = outbox.durable_cursor().expect("cursor");
+        assert_eq!(durable, outbox.cursor(), "the cursor write was due");
+
+        // Another daemon takes over (this one was paused past its lease), and a change comes.
+        app.execute(
+            "UPDATE cachetail_lease SET holder = 'elsewhere:1:0', epoch = epoch + 1",
+            [],
+        )
+        .expect("take the lease");
+        app.execute("INSERT INTO t (v) VALUES ('b')", [])
+            .expect("write");
+        std::thread::sleep(PERSIST_EVERY);
+        let outcome = step(&shared, &config, &mut outbox);
+        assert!(
+            matches!(outcome, Err(TailError::LeaseLost)),
+            "the tail must learn at once that it lost the lease, got {outcome:?}"
+        );
+        assert_eq!(outbox.durable_cursor().expect("cursor"), durable);
+    }
 
     #[test]
     fn the_backlog_ages_from_the_oldest_unapplied_write() -> rusqlite::Result<()> {
