@@ -301,12 +301,26 @@ impl Drop for DaemonProcess {
 // ------------------------------------------------------------------------------------------
 // Capture overhead.
 
-/// rows/s of 100-row transactions into `reviews` from a Rust writer (rusqlite, default pragmas).
-fn rust_writer(db: &Path, transactions: u32) -> anyhow::Result<f64> {
+/// One writer run: its rate, and the CPU time its thread spent per row (steadier than the rate
+/// on a loaded machine, but blind to waiting: locks, a busy CPU).
+struct WriterRun {
+    rows_per_second: f64,
+    cpu_per_row: Option<Duration>,
+}
+
+/// The calling thread's CPU time so far (`/proc/thread-self/schedstat`, Linux), if known.
+fn thread_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
+/// 100-row transactions into `reviews` from a Rust writer (rusqlite, default pragmas).
+fn rust_writer(db: &Path, transactions: u32) -> anyhow::Result<WriterRun> {
     let mut conn = Connection::open(db)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let mut rng = Rng::new(3);
-    let start = Instant::now();
+    let (start, cpu_start) = (Instant::now(), thread_cpu());
     for _ in 0..transactions {
         let tx = conn.transaction()?;
         {
@@ -319,15 +333,21 @@ fn rust_writer(db: &Path, transactions: u32) -> anyhow::Result<f64> {
         }
         tx.commit()?;
     }
-    Ok(rate(u64::from(transactions) * 100, start.elapsed()))
+    let rows = transactions * 100;
+    Ok(WriterRun {
+        rows_per_second: rate(u64::from(rows), start.elapsed()),
+        cpu_per_row: thread_cpu()
+            .zip(cpu_start)
+            .map(|(end, begin)| end.saturating_sub(begin) / rows.max(1)),
+    })
 }
 
 /// The same from python3's sqlite3 module, timed by the script itself.
-fn python_writer(db: &Path, transactions: u32) -> anyhow::Result<f64> {
+fn python_writer(db: &Path, transactions: u32) -> anyhow::Result<WriterRun> {
     let script = format!(
-        "import sqlite3, sys, time, random\ncon = sqlite3.connect(sys.argv[1], timeout=5)\nr = random.Random(3)\nt = time.perf_counter()\n\
+        "import sqlite3, sys, time, random\ncon = sqlite3.connect(sys.argv[1], timeout=5)\nr = random.Random(3)\nt = time.perf_counter()\nc = time.thread_time_ns()\n\
          for _ in range({transactions}):\n    con.executemany(\"INSERT INTO reviews (book_id, user_id, rating, body) VALUES (?, ?, ?, 'bench')\", [(r.randint(1, {BOOKS}), r.randint(1, 100), r.randint(1, 5)) for _ in range(100)])\n    con.commit()\n\
-         print({transactions} * 100 / (time.perf_counter() - t))\n"
+         print({transactions} * 100 / (time.perf_counter() - t), (time.thread_time_ns() - c) // ({transactions} * 100))\n"
     );
     let out = std::process::Command::new("python3")
         .arg("-c")
@@ -339,7 +359,20 @@ fn python_writer(db: &Path, transactions: u32) -> anyhow::Result<f64> {
         "python3 writer: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace();
+    let rows_per_second = fields
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("python3 writer printed nothing"))?
+        .parse()?;
+    let cpu_per_row = fields
+        .next()
+        .and_then(|ns| ns.parse().ok())
+        .map(Duration::from_nanos);
+    Ok(WriterRun {
+        rows_per_second,
+        cpu_per_row,
+    })
 }
 
 /// The reference config (`config.toml` at the top of the repository), compiled in: its rules on
@@ -387,90 +420,112 @@ const BESIDE: [Beside; 4] = [
     Beside::Daemon,
 ];
 
-/// What the daemon had left when the writer finished, and how long it took to catch up.
+/// What the daemon had left when a burst of writes finished, and how long it took to catch up.
 struct Backlog {
     events_at_end: u64,
     caught_up: Duration,
 }
 
-/// One writer run beside `beside`, on a fresh database: rows/s, and for `Daemon` its backlog.
-fn capture_run(
-    options: &BenchOptions,
-    name: &str,
-    writer: fn(&Path, u32) -> anyhow::Result<f64>,
-    beside: Beside,
-    transactions: u32,
-) -> anyhow::Result<(f64, Option<Backlog>)> {
-    let db_name = format!("capture-{name}.db");
-    let db = options.dir.join(&db_name);
-    let conn = fresh_catalog(&db, 10_000)?;
-    let port = free_port()?;
-    let config_path = options.dir.join(format!("capture-{name}.toml"));
-    std::fs::write(&config_path, reference_config(&db_name, port)?)?;
-    let mut daemon = None;
-    match beside {
-        Beside::Bare => {}
-        Beside::Minimal => conn.execute_batch(MINIMAL_TRIGGER)?,
-        Beside::Triggers => {
-            crate::prepare(&Config::load(&config_path)?)?;
+/// The four databases of one writer's capture-overhead runs, set up once (and the daemon beside
+/// the last one, running throughout).
+struct CaptureSetup {
+    dbs: [PathBuf; 4],
+    daemon: DaemonProcess,
+}
+
+impl CaptureSetup {
+    fn new(options: &BenchOptions, name: &str) -> anyhow::Result<CaptureSetup> {
+        let mut dbs = Vec::new();
+        let mut daemon = None;
+        for beside in BESIDE {
+            let db_name = format!("capture-{name}-{}.db", dbs.len());
+            let db = options.dir.join(&db_name);
+            let conn = fresh_catalog(&db, 10_000)?;
+            drop(conn);
+            let port = free_port()?;
+            let config_path = options
+                .dir
+                .join(format!("capture-{name}-{}.toml", dbs.len()));
+            std::fs::write(&config_path, reference_config(&db_name, port)?)?;
+            match beside {
+                Beside::Bare => {}
+                Beside::Minimal => Connection::open(&db)?.execute_batch(MINIMAL_TRIGGER)?,
+                Beside::Triggers => {
+                    crate::prepare(&Config::load(&config_path)?)?;
+                }
+                Beside::Daemon => {
+                    let mut started = DaemonProcess::start(
+                        &options.dir,
+                        &config_path,
+                        port,
+                        &format!("capture-{name}"),
+                    )?;
+                    started.wait_role("active", Duration::from_secs(30))?;
+                    daemon = Some(started);
+                }
+            }
+            dbs.push(db);
         }
-        Beside::Daemon => {
-            let mut started = DaemonProcess::start(&options.dir, &config_path, port, name)?;
-            started.wait_role("active", Duration::from_secs(30))?;
-            daemon = Some(started);
+        Ok(CaptureSetup {
+            dbs: <[_; 4]>::try_from(dbs).map_err(|_| anyhow::anyhow!("four databases"))?,
+            daemon: daemon.ok_or_else(|| anyhow::anyhow!("no daemon started"))?,
+        })
+    }
+
+    /// After a burst on the daemon's database: its backlog then, and waits until it has applied
+    /// everything (recomputes included), so that none of its work spills into the next run.
+    fn catch_up(&mut self) -> anyhow::Result<Backlog> {
+        let finished = Instant::now();
+        let events_at_end = self.daemon.status()?["lag"].as_u64().unwrap_or(u64::MAX);
+        loop {
+            let status = self.daemon.status()?;
+            if status["lag"].as_u64() == Some(0) && status["write_behind_queue"].as_u64() == Some(0)
+            {
+                return Ok(Backlog {
+                    events_at_end,
+                    caught_up: finished.elapsed(),
+                });
+            }
+            anyhow::ensure!(
+                finished.elapsed() < Duration::from_secs(60),
+                "the daemon did not catch up with the writer within a minute: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
-    drop(conn);
-    let rows_per_second = writer(&db, transactions)?;
-    let Some(mut daemon) = daemon else {
-        return Ok((rows_per_second, None));
-    };
-    let finished = Instant::now();
-    let events_at_end = daemon.status()?["lag"].as_u64().unwrap_or(u64::MAX);
-    loop {
-        let status = daemon.status()?;
-        if status["lag"].as_u64() == Some(0) && status["write_behind_queue"].as_u64() == Some(0) {
-            break;
-        }
-        anyhow::ensure!(
-            finished.elapsed() < Duration::from_secs(60),
-            "the daemon did not catch up with the writer within a minute: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok((
-        rows_per_second,
-        Some(Backlog {
-            events_at_end,
-            caught_up: finished.elapsed(),
-        }),
-    ))
 }
 
 fn capture_overhead(options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
-    let transactions = if options.quick { 30 } else { 300 };
-    let rounds = if options.quick { 1 } else { 5 };
+    // Many short rounds: on a shared machine the load swings within seconds, and a ratio taken
+    // within a round of a second or so is exposed to less of it than one over a minute.
+    let transactions = if options.quick { 20 } else { 50 };
+    let rounds = if options.quick { 2 } else { 21 };
     let mut rows = Vec::new();
-    type Writer = fn(&Path, u32) -> anyhow::Result<f64>;
+    type Writer = fn(&Path, u32) -> anyhow::Result<WriterRun>;
     let writers: [(&str, &str, Writer); 2] = [
         ("rust", "Rust writer (rusqlite)", rust_writer),
         ("python", "python3 writer (sqlite3 module)", python_writer),
     ];
     for (short, name, writer) in writers {
+        let mut setup = CaptureSetup::new(options, short)?;
         // Rounds of the four, one after another (the machine's noise hits them alike); each
-        // ratio is taken within its round, against that round's bare run. A round's first run
-        // can be slower (a cold page cache): the first variant rotates.
+        // ratio is taken within its round, against that round's bare run. Each round starts
+        // with another of the four, so that none always runs first.
         let mut rates: [Vec<f64>; 4] = Default::default();
+        let mut cpu: [Vec<f64>; 4] = Default::default();
         let mut backlogs = Vec::new();
         for round in 0..rounds {
-            // Each round starts with another of the four: no one always runs first.
             for k in 0..BESIDE.len() {
                 let i = (round + k) % BESIDE.len();
-                let (rate, backlog) = capture_run(options, short, writer, BESIDE[i], transactions)?;
-                rates[i].push(rate);
-                backlogs.extend(backlog);
+                let run = writer(&setup.dbs[i], transactions)?;
+                rates[i].push(run.rows_per_second);
+                cpu[i].extend(run.cpu_per_row.map(|d| d.as_secs_f64() * 1e6));
+                if BESIDE[i] == Beside::Daemon {
+                    backlogs.push(setup.catch_up()?);
+                }
             }
         }
+        drop(setup);
         let slower = |i: usize| -> Vec<f64> {
             rates[0]
                 .iter()
@@ -480,31 +535,55 @@ fn capture_overhead(options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
         };
         let [bare, minimal, triggers, daemon] = [0, 1, 2, 3].map(|i| Spread::of(rates[i].clone()));
         let [minimal_x, triggers_x, daemon_x] = [1, 2, 3].map(|i| Spread::of(slower(i)));
-        let most_left = backlogs.iter().map(|b| b.events_at_end).max().unwrap_or(0);
-        let slowest_catch_up = backlogs
-            .iter()
-            .map(|b| b.caught_up)
-            .max()
-            .unwrap_or_default();
+        // CPU time per row, against the same round's bare run.
+        let more_cpu = |i: usize| -> Spread {
+            Spread::of(
+                cpu[i]
+                    .iter()
+                    .zip(&cpu[0])
+                    .map(|(with, bare)| with / bare)
+                    .collect(),
+            )
+        };
+        let cpu_ratios = if cpu.iter().all(|c| c.len() == rounds) {
+            format!(
+                "; the writer's CPU time per row ({:.1} µs bare): {} with the daemon, {} triggers alone, {} minimal trigger",
+                Spread::of(cpu[0].clone()).median(),
+                more_cpu(3).times(),
+                more_cpu(2).times(),
+                more_cpu(1).times()
+            )
+        } else {
+            String::new()
+        };
+        let left = Spread::of(backlogs.iter().map(|b| b.events_at_end as f64).collect());
+        let catch_up = Spread::of(
+            backlogs
+                .iter()
+                .map(|b| b.caught_up.as_secs_f64() * 1e3)
+                .collect(),
+        );
         let rows_written = u64::from(transactions) * 100;
         eprintln!(
-            "capture overhead ({name}), rows/s over {rounds} rounds: bare {bare}, minimal trigger {minimal}, triggers {triggers}, daemon applying {daemon}; daemon left ≤ {most_left} events, caught up ≤ {}",
-            ms(slowest_catch_up),
+            "capture overhead ({name}), rows/s over {rounds} rounds: bare {bare}, minimal trigger {minimal}, triggers {triggers}, daemon applying {daemon}; daemon's backlog at the end of a burst {left}, caught up (ms) {catch_up}",
             bare = bare.all(),
             minimal = minimal.all(),
             triggers = triggers.all(),
             daemon = daemon.all(),
+            left = left.all(),
+            catch_up = catch_up.all(),
         );
         rows.push(Row {
             figure: format!(
-                "capture overhead, {name}, {} rows in 100-row transactions into `reviews`, the reference config's capture (`book_id`, `user_id`), {}",
+                "capture overhead, {name}: bursts of {} rows in 100-row transactions into `reviews`, the reference config's capture (`book_id`, `user_id`), {}",
                 human(rows_written as f64),
                 rounds_text(rounds)
             ),
             measured: format!(
-                "{} rows/s with the daemon running and applying (its backlog when the writer finished: ≤ {most_left} events, applied ≤ {} later); {} rows/s with the triggers alone",
+                "{} rows/s with the daemon running and applying (its backlog when a burst ended: {} events, all applied {} later); {} rows/s with the triggers alone",
                 daemon.rate(),
-                ms(slowest_catch_up),
+                left.show(|x| format!("{x:.0}")),
+                catch_up.millis(),
                 triggers.rate()
             ),
             baseline: format!(
@@ -513,7 +592,7 @@ fn capture_overhead(options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
                 minimal.rate()
             ),
             ratio: format!(
-                "**{} slower** with the daemon; triggers alone {}; minimal trigger {}",
+                "**{} slower** with the daemon; triggers alone {}; minimal trigger {}{cpu_ratios}",
                 daemon_x.times(),
                 triggers_x.times(),
                 minimal_x.times()
@@ -1132,6 +1211,14 @@ fn takeover(options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
     let mut stopped = Vec::new();
     for _ in 0..stop_runs {
         let standby = 1 - active;
+        // The active daemon renews each third of the lease: pause it at a random point of that
+        // cycle (right after a takeover it has just renewed, which would always measure the
+        // whole lease).
+        let third = lease.as_millis() as u32 / 3;
+        std::thread::sleep(
+            Duration::from_millis(u64::from(third))
+                + Duration::from_millis(rng.pick(third).unsigned_abs()),
+        );
         daemons[active].signal("-STOP")?;
         stopped.push(
             daemons[standby]
@@ -1176,7 +1263,7 @@ fn takeover(options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
                 killed.median() / poll_ms,
                 killed.median() / (lease_long.as_secs_f64() * 1e3)
             ),
-            target: "at once: ≤ one poll interval",
+            target: "at once: within one poll interval (+ a few ms)",
         },
         Row {
             figure: format!(
