@@ -1162,7 +1162,7 @@ impl Pair {
                 &path,
                 format!(
                     "database = \"{db_name}\"\nlisten = \"127.0.0.1:{port}\"\n[tail]\nlease = \"{lease}\"\n\
-                     [keys.\"book:{{id}}\"]\nquery = \"SELECT id, title FROM books WHERE id = :id\"\n{DELETE_RULE}"
+                     [keys.\"book:{{id}}\"]\nquery = \"SELECT count(*) AS reviews FROM reviews WHERE book_id = :id\"\n{DELETE_RULE}"
                 ),
             )?;
             configs.push((path, port));
