@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Hot reads: GET of a cached key over HTTP/1.1 keep-alive, 64 connections, wrk as the load
-# generator, measured beside nginx serving the same bytes as a static file and beside answering
-# every request from SQLite (a cachetail whose capture is paused reads the database each time),
-# and beside a cachetail keeping its values in Redis (the shared backend).
-# Usage: benches/hot_reads.sh [seconds]   (needs wrk, nginx, redis-server: apt-get install -y ...)
+# generator, measured beside nginx serving the same bytes as a static file (its best static
+# config: sendfile, tcp_nopush, open_file_cache, long keep-alive, a worker per core, no access
+# log) and beside answering every request from SQLite (a cachetail whose capture is paused reads
+# the database each time); and a cachetail keeping its values in Redis (the shared backend),
+# beside Redis's own GET rate (redis-benchmark GETting an existing key of the cached value's size).
+# The runs alternate (cachetail, nginx, cachetail on Redis, redis-benchmark, SQLite; again, ...)
+# for ROUNDS rounds, so the machine's noise hits each alike; it prints medians and ranges.
+# Usage: benches/hot_reads.sh [SECONDS per run, default 10] [ROUNDS, default 5]
+#   (needs wrk, nginx, redis-server, redis-tools: apt-get install -y wrk nginx redis-server redis-tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-10}"
-for tool in wrk nginx python3 redis-server; do
-  command -v "$tool" >/dev/null || { echo "hot_reads: $tool is missing (apt-get install -y wrk nginx python3 redis-server)" >&2; exit 2; }
+rounds="${2:-5}"
+for tool in wrk nginx python3 curl redis-server redis-cli redis-benchmark; do
+  command -v "$tool" >/dev/null || { echo "hot_reads: $tool is missing (apt-get install -y wrk nginx python3 curl redis-server redis-tools)" >&2; exit 2; }
 done
 cargo build --release --quiet
 bin="$PWD/target/release/cachetail"
@@ -48,7 +54,7 @@ redis-server --port "$redis_server_port" --bind 127.0.0.1 --save '' --appendonly
 for _ in $(seq 200); do redis-cli -p "$redis_server_port" ping >/dev/null 2>&1 && break; python3 -c 'import time; time.sleep(0.05)'; done
 redis_port=$(free_port)
 sed -e "s/listen = \"127.0.0.1:8080\"/listen = \"127.0.0.1:$redis_port\"/" \
-    -e "s|^\[cache\]|[cache]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:$redis_server_port/0\"|" config.toml > "$work/redis/config.toml"
+    -e "s|^\[cache\]|[cache]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:$redis_server_port/0\"\nprefix = \"cachetail:\"|" config.toml > "$work/redis/config.toml"
 RUST_LOG=warn "$bin" run --config "$work/redis/config.toml" >/dev/null 2>&1 & pids+=($!)
 wait_http "http://127.0.0.1:$redis_port/healthz"
 redis_url="http://127.0.0.1:$redis_port/v1/keys/book:1"
@@ -57,6 +63,13 @@ for _ in $(seq 200); do
   python3 -c 'import time; time.sleep(0.05)'
 done
 curl -sf -D - -o /dev/null "$redis_url" | grep -qi '^x-cache: hit' || { echo "book:1 is not a hit in redis" >&2; exit 1; }
+# redis-benchmark's baseline GETs an existing key holding as many bytes as cachetail keeps in
+# Redis for book:1 (the value a cachetail read fetches).
+value_bytes=$(redis-cli -p "$redis_server_port" STRLEN "cachetail:book:1")
+[ "${value_bytes:-0}" -gt 0 ] || { echo "cachetail:book:1 is not in redis" >&2; exit 1; }
+python3 -c "import sys; sys.stdout.write('x' * $value_bytes)" | redis-cli -p "$redis_server_port" -x SET bench:value >/dev/null
+[ "$(redis-cli -p "$redis_server_port" STRLEN bench:value)" = "$value_bytes" ] || { echo "bench:value was not set" >&2; exit 1; }
+
 direct_port=$(free_port)
 sed "s/listen = \"127.0.0.1:8080\"/listen = \"127.0.0.1:$direct_port\"/" config.toml > "$work/direct/config.toml"
 "$bin" install --config "$work/direct/config.toml" >/dev/null
@@ -71,16 +84,29 @@ curl -sf -D - -o /dev/null "http://127.0.0.1:$direct_port/v1/keys/book:1" | grep
 
 chmod -R a+rX "$work"
 nginx_port=$(free_port)
+cores=$(nproc)
+# nginx's best static config: a worker per core (each with its own listening socket), sendfile,
+# tcp_nopush/tcp_nodelay, open file descriptors cached, keep-alive connections never closed by
+# count, no access log.
 cat > "$work/nginx.conf" <<CONF
-worker_processes auto;
+worker_processes $cores;
+worker_rlimit_nofile 65536;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log;
-events { worker_connections 1024; }
+events { worker_connections 4096; multi_accept on; use epoll; }
 http {
   access_log off;
+  sendfile on;
+  tcp_nopush on;
+  tcp_nodelay on;
+  open_file_cache max=1000 inactive=60s;
+  open_file_cache_valid 60s;
+  open_file_cache_min_uses 1;
+  open_file_cache_errors on;
+  keepalive_timeout 65s;
   keepalive_requests 1000000;
   server {
-    listen 127.0.0.1:$nginx_port;
+    listen 127.0.0.1:$nginx_port reuseport backlog=4096;
     root $work/nginx;
     location = /book.json { default_type application/json; }
   }
@@ -88,26 +114,67 @@ http {
 CONF
 nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
 wait_http "http://127.0.0.1:$nginx_port/book.json"
+cmp -s "$work/nginx/book.json" <(curl -sf "http://127.0.0.1:$nginx_port/book.json") || { echo "nginx does not serve the same bytes" >&2; exit 1; }
 
-run_wrk() { # $1: url → "requests/s p99"
-  local out; out=$(wrk -t2 -c64 -d"${seconds}s" --latency "$1")
+results="$work/results"
+run_wrk() { # $1: name, $2: url → a line "name requests/s p99" in $results
+  local out; out=$(wrk -t2 -c64 -d"${seconds}s" --latency "$2")
   local rps p99
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  echo "$rps $p99"
+  [ -n "$rps" ] && [ -n "$p99" ] || { echo "wrk gave no figures for $1: $out" >&2; exit 1; }
+  if grep -q 'Non-2xx' <<<"$out"; then echo "wrk: $1 answered non-2xx: $out" >&2; exit 1; fi
+  echo "$1 $rps $p99" >> "$results"
 }
-read -r cached_rps cached_p99 < <(run_wrk "$key_url")
-read -r nginx_rps nginx_p99 < <(run_wrk "http://127.0.0.1:$nginx_port/book.json")
-read -r direct_rps direct_p99 < <(run_wrk "http://127.0.0.1:$direct_port/v1/keys/book:1")
-read -r redis_rps redis_p99 < <(run_wrk "$redis_url")
-ratio_redis=$(python3 -c "print(f'{$redis_rps / $cached_rps:.2f}')")
-# The ceiling: Redis's own GET rate on this machine, 64 clients, redis-benchmark.
-bench_rps=$(redis-benchmark -p "$redis_server_port" -t get -c 64 -n $((seconds * 40000)) -q 2>/dev/null | tr '\r' '\n' | awk '/requests per second/ {print $2}' | tail -1)
-ratio_bench=$(python3 -c "print(f'{$redis_rps / $bench_rps:.2f}')")
-ratio=$(python3 -c "print(f'{$cached_rps / $nginx_rps:.2f}')")
-ratio_db=$(python3 -c "print(f'{$cached_rps / $direct_rps:.1f}')")
-echo
-echo "| figure | measured | baseline (same run) | ratio | target |"
-echo "|---|---|---|---|---|"
-echo "| hot reads: GET of a cached key, 64 keep-alive connections, wrk ${seconds}s | $cached_rps req/s, p99 $cached_p99 | nginx, same bytes as a static file: $nginx_rps req/s, p99 $nginx_p99; each request answered from SQLite: $direct_rps req/s, p99 $direct_p99 | ${ratio}× nginx, ${ratio_db}× SQLite per request | ≥ 1.0× nginx, p99 ≤ 2 ms |"
-echo "| hot reads, Redis backend: GET of a key cached in Redis, same load | $redis_rps req/s, p99 $redis_p99 | in-process backend (above): $cached_rps req/s, p99 $cached_p99; bare Redis GETs (redis-benchmark, 64 clients): $bench_rps req/s | ${ratio_redis}× in-process, ${ratio_bench}× bare Redis | state it |"
+run_redis_benchmark() { # a line "redis-get requests/s p99" in $results (Redis's own GET rate, 64 clients)
+  local out; out=$(redis-benchmark -p "$redis_server_port" -c 64 -n $((seconds * 40000)) -q GET bench:value 2>/dev/null | tr '\r' '\n' | grep 'requests per second' | tail -1)
+  local rps; rps=$(awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "requests") print $i}' <<<"$out")
+  [ -n "$rps" ] || { echo "redis-benchmark gave no figure: $out" >&2; exit 1; }
+  echo "redis-get $rps -" >> "$results"
+}
+for round in $(seq "$rounds"); do
+  echo "hot reads: round $round of $rounds (${seconds}s runs)" >&2
+  run_wrk cachetail "$key_url"
+  run_wrk nginx "http://127.0.0.1:$nginx_port/book.json"
+  run_wrk cachetail-redis "$redis_url"
+  run_redis_benchmark
+  run_wrk sqlite "http://127.0.0.1:$direct_port/v1/keys/book:1"
+done
+
+python3 - "$results" "$seconds" "$rounds" "$cores" "$value_bytes" <<'PY'
+import statistics, sys
+path, seconds, rounds, cores, value_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+def millis(p99):  # wrk: 812.00us, 3.95ms, 1.02s
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if p99.endswith(unit):
+            return float(p99[: -len(unit)]) * scale
+    raise ValueError(p99)
+runs = {}
+for line in open(path):
+    name, rps, p99 = line.split()
+    runs.setdefault(name, []).append((float(rps), None if p99 == "-" else millis(p99)))
+def spread(values, show):
+    values = sorted(values)
+    if len(values) == 1:
+        return show(values[0])
+    return f"{show(statistics.median(values))} ({show(values[0])}–{show(values[-1])})"
+def k(x): return f"{x / 1000:.1f}k"
+def rate(name): return spread([r for r, _ in runs[name]], k) + " req/s"
+def p99(name): return "p99 " + spread([p for _, p in runs[name]], lambda x: f"{x:.2f} ms")
+def ratio(a, b):  # per round, then median and range
+    return spread([x[0] / y[0] for x, y in zip(runs[a], runs[b])], lambda x: f"{x:.2f}×")
+
+for name, text in (("cachetail", "cachetail"), ("nginx", "nginx"), ("cachetail-redis", "cachetail on Redis"), ("redis-get", "redis-benchmark GET"), ("sqlite", "SQLite per request")):
+    print(f"hot reads {text}: " + " ".join(f"{r:.0f}" for r, _ in runs[name]) + " req/s", file=sys.stderr)
+how = f"median (range) of {rounds} alternating rounds of {seconds}s" if rounds > 1 else f"one {seconds}s run"
+print()
+print("| figure | measured | baseline (same run) | ratio | target |")
+print("|---|---|---|---|---|")
+print(f"| hot reads: GET of a cached key, 64 keep-alive connections, wrk, {how} | {rate('cachetail')}, {p99('cachetail')} "
+      f"| nginx, same bytes as a static file, its best static config ({cores} workers, sendfile, open_file_cache): {rate('nginx')}, {p99('nginx')}; "
+      f"each request answered from SQLite: {rate('sqlite')}, {p99('sqlite')} "
+      f"| {ratio('cachetail', 'nginx')} nginx, {ratio('cachetail', 'sqlite')} SQLite per request | ≥ 1.0× nginx, p99 ≤ 2 ms |")
+print(f"| hot reads, Redis backend: GET of a key cached in Redis, same load, {how} | {rate('cachetail-redis')}, {p99('cachetail-redis')} "
+      f"| in-process backend (above): {rate('cachetail')}; bare Redis GETs of an existing {value_bytes}-byte value (redis-benchmark, 64 clients): {rate('redis-get')} "
+      f"| {ratio('cachetail-redis', 'cachetail')} in-process, {ratio('cachetail-redis', 'redis-get')} bare Redis | state it |")
+PY

@@ -4,7 +4,7 @@
 //! read in the same read transaction as the query). Three mechanisms keep stale values out:
 //!
 //! - **Fills are flights.** At most one fill per key is in flight; concurrent misses join it (one
-//!   query for a stampede). Invalidating a key removes its value *and* supersedes its flight under
+//!   query for a stampede), and a miss that looks for the flight after it landed finds the value. Invalidating a key removes its value *and* supersedes its flight under
 //!   the same lock, so a fill that may have read before the invalidation can never store after it.
 //!   A fill started after the invalidation reads at a later position, so it is fresh.
 //! - **Never backwards.** A fill is stored only over a value of the same or an older version.
@@ -112,10 +112,12 @@ impl FillTicket {
     }
 }
 
-/// Either this request leads the fill (and must finish it) or it joins one already in flight.
+/// Either this request leads the fill (and must finish it), or it joins one already in flight,
+/// or a fill landed since it missed and the value is cached now.
 pub enum Begin {
     Lead(FillTicket, FillWaiter),
     Join(FillWaiter),
+    Cached(Arc<Entry>),
 }
 
 struct PerEntryTtl;
@@ -223,6 +225,14 @@ impl Cache {
             && Arc::ptr_eq(&flight.family, family)
         {
             return Begin::Join(flight.done.clone());
+        }
+        // A flight that landed between this request's miss and now stored its value under this
+        // lock (and left the map): serve that rather than run the query again. Without this,
+        // a stampede's late arrivals could start a second query.
+        if let Some(entry) = self.get(&key)
+            && Arc::ptr_eq(&entry.family, family)
+        {
+            return Begin::Cached(entry);
         }
         let (ticket, waiter) = self.new_flight(&mut flights, key, family);
         Begin::Lead(ticket, waiter)
@@ -402,7 +412,7 @@ mod tests {
     fn lead(cache: &Cache, key: &str, family: &Arc<Family>) -> FillTicket {
         match cache.begin_fill(Arc::from(key), family) {
             Begin::Lead(ticket, _) => ticket,
-            Begin::Join(_) => panic!("expected to lead the fill"),
+            Begin::Join(_) | Begin::Cached(_) => panic!("expected to lead the fill"),
         }
     }
 
@@ -429,7 +439,8 @@ mod tests {
         assert!(cache.finish_fill(late, value(9, "new")));
         // A superseded ticket cannot store; and a current one that read earlier cannot either.
         assert!(!cache.finish_fill(early, value(7, "old")));
-        let again = lead(&cache, "k:1", &family);
+        // (A miss finds the cached value now, so the current ticket here is a recompute's.)
+        let again = cache.begin_refresh(Arc::from("k:1"), &family);
         assert!(!cache.finish_fill(again, value(8, "older")));
         let body = cache.get("k:1").and_then(|e| e.body.clone());
         assert_eq!(body.as_deref(), Some(&b"new"[..]));
@@ -508,5 +519,22 @@ mod tests {
         assert!(cache.get("k:1").is_some());
         cache.flush_all(6);
         assert!(cache.get("k:1").is_none());
+    }
+
+    #[test]
+    fn a_miss_that_reaches_the_flights_after_its_fill_landed_runs_no_second_query() {
+        let cache = Cache::new(100);
+        let family = family();
+        let ticket = lead(&cache, "k:1", &family);
+        // A request of the stampede looks the key up: not cached yet ...
+        assert!(cache.get("k:1").is_none());
+        // ... the fill lands (and leaves the flights) ...
+        assert!(cache.finish_fill(ticket, value(3, "v")));
+        // ... and only then does that request look for a flight to join.
+        match cache.begin_fill(Arc::from("k:1"), &family) {
+            Begin::Cached(entry) => assert_eq!(entry.version, 3),
+            Begin::Lead(..) => panic!("a second query for a value that was just stored"),
+            Begin::Join(_) => panic!("joined a flight that had finished"),
+        }
     }
 }

@@ -46,6 +46,12 @@ impl Client {
         }
     }
 
+    /// How long a connect or a read may take (30 s unless set).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
     /// `GET path` (path already percent-encoded where needed).
     pub fn get(&mut self, path: &str) -> io::Result<Reply> {
         self.request("GET", path, &[], &[])

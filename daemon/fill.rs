@@ -307,6 +307,7 @@ async fn fill_once(
     params: Params,
 ) -> FillOutcome {
     let mut waiter = match shared.cache.begin_fill(key, family) {
+        Begin::Cached(entry) => return Ok(entry),
         Begin::Join(waiter) => waiter,
         Begin::Lead(ticket, waiter) => {
             let shared = Arc::clone(shared);

@@ -105,7 +105,8 @@ enum Command {
         /// Where the benchmark's databases go.
         #[arg(long, default_value = "target/bench-data")]
         dir: PathBuf,
-        /// Only the figures whose name contains this (capture, drain, fresh, stampede, memory).
+        /// Only the figures whose name contains this (capture, drain, fresh, redis, stampede, memory,
+        /// takeover).
         #[arg(long)]
         only: Option<String>,
     },
