@@ -214,7 +214,8 @@ pub fn resume(conn: &mut Connection, config: &Config) -> Result<InstallReport, C
     install(conn, config)
 }
 
-fn is_paused(conn: &Connection) -> rusqlite::Result<bool> {
+/// Whether capture is paused (`cachetail pause`), as the database says.
+pub fn is_paused(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT count(*) FROM cachetail_meta WHERE key = 'paused' AND value = '1'",
         [],
