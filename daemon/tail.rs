@@ -214,6 +214,12 @@ impl Outbox {
         if report.changed() || !report.flushed.is_empty() {
             shared.stats.reinstalls.fetch_add(1, Ordering::Relaxed);
         }
+        if shared.redis.is_none() && shared.paused.load(Ordering::Acquire) && !report.paused {
+            // Capture resumed. Values cached before the pause may have gone stale meanwhile:
+            // the flush markers this install wrote hide them, but only once this tail applies
+            // them; reads use the cache again as soon as the pause is lifted, so hide them now.
+            shared.cache.flush_all(self.head()?);
+        }
         note_install(shared, &report);
         Ok(())
     }
