@@ -259,9 +259,9 @@ impl Cache {
         (ticket, waiter)
     }
 
-    /// Finishes a fill: stores the value unless the flight was superseded or a newer value is
-    /// already cached, then wakes every request waiting on it (with `Superseded` when it was not
-    /// stored). Returns whether it was stored.
+    /// Finishes a fill: stores the value unless the flight was superseded, a mark that applies
+    /// to it came after its read, or a newer value is already cached, then wakes every request
+    /// waiting on it (with `Superseded` when it was not stored). Returns whether it was stored.
     pub fn finish_fill(&self, ticket: FillTicket, computed: Result<Filled, Arc<str>>) -> bool {
         let (key, id, done, outcome) = ticket.resolve(computed);
         let mut stored = false;
@@ -269,8 +269,11 @@ impl Cache {
             let mut flights = self.shard(&key);
             if flights.get(&key).is_some_and(|f| f.id == id) {
                 flights.remove(&key);
+                // Tags, family floors, flushes and reloads do not supersede flights: they are
+                // marks. A value read before one of them is already hidden, and a request may
+                // have joined after it was applied.
                 if let Ok(entry) = &outcome {
-                    stored = self.store_if_newer(&key, entry);
+                    stored = self.is_current(entry) && self.store_if_newer(&key, entry);
                 }
             }
         }
@@ -426,6 +429,25 @@ mod tests {
         assert!(!cache.finish_fill(again, value(8, "older")));
         let body = cache.get("k:1").and_then(|e| e.body.clone());
         assert_eq!(body.as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn a_fill_that_read_before_a_tag_mark_is_not_handed_to_those_who_joined() {
+        let cache = Cache::new(100);
+        let family = family();
+        // A reader misses and reads at position 5 ...
+        let ticket = lead(&cache, "k:1", &family);
+        // ... the daemon applies change 6, which invalidates the tag `t` (a mark: the flight
+        // goes on) ...
+        cache.invalidate_tag("t", 6);
+        // ... and a request that starts after it joins the flight.
+        let Begin::Join(mut waiter) = cache.begin_fill(Arc::from("k:1"), &family) else {
+            panic!("expected to join");
+        };
+        assert!(!cache.finish_fill(ticket, value(5, "old")));
+        let seen = waiter.borrow_and_update().clone();
+        assert!(matches!(seen, Some(Err(FillError::Superseded))), "{seen:?}");
+        assert!(cache.get("k:1").is_none());
     }
 
     #[test]
