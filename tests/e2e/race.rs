@@ -61,7 +61,9 @@ const TTL_SECONDS: u64 = 1;
 /// reads it must include (on a loaded machine the controller waits for them, so a slow run
 /// checks as much as a fast one).
 const GAP: Duration = Duration::from_millis(1200);
-const READS_PER_GAP: u64 = 800;
+const READS_PER_GAP: u64 = 1_000;
+/// How often each daemon's `/v1/status` is polled.
+const POLL: Duration = Duration::from_millis(20);
 
 /// What a reload may change: the `wt` family's query (a harmless variant that retires the
 /// family) and the `del` rule's strategy.
@@ -235,6 +237,8 @@ struct Read {
     applied: u64,
     /// For `?fresh=1`: the last write sequence committed before the request was sent.
     committed: u64,
+    /// The last write sequence committed when the answer was in: it cannot reflect a later one.
+    upto: u64,
     answer: Answer,
     cache: String,
     age: Option<u64>,
@@ -702,7 +706,7 @@ fn poll_status(run: &Run, slot: usize) {
             total.fetch_add(now.checked_sub(*last).unwrap_or(now), Ordering::Relaxed);
             *last = now;
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(POLL);
     }
 }
 
@@ -717,15 +721,15 @@ fn next(seed: &mut u64) -> u64 {
 fn pick_key(seed: &mut u64) -> Key {
     let r = next(seed);
     match r % 100 {
-        0..5 => Key::All,
-        5..12 => Key::Group((r / 100 % GROUPS as u64) as i64),
+        0..4 => Key::All,
+        4..10 => Key::Group((r / 100 % GROUPS as u64) as i64),
         _ => {
+            // Mostly the written rows, where fills race invalidations.
             let family = (r / 100 % FAMILIES.len() as u64) as u8;
-            let pick = r / 1000 % 12;
-            let id = if pick < 9 {
-                (pick % HOT as u64) as i64 + 1
+            let id = if (r / 1000).is_multiple_of(8) {
+                COLD[(r / 10_000 % COLD.len() as u64) as usize]
             } else {
-                COLD[(pick as usize - 9 + (r / 100_000) as usize) % COLD.len()]
+                (r / 100_000 % HOT as u64) as i64 + 1
             };
             Key::Row { family, id }
         }
@@ -776,15 +780,14 @@ fn read_loop(run: &Run, db: &Path, reader: usize) -> Vec<Read> {
         let fresh = if kind.fresh() { "?fresh=1" } else { "" };
         let generation = run.generation[slot].load(Ordering::Acquire);
         let applied = run.applied.load(Ordering::Acquire);
-        let committed: u64 = if kind.fresh() {
+        let last_committed = || {
             direct
                 .query_row("SELECT coalesce(max(seq), 0) FROM wlog", [], |row| {
                     row.get::<_, i64>(0)
                 })
                 .expect("the committed sequence") as u64
-        } else {
-            0
         };
+        let committed = if kind.fresh() { last_committed() } else { 0 };
         let start = run.now();
         let reply = match kind {
             Kind::Get | Kind::FreshGet => {
@@ -802,6 +805,7 @@ fn read_loop(run: &Run, db: &Path, reader: usize) -> Vec<Read> {
             }
         };
         let end = run.now();
+        let upto = last_committed();
         let Ok(reply) = reply else {
             // The daemon is restarting: try the other one (if any), a moment later.
             run.retries.fetch_add(1, Ordering::Relaxed);
@@ -831,6 +835,7 @@ fn read_loop(run: &Run, db: &Path, reader: usize) -> Vec<Read> {
                 end,
                 applied,
                 committed,
+                upto,
                 answer,
                 cache: cache.to_owned(),
                 age,
@@ -965,8 +970,12 @@ impl Cluster<'_> {
     /// Lets the load run for `GAP` and at least `reads` more checked answers (up to a minute:
     /// past it, the floors on what was checked decide).
     fn steady(&self, reads: u64) {
+        self.steady_for(GAP, reads);
+    }
+
+    fn steady_for(&self, time: Duration, reads: u64) {
         let from = self.run.checked.load(Ordering::Acquire);
-        std::thread::sleep(GAP);
+        std::thread::sleep(time);
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.run.checked.load(Ordering::Acquire) < from + reads && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -1109,9 +1118,9 @@ impl Cluster<'_> {
         });
         let from = self.run.now();
         let slots: Vec<usize> = (0..self.slots.len()).collect();
-        self.steady(READS_PER_GAP / 2);
+        self.steady_for(GAP / 3, READS_PER_GAP / 4);
         self.admin(last, "POST", "/v1/admin/invalidate?tag=items");
-        self.steady(READS_PER_GAP / 2);
+        self.steady_for(GAP / 3, READS_PER_GAP / 4);
         let until = self.run.now();
         cli_ok("resume", &config);
         let direct = rusqlite::Connection::open(self.catalog.db()).expect("open");
@@ -1272,10 +1281,10 @@ impl Model {
         }
     }
 
-    /// The first commit point at or after `from` at which the database held `answer` for
+    /// The first commit point from `from` to `upto` at which the database held `answer` for
     /// `key`; None if there is none.
-    fn first_consistent(&self, key: Key, answer: &Answer, from: u64) -> Option<u64> {
-        match (key, answer) {
+    fn first_consistent(&self, key: Key, answer: &Answer, from: u64, upto: u64) -> Option<u64> {
+        let point = match (key, answer) {
             (Key::Row { id, .. }, Answer::Row(value)) => {
                 let history = &self.histories[&id];
                 match value {
@@ -1308,6 +1317,7 @@ impl Model {
                     .filter(|&&id| in_scope(id) && !listed.iter().any(|&(l, _)| l == id))
                     .map(|id| &self.histories[id])
                     .collect();
+                let high = high.min(upto.saturating_add(1));
                 let mut point = low;
                 'search: while point < high {
                     for history in &absent {
@@ -1323,7 +1333,8 @@ impl Model {
                 None
             }
             _ => None,
-        }
+        };
+        point.filter(|&point| point <= upto)
     }
 }
 
@@ -1423,22 +1434,17 @@ fn analyse(log: &[Write], pauses: &[PauseWindow], reads: &[Read]) -> Report {
             count(&mut report, read, pauses);
             let required = model.required(key, read.applied);
             let floor = read.committed.max(required).max(seen);
-            let point = match model.first_consistent(key, &read.answer, floor) {
+            let consistent = |from: u64| model.first_consistent(key, &read.answer, from, read.upto);
+            let point = match consistent(floor) {
                 Some(point) => point,
                 None => {
-                    let reason = if model.first_consistent(key, &read.answer, 0).is_none() {
+                    let reason = if consistent(0).is_none() {
                         report.never_existed += 1;
                         "never existed"
-                    } else if model
-                        .first_consistent(key, &read.answer, read.committed)
-                        .is_none()
-                    {
+                    } else if consistent(read.committed).is_none() {
                         report.stale_fresh += 1;
                         "stale ?fresh=1"
-                    } else if model
-                        .first_consistent(key, &read.answer, read.committed.max(required))
-                        .is_none()
-                    {
+                    } else if consistent(read.committed.max(required)).is_none() {
                         report.behind_applied += 1;
                         "behind the applied position"
                     } else {
@@ -1446,7 +1452,7 @@ fn analyse(log: &[Write], pauses: &[PauseWindow], reads: &[Read]) -> Report {
                         "backwards"
                     };
                     report.examples.push(format!(
-                        "{reason}: {} ({:?}, daemon {} gen {}, {}, sent at {:.3} s) answered {:?}; committed before it: seq {}, applied: position {} (seq {required}), seen earlier: seq {seen}",
+                        "{reason}: {} ({:?}, daemon {} gen {}, {}, sent at {:.3} s) answered {:?}; committed before it: seq {}, applied: position {} (seq {required}), seen earlier: seq {seen}, committed when it was in: seq {}",
                         key.name(),
                         read.kind,
                         read.slot,
@@ -1456,12 +1462,10 @@ fn analyse(log: &[Write], pauses: &[PauseWindow], reads: &[Read]) -> Report {
                         read.answer,
                         read.committed,
                         read.applied,
+                        read.upto,
                     ));
                     // Carry on from what it could have seen at the earliest.
-                    model
-                        .first_consistent(key, &read.answer, 0)
-                        .unwrap_or(0)
-                        .max(seen)
+                    consistent(0).unwrap_or(0).max(seen)
                 }
             };
             ended.push(Reverse((read.end, point)));
