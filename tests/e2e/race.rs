@@ -559,7 +559,7 @@ fn check(redis: Option<&RedisServer>) {
             p.last_seq
         );
     }
-    for example in report.examples.iter().take(12) {
+    for example in &report.examples {
         eprintln!("  {example}");
     }
 
@@ -1348,6 +1348,7 @@ struct Report {
     not_bypassed: u64,
     too_old: u64,
     examples: Vec<String>,
+    examples_of: HashMap<&'static str, usize>,
     gets: u64,
     fresh_gets: u64,
     multi: u64,
@@ -1364,6 +1365,15 @@ struct Report {
 }
 
 impl Report {
+    /// Keeps a few examples of each kind of violation.
+    fn example(&mut self, kind: &'static str, text: String) {
+        let kept = self.examples_of.entry(kind).or_insert(0);
+        if *kept < 4 {
+            *kept += 1;
+            self.examples.push(text);
+        }
+    }
+
     fn violations(&self) -> u64 {
         self.never_existed
             + self.stale_fresh
@@ -1413,10 +1423,10 @@ fn analyse(log: &[Write], pauses: &[PauseWindow], reads: &[Read]) -> Report {
         reads.sort_by_key(|r| r.start);
         // Reads of this key that have ended, by end time, with the earliest point each could
         // have seen: a read that starts later must not see an earlier one.
-        let mut ended: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
-        let mut seen = 0u64;
-        let mut seen_when_paused: Vec<Option<u64>> = vec![None; pauses.len()];
-        for read in reads {
+        let mut ended: BinaryHeap<Reverse<Ended>> = BinaryHeap::new();
+        let mut seen = Seen::default();
+        let mut seen_when_paused: Vec<Option<Seen>> = vec![None; pauses.len()];
+        for (index, read) in reads.iter().enumerate() {
             for (pause, noted) in pauses.iter().zip(&mut seen_when_paused) {
                 if noted.is_none() && pause.began <= read.start {
                     take_ended(&mut ended, pause.began, &mut seen);
@@ -1433,7 +1443,7 @@ fn analyse(log: &[Write], pauses: &[PauseWindow], reads: &[Read]) -> Report {
                 .unwrap_or(seen);
             count(&mut report, read, pauses);
             let required = model.required(key, read.applied);
-            let floor = read.committed.max(required).max(seen);
+            let floor = read.committed.max(required).max(seen.point);
             let consistent = |from: u64| model.first_consistent(key, &read.answer, from, read.upto);
             let point = match consistent(floor) {
                 Some(point) => point,
@@ -1451,39 +1461,78 @@ fn analyse(log: &[Write], pauses: &[PauseWindow], reads: &[Read]) -> Report {
                         report.backwards += 1;
                         "backwards"
                     };
-                    report.examples.push(format!(
-                        "{reason}: {} ({:?}, daemon {} gen {}, {}, sent at {:.3} s) answered {:?}; committed before it: seq {}, applied: position {} (seq {required}), seen earlier: seq {seen}, committed when it was in: seq {}",
-                        key.name(),
-                        read.kind,
-                        read.slot,
-                        read.generation,
-                        read.cache,
-                        read.start as f64 / 1e9,
-                        read.answer,
-                        read.committed,
-                        read.applied,
-                        read.upto,
-                    ));
+                    let earlier = seen
+                        .by
+                        .map_or_else(String::new, |i| format!(" (by {})", describe(reads[i])));
+                    report.example(
+                        reason,
+                        format!(
+                            "{reason}: {}; committed before it: seq {}, applied: position {} (seq {required}), seen earlier: seq {}{earlier}, committed when it was in: seq {}",
+                            describe(read),
+                            read.committed,
+                            read.applied,
+                            seen.point,
+                            read.upto,
+                        ),
+                    );
                     // Carry on from what it could have seen at the earliest.
-                    consistent(0).unwrap_or(0).max(seen)
+                    consistent(0).unwrap_or(0).max(seen.point)
                 }
             };
-            ended.push(Reverse((read.end, point)));
+            ended.push(Reverse(Ended {
+                end: read.end,
+                point,
+                index,
+            }));
         }
     }
     report
 }
 
-/// Reads that ended before `before`, with the earliest point each could have seen: folded
-/// into `seen`.
-fn take_ended(ended: &mut BinaryHeap<Reverse<(u64, u64)>>, before: u64, seen: &mut u64) {
-    while let Some(&Reverse((end, point))) = ended.peek() {
-        if end >= before {
+/// A read that has ended: when, the earliest point it could have seen, which one it was.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Ended {
+    end: u64,
+    point: u64,
+    index: usize,
+}
+
+/// The highest of those points so far, and the read that saw it.
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    point: u64,
+    by: Option<usize>,
+}
+
+/// Reads that ended before `before`: folded into `seen`.
+fn take_ended(ended: &mut BinaryHeap<Reverse<Ended>>, before: u64, seen: &mut Seen) {
+    while let Some(&Reverse(read)) = ended.peek() {
+        if read.end >= before {
             break;
         }
-        *seen = (*seen).max(point);
+        if read.point > seen.point {
+            *seen = Seen {
+                point: read.point,
+                by: Some(read.index),
+            };
+        }
         ended.pop();
     }
+}
+
+fn describe(read: &Read) -> String {
+    format!(
+        "{} {:?} by daemon {} (gen {}, {}) sent at {:.4} s, in at {:.4} s: {} {:?}",
+        read.key.name(),
+        read.kind,
+        read.slot,
+        read.generation,
+        if read.standby { "standby" } else { "active" },
+        read.start as f64 / 1e9,
+        read.end as f64 / 1e9,
+        read.cache,
+        read.answer,
+    )
 }
 
 /// Counts a read by kind, and checks what does not depend on the write log: bypass while
@@ -1519,12 +1568,10 @@ fn count(report: &mut Report, read: &Read, pauses: &[PauseWindow]) {
         report.paused_reads += 1;
         if read.cache != "bypass" {
             report.not_bypassed += 1;
-            report.examples.push(format!(
-                "not bypassed while paused: {} answered by daemon {} ({})",
-                read.key.name(),
-                read.slot,
-                read.cache
-            ));
+            report.example(
+                "not bypassed",
+                format!("not bypassed while paused: {}", describe(read)),
+            );
         }
     }
     if let Key::Row { family, id } = read.key {
@@ -1536,10 +1583,10 @@ fn count(report: &mut Report, read: &Read, pauses: &[PauseWindow]) {
             report.ttl_hits += 1;
             if age > TTL_SECONDS {
                 report.too_old += 1;
-                report.examples.push(format!(
-                    "older than its TTL: {} served with Age {age}",
-                    read.key.name()
-                ));
+                report.example(
+                    "too old",
+                    format!("older than its TTL, Age {age}: {}", describe(read)),
+                );
             }
         }
         if cold && read.cache == "miss" {
