@@ -11,14 +11,16 @@
 //! row's `n` to the write's sequence number (commit order) and record `(seq, row, n, outbox id)`
 //! in a table no rule captures. After the run, each answer is mapped to the commit sequence
 //! numbers at which the database held that value (a 404 to those where the row was absent, a
-//! list to those where every row matched), and must be consistent with a point at or after:
+//! list to those where every row matched), at most the last one committed when the answer came
+//! in, and must be consistent with a point at or after:
 //!
 //! - for `?fresh=1`, every write committed before the request was sent;
 //! - for every read, every write the daemon had applied when the read started (`cursor ≥ p` in
 //!   `/v1/status`, polled throughout): the writes whose outbox id is at most `p` (a write made
 //!   while capture was paused counts from the first outbox id after `resume`);
 //! - the earliest point any read of the same key that ended before this one started could have
-//!   seen (no read goes backwards, across readers and daemons).
+//!   seen (no read goes backwards, across readers and daemons; except for reads sent while the
+//!   daemons were still noticing a pause, see `PauseWindow`).
 //!
 //! Besides: reads made while the daemons reported `paused` bypass the cache; values of the
 //! short-TTL family are never older than their TTL and refill; admin actions remove what they
