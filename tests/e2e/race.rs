@@ -82,7 +82,7 @@ fn spin(rounds: u32) -> String {
 }
 
 fn config(port: u16, backend: &str, knobs: Knobs) -> String {
-    let (slow, quick) = (spin(5000), spin(1500));
+    let (slow, slowest, quick) = (spin(5000), spin(20000), spin(1500));
     let Knobs {
         wt_variant: v,
         del_strategy,
@@ -106,7 +106,7 @@ poll_interval = "50ms"
 query = "SELECT n FROM items WHERE id = :id AND {slow} AND {v} = {v}"
 
 [keys."del:{{id}}"]
-query = "SELECT n FROM items WHERE id = :id AND {slow}"
+query = "SELECT n FROM items WHERE id = :id AND {slowest}"
 
 [keys."wb:{{id}}"]
 query = "SELECT n FROM items WHERE id = :id AND {slow}"
@@ -116,7 +116,7 @@ query = "SELECT n FROM items WHERE id = :id AND {quick}"
 tags = ["tg", "row:{{id}}"]
 
 [keys."ttl:{{id}}"]
-query = "SELECT n FROM items WHERE id = :id AND {quick}"
+query = "SELECT n FROM items WHERE id = :id AND {slowest}"
 ttl = "{TTL_SECONDS}s"
 
 [keys."grp:{{g}}"]
