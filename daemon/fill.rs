@@ -430,3 +430,39 @@ fn store_in_redis(redis: &RedisCache, key: &str, entry: &Entry) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn a_value_read_while_capture_was_paused_is_neither_stored_nor_handed_out() {
+        let config = Config::parse(
+            "database = \"x.db\"\n[keys.\"k:{id}\"]\nquery = \"SELECT :id AS id\"\n",
+            "test.toml",
+            Path::new("."),
+        )
+        .expect("valid");
+        let shared = Shared::new(config, 0);
+        let family = Arc::clone(&shared.config().families[0]);
+        let params = vec![("id".to_owned(), "1".to_owned())];
+        let Begin::Lead(ticket, _) = shared.cache.begin_fill(Arc::from("k:1"), &family) else {
+            panic!("expected to lead the fill");
+        };
+        let Begin::Join(mut waiter) = shared.cache.begin_fill(Arc::from("k:1"), &family) else {
+            panic!("expected to join");
+        };
+        // Its read transaction found capture paused: writes since may have no outbox row.
+        let read = Computed {
+            version: 5,
+            body: Some(Bytes::from_static(b"{\"id\":1}")),
+            paused: true,
+        };
+        finish(&shared, ticket, &params, Ok(read));
+        assert!(shared.cache.get("k:1").is_none(), "not stored");
+        let seen = waiter.borrow_and_update().clone();
+        assert!(matches!(seen, Some(Err(FillError::Superseded))), "{seen:?}");
+    }
+}
