@@ -270,9 +270,9 @@ impl Cache {
         (ticket, waiter)
     }
 
-    /// Finishes a fill: stores the value unless the flight was superseded or a newer value is
-    /// already cached, then wakes every request waiting on it (with `Superseded` when it was not
-    /// stored). Returns whether it was stored.
+    /// Finishes a fill: stores the value unless the flight was superseded, a mark that applies
+    /// to it came after its read, or a newer value is already cached, then wakes every request
+    /// waiting on it (with `Superseded` when it was not stored). Returns whether it was stored.
     pub fn finish_fill(&self, ticket: FillTicket, computed: Result<Filled, Arc<str>>) -> bool {
         let (key, id, done, outcome) = ticket.resolve(computed);
         let mut stored = false;
@@ -280,6 +280,9 @@ impl Cache {
             let mut flights = self.shard(&key);
             if flights.get(&key).is_some_and(|f| f.id == id) {
                 flights.remove(&key);
+                // Tags, family floors, flushes and reloads do not supersede flights: they are
+                // marks. A value read before one of them is already hidden, and a request may
+                // have joined after it was applied: `store_if_newer` refuses it.
                 if let Ok(entry) = &outcome {
                     stored = self.store_if_newer(&key, entry);
                 }

@@ -127,32 +127,39 @@ pub fn ensure_schema(conn: &Connection) -> rusqlite::Result<()> {
 pub fn install(conn: &mut Connection, config: &Config) -> Result<InstallReport, CaptureError> {
     ensure_wal(conn)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    ensure_schema(&tx)?;
+    let report = install_in(&tx, config)?;
+    tx.commit()?;
+    Ok(report)
+}
+
+/// `install`, inside the caller's write transaction.
+fn install_in(tx: &Connection, config: &Config) -> Result<InstallReport, CaptureError> {
+    ensure_schema(tx)?;
     let mut report = InstallReport {
-        paused: is_paused(&tx)?,
+        paused: is_paused(tx)?,
         ..InstallReport::default()
     };
 
     let mut desired: BTreeMap<String, String> = BTreeMap::new();
     let mut layouts: BTreeMap<String, i64> = BTreeMap::new();
     for (table, columns) in config.captured_columns() {
-        if let Err(e) = check_columns(&tx, &table, &columns) {
-            layouts.insert(table.clone(), layout_id(&tx, &table, &[])?);
+        if let Err(e) = check_columns(tx, &table, &columns) {
+            layouts.insert(table.clone(), layout_id(tx, &table, &[])?);
             report.failed.push((table, e.to_string()));
             continue;
         }
-        let layout = layout_id(&tx, &table, &columns)?;
+        let layout = layout_id(tx, &table, &columns)?;
         layouts.insert(table.clone(), layout);
         if report.paused {
             continue;
         }
-        let shape = TableShape::read(&tx, &table)?;
+        let shape = TableShape::read(tx, &table)?;
         for (name, sql) in table_triggers(&table, layout, &columns, &shape) {
             desired.insert(name, sql);
         }
     }
 
-    let existing = installed_triggers(&tx)?;
+    let existing = installed_triggers(tx)?;
     for (name, sql) in &existing {
         if desired.get(name) != Some(sql) {
             tx.execute_batch(&format!(
@@ -188,7 +195,6 @@ pub fn install(conn: &mut Connection, config: &Config) -> Result<InstallReport, 
             report.flushed.push(table.clone());
         }
     }
-    tx.commit()?;
     Ok(report)
 }
 
@@ -207,14 +213,21 @@ pub fn pause(conn: &mut Connection) -> Result<usize, CaptureError> {
     Ok(triggers)
 }
 
-/// Ends a pause: clears the flag and reinstalls capture; every watched table gets a flush marker.
+/// Ends a pause: clears the flag and reinstalls capture, in one transaction (a write committed
+/// between the two would go uncaptured while the flag already says capture is on); every watched
+/// table gets a flush marker.
 pub fn resume(conn: &mut Connection, config: &Config) -> Result<InstallReport, CaptureError> {
-    ensure_schema(conn)?;
-    conn.execute("DELETE FROM cachetail_meta WHERE key = 'paused'", [])?;
-    install(conn, config)
+    ensure_wal(conn)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    ensure_schema(&tx)?;
+    tx.execute("DELETE FROM cachetail_meta WHERE key = 'paused'", [])?;
+    let report = install_in(&tx, config)?;
+    tx.commit()?;
+    Ok(report)
 }
 
-fn is_paused(conn: &Connection) -> rusqlite::Result<bool> {
+/// Whether capture is paused (`cachetail pause`), as the database says.
+pub fn is_paused(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT count(*) FROM cachetail_meta WHERE key = 'paused' AND value = '1'",
         [],

@@ -68,14 +68,22 @@ pub fn open_reader(path: &std::path::Path) -> rusqlite::Result<Connection> {
 pub struct Computed {
     pub version: u64,
     pub body: Option<Bytes>,
+    /// Capture was paused when it was read: changes made since may have no outbox row, so
+    /// nothing would ever mark this value stale. It may answer the request that read it, but
+    /// it is never stored.
+    pub paused: bool,
 }
 
-/// Runs `family`'s query for one key, in one read transaction with the outbox head.
+/// Runs `family`'s query for one key, in one read transaction with the outbox head (and the
+/// pause flag, which says whether that head means anything).
 pub fn compute(conn: &Connection, family: &Family, params: &Params) -> rusqlite::Result<Computed> {
     let tx = conn.unchecked_transaction()?;
-    let version: i64 = tx
-        .prepare_cached("SELECT coalesce(max(id), 0) FROM cachetail_outbox")?
-        .query_row([], |row| row.get(0))?;
+    let (version, paused): (i64, bool) = tx
+        .prepare_cached(
+            "SELECT (SELECT coalesce(max(id), 0) FROM cachetail_outbox), \
+                    EXISTS (SELECT 1 FROM cachetail_meta WHERE key = 'paused' AND value = '1')",
+        )?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
     let body = {
         let mut stmt = tx.prepare_cached(&family.query)?;
         bind_params(&mut stmt, params)?;
@@ -85,6 +93,7 @@ pub fn compute(conn: &Connection, family: &Family, params: &Params) -> rusqlite:
     Ok(Computed {
         version: u64::try_from(version).unwrap_or(0),
         body,
+        paused,
     })
 }
 
@@ -253,7 +262,8 @@ pub async fn fill(
         }
     }
     // The last try answers with what it read, stored if it may be (a superseding recompute in
-    // memory; Redis's guard), so that no older read lands after this answer.
+    // memory; Redis's guard), so that no older read lands after this answer; never stored if
+    // it was read while capture was paused.
     let (reader, family_for_query) = (Arc::clone(shared), Arc::clone(&family));
     let refresh_key = Arc::clone(&key);
     let computed = tokio::task::spawn_blocking(move || {
@@ -264,6 +274,7 @@ pub async fn fill(
         let computed = reader
             .pool
             .with(|conn| compute(conn, &family_for_query, &params));
+        let paused = computed.as_ref().is_ok_and(|c| c.paused);
         if let Some(ticket) = ticket {
             // Finished either way, so the flight leaves the map and its joiners wake.
             let filled = match &computed {
@@ -274,7 +285,11 @@ pub async fn fill(
                 }),
                 Err(e) => Err(Arc::from(e.to_string())),
             };
-            reader.cache.finish_fill(ticket, filled);
+            if paused {
+                reader.cache.finish_fill_with(ticket, filled, |_, _| false);
+            } else {
+                reader.cache.finish_fill(ticket, filled);
+            }
         }
         let computed = computed?;
         let entry = Entry {
@@ -284,7 +299,7 @@ pub async fn fill(
             family: family_for_query,
             stored_at: std::time::Instant::now(),
         };
-        if let Some(redis) = &reader.redis {
+        if let Some(redis) = reader.redis.as_ref().filter(|_| !paused) {
             store_in_redis(redis, &key, &entry);
         }
         Ok::<_, rusqlite::Error>(entry)
@@ -336,7 +351,8 @@ async fn fill_once(
 
 /// Recomputes a key now and stores it, superseding any fill in flight (write-through). Blocking:
 /// runs on the applying thread with its own connection. Returns false (after removing the key,
-/// so nothing stale stays) when the query failed.
+/// so nothing stale stays) when the query failed; a value read while capture was paused is not
+/// stored, and the key is removed likewise.
 pub fn refresh_now(
     shared: &Shared,
     conn: &Connection,
@@ -347,8 +363,9 @@ pub fn refresh_now(
     let ticket = shared.cache.begin_refresh(Arc::from(key), family);
     let outcome = timed_compute(shared, conn, family, params);
     let ok = outcome.is_ok();
+    let paused = outcome.as_ref().is_ok_and(|c| c.paused);
     finish(shared, ticket, params, outcome);
-    if !ok {
+    if !ok || paused {
         shared.cache.invalidate(key);
     }
     ok
@@ -369,6 +386,7 @@ fn finish(
         .stats
         .fills
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let paused = outcome.as_ref().is_ok_and(|c| c.paused);
     let computed = match outcome {
         Ok(c) => Ok(Filled {
             version: c.version,
@@ -388,6 +406,14 @@ fn finish(
         }
     };
     match &shared.redis {
+        // Read while capture was paused: not stored, and not handed to the requests that joined
+        // either (one may have joined after a change the read missed): they fill again, and
+        // the last try answers from the database without storing.
+        _ if paused => {
+            shared
+                .cache
+                .finish_fill_with(ticket, computed, |_, _| false);
+        }
         None => {
             shared.cache.finish_fill(ticket, computed);
         }
@@ -418,5 +444,41 @@ fn store_in_redis(redis: &RedisCache, key: &str, entry: &Entry) -> bool {
             tracing::debug!(key, error = %e, "not stored in redis");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn a_value_read_while_capture_was_paused_is_neither_stored_nor_handed_out() {
+        let config = Config::parse(
+            "database = \"x.db\"\n[keys.\"k:{id}\"]\nquery = \"SELECT :id AS id\"\n",
+            "test.toml",
+            Path::new("."),
+        )
+        .expect("valid");
+        let shared = Shared::new(config, 0);
+        let family = Arc::clone(&shared.config().families[0]);
+        let params = vec![("id".to_owned(), "1".to_owned())];
+        let Begin::Lead(ticket, _) = shared.cache.begin_fill(Arc::from("k:1"), &family) else {
+            panic!("expected to lead the fill");
+        };
+        let Begin::Join(mut waiter) = shared.cache.begin_fill(Arc::from("k:1"), &family) else {
+            panic!("expected to join");
+        };
+        // Its read transaction found capture paused: writes since may have no outbox row.
+        let read = Computed {
+            version: 5,
+            body: Some(Bytes::from_static(b"{\"id\":1}")),
+            paused: true,
+        };
+        finish(&shared, ticket, &params, Ok(read));
+        assert!(shared.cache.get("k:1").is_none(), "not stored");
+        let seen = waiter.borrow_and_update().clone();
+        assert!(matches!(seen, Some(Err(FillError::Superseded))), "{seen:?}");
     }
 }

@@ -6,7 +6,7 @@
 //! - `P{key}`: the value, exactly the JSON body `GET /v1/keys/{key}` returns, with the family's
 //!   TTL. Keys whose query found no row are not stored.
 //! - `P#m:{key}`: hash `i` (outbox position of the key's last invalidation) and `v` (the position
-//!   the stored value read at).
+//!   the stored value read at, or the last read that found no row, if later).
 //! - `P#g:{group}`: sorted set of the keys in a group (a tag `t:{tag}`, or a family
 //!   `f:{pattern}:{generation}`), scored by expiry, so invalidating a tag touches only its keys.
 //! - `P#gm:{group}`: the position of the group's last invalidation.
@@ -100,10 +100,16 @@ local n = tonumber(ARGV[8])
 for j = 1, n do
   if v < tonumber(redis.call('GET', prefix .. '#gm:' .. ARGV[8 + j]) or '0') then return 0 end
 end
-if ARGV[9 + n] == 'check' then return 1 end
-redis.call('SET', value, ARGV[5], 'PX', ttl)
-redis.call('HSET', meta, 'v', v)
+if ARGV[9 + n] ~= 'check' then
+  redis.call('SET', value, ARGV[5], 'PX', ttl)
+elseif v > tonumber(m[2] or '0') then
+  -- A read that found no row is not stored, but it is an answer: a value read before it must
+  -- not land after it, and one stored before it goes.
+  redis.call('UNLINK', value)
+end
+if v > tonumber(m[2] or '0') then redis.call('HSET', meta, 'v', v) end
 if redis.call('PTTL', meta) < ttl then redis.call('PEXPIRE', meta, ttl) end
+if ARGV[9 + n] == 'check' then return 1 end
 local now = tonumber(ARGV[7])
 for j = 1, n do
   local set = prefix .. '#g:' .. ARGV[8 + j]

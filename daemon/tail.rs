@@ -214,6 +214,12 @@ impl Outbox {
         if report.changed() || !report.flushed.is_empty() {
             shared.stats.reinstalls.fetch_add(1, Ordering::Relaxed);
         }
+        if shared.redis.is_none() && shared.paused.load(Ordering::Acquire) && !report.paused {
+            // Capture resumed. Values cached before the pause may have gone stale meanwhile:
+            // the flush markers this install wrote hide them, but only once this tail applies
+            // them; reads use the cache again as soon as the pause is lifted, so hide them now.
+            shared.cache.flush_all(self.head()?);
+        }
         note_install(shared, &report);
         Ok(())
     }
@@ -434,10 +440,16 @@ pub fn note_install(shared: &Shared, report: &capture::InstallReport) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone_from(&report.failed);
-    let was_paused = shared.paused.swap(report.paused, Ordering::AcqRel);
-    if was_paused != report.paused {
+    set_paused(shared, report.paused);
+}
+
+/// Sets the paused flag the endpoint obeys (from an install, or, on a standby, from the flag in
+/// the database).
+fn set_paused(shared: &Shared, paused: bool) {
+    let was_paused = shared.paused.swap(paused, Ordering::AcqRel);
+    if was_paused != paused {
         tracing::warn!(
-            paused = report.paused,
+            paused,
             "capture pause changed: while paused, reads bypass the cache"
         );
     }
@@ -561,6 +573,10 @@ pub fn run(
                             *applied = (*applied).max(cursor);
                             moved
                         });
+                    }
+                    // A standby installs nothing, so it learns of a pause from the flag.
+                    if let Ok(paused) = capture::is_paused(outbox.conn()) {
+                        set_paused(&shared, paused);
                     }
                     doorbell.wait(STANDBY_POLL);
                 }
