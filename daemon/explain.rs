@@ -5,10 +5,9 @@ use std::sync::Arc;
 
 use rusqlite::types::Value;
 
-use crate::capture::Layout;
-use crate::config::{Config, Op, Strategy};
+use crate::config::Config;
 use crate::rules;
-use crate::tail::{Change, ChangeBody, RowChange};
+use crate::types::{Change, ChangeBody, Layout, Op, RowChange, Strategy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
@@ -49,7 +48,6 @@ pub fn explain(
         ));
     };
     let layout = Arc::new(Layout {
-        id: 0,
         table: Arc::from(table),
         columns: columns.iter().map(|c| Arc::from(c.as_str())).collect(),
     });

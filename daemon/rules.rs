@@ -4,38 +4,12 @@
 //! on delete, both on update (a review moved from book 3 to book 5 touches both books). Within a
 //! batch, actions on one key merge into one: the strongest strategy, the latest position.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rusqlite::types::Value;
 
-use crate::capture::Layout;
-use crate::config::{Config, Op, Strategy};
-use crate::tail::{Change, ChangeBody};
-use crate::template::Template;
-
-/// What to do to one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyAction {
-    pub strategy: Strategy,
-    /// The latest change in the batch that touched the key.
-    pub position: u64,
-}
-
-/// The cache actions one batch calls for.
-#[derive(Debug, Default)]
-pub struct Plan {
-    pub keys: HashMap<String, KeyAction>,
-    /// Tag → the latest position that invalidated it.
-    pub tags: HashMap<String, u64>,
-    /// Set when a change could not be mapped to keys (unreadable row, or a template needing a
-    /// column the row's capture did not record): everything is dropped at this position.
-    pub flush_all: Option<u64>,
-    /// Tables whose changes may have gone uncaptured → the latest position of such a marker.
-    pub flush_tables: HashMap<Arc<str>, u64>,
-    /// Per rule (its index in the config): keys and tags it named, and keys it had recomputed.
-    pub per_rule: HashMap<usize, (u64, u64)>,
-}
+use crate::config::{Config, Template};
+use crate::types::{Change, ChangeBody, KeyAction, Layout, Op, Plan, Strategy};
 
 /// Maps each change through the rules that watch its table.
 pub fn plan(config: &Config, changes: &[Change]) -> Plan {
@@ -136,7 +110,7 @@ fn render(template: &Template, layout: &Layout, image: &[Value]) -> Rendered {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tail::RowChange;
+    use crate::types::RowChange;
     use std::path::Path;
 
     fn config() -> Config {
@@ -160,7 +134,6 @@ tags = ["user:{user_id}"]
 
     fn change(position: u64, op: Op, old: Option<[i64; 2]>, new: Option<[i64; 2]>) -> Change {
         let layout = Arc::new(Layout {
-            id: 1,
             table: "reviews".into(),
             columns: vec!["book_id".into(), "user_id".into()],
         });

@@ -1,0 +1,93 @@
+//! Apply: carry out a batch's plan, per strategy, through the cache.
+//!
+//! - delete: remove the key (and supersede its fill in flight).
+//! - write-through: recompute the key now, on the applying thread, before the cursor moves: the
+//!   next read is a fresh hit. A key no family matches is removed instead.
+//! - write-behind: remove now, queue a recompute; a key queued twice within the delay is
+//!   recomputed once, by a bounded pool of workers (`write_behind`).
+//! - tags and flushes: marks, O(1) however many keys they cover (see `cache`).
+//!
+//! Warm start (`warm`) fills the keys a family lists at start through the same fill path.
+
+use std::sync::Arc;
+
+use rusqlite::Connection;
+
+use crate::cache::{Cache, RedisError};
+use crate::counters::Counter;
+use crate::registry::Live;
+use crate::types::{Plan, Strategy};
+
+pub mod warm;
+pub mod write_behind;
+
+pub use warm::WarmProgress;
+pub use write_behind::WriteBehindQueue;
+
+/// What applying did, for status and metrics.
+#[derive(Debug, Default)]
+pub struct ApplyCounters {
+    /// Keys invalidated (each key once per batch), tags invalidated, and recomputes run
+    /// (write-through and write-behind).
+    pub invalidations: Counter,
+    pub tag_invalidations: Counter,
+    pub recomputes: Counter,
+}
+
+/// Applies plans: the tail's handle on the cache and the write-behind queue.
+pub struct Applier {
+    cache: Arc<Cache>,
+    queue: Arc<WriteBehindQueue>,
+    counters: Arc<ApplyCounters>,
+}
+
+impl Applier {
+    pub fn new(
+        cache: Arc<Cache>,
+        queue: Arc<WriteBehindQueue>,
+        counters: Arc<ApplyCounters>,
+    ) -> Applier {
+        Applier {
+            cache,
+            queue,
+            counters,
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Applies one batch's plan, which ends at outbox position `last`; `cursor` is the position
+    /// applied before it, `epoch` the lease epoch it is applied under. Blocking (write-through
+    /// runs queries on `conn`): call it on the tail thread. Fails only when the Redis backend
+    /// cannot be reached: the cursor must then stay where it is.
+    pub fn apply(
+        &self,
+        plan: &Plan,
+        live: &Live,
+        conn: &Connection,
+        (cursor, last, epoch): (u64, u64, u64),
+    ) -> Result<(), RedisError> {
+        self.cache.apply_plan(plan, live, cursor, last, epoch)?;
+        self.counters.tag_invalidations.add(plan.tags.len() as u64);
+        for (key, action) in &plan.keys {
+            self.counters.invalidations.inc();
+            match action.strategy {
+                Strategy::Delete => {}
+                Strategy::WriteBehind => {
+                    if live.match_key(key).is_some() {
+                        self.queue.push(key);
+                    }
+                }
+                Strategy::WriteThrough => {
+                    if let Some((family, params)) = live.match_key(key) {
+                        self.counters.recomputes.inc();
+                        self.cache.refresh_now(conn, key, family, &params);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

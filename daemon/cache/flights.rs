@@ -1,0 +1,226 @@
+//! Fills in flight, for both backends: at most one fill per key; concurrent misses join it (a
+//! stampede runs one query). A flight can be superseded (an invalidation of its key, or a
+//! write-through recompute starting): a superseded fill never stores, and the requests that
+//! joined it are not handed its value (they fill again). The shard lock a key's flight lives
+//! under is also the lock its in-memory value is stored and invalidated under.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::{Entry, FillError, FillOutcome};
+use crate::registry::FamilyState;
+
+/// The receiving side of a flight: resolves once the fill is done.
+pub type FillWaiter = watch::Receiver<Option<FillOutcome>>;
+
+struct Flight {
+    id: u64,
+    family: Arc<FamilyState>,
+    done: FillWaiter,
+}
+
+/// The right to store one fill's result, if nothing supersedes it first.
+pub struct FillTicket {
+    key: Arc<str>,
+    id: u64,
+    family: Arc<FamilyState>,
+    done: watch::Sender<Option<FillOutcome>>,
+}
+
+impl FillTicket {
+    pub fn family(&self) -> &Arc<FamilyState> {
+        &self.family
+    }
+
+    pub fn key(&self) -> &Arc<str> {
+        &self.key
+    }
+}
+
+/// Either this request leads the fill (and must finish it), or it joins one already in flight,
+/// or a fill landed since it missed and the value is cached now.
+pub enum Begin {
+    Lead(FillTicket, FillWaiter),
+    Join(FillWaiter),
+    Cached(Arc<Entry>),
+}
+
+/// A computed value, ready to store: its version, its body (None: no row), its rendered tags.
+pub struct Filled {
+    pub version: u64,
+    pub body: Option<Bytes>,
+    pub tags: Box<[Arc<str>]>,
+}
+
+const SHARDS: usize = 64;
+
+type Shard = HashMap<Arc<str>, Flight>;
+
+pub struct Flights {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    next_id: AtomicU64,
+}
+
+impl Flights {
+    pub fn new() -> Flights {
+        Flights {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a fill for a missed key, or joins the one in flight. `cached` looks the key up
+    /// under the flight lock (where a landing fill stores it): a flight that landed between this
+    /// request's miss and now is served from there rather than run again.
+    pub fn begin(
+        &self,
+        key: Arc<str>,
+        family: &Arc<FamilyState>,
+        cached: impl FnOnce(&str) -> Option<Arc<Entry>>,
+    ) -> Begin {
+        let mut flights = self.shard(&key);
+        if let Some(flight) = flights.get(&key)
+            && Arc::ptr_eq(&flight.family, family)
+        {
+            return Begin::Join(flight.done.clone());
+        }
+        if let Some(entry) = cached(&key).filter(|e| Arc::ptr_eq(&e.family, family)) {
+            return Begin::Cached(entry);
+        }
+        let (ticket, waiter) = self.start(&mut flights, key, family);
+        Begin::Lead(ticket, waiter)
+    }
+
+    /// Starts a recompute that supersedes any fill in flight (write-through): a fill that started
+    /// before the change being applied must not store after it.
+    pub fn begin_refresh(&self, key: Arc<str>, family: &Arc<FamilyState>) -> FillTicket {
+        let mut flights = self.shard(&key);
+        self.start(&mut flights, key, family).0
+    }
+
+    fn start(
+        &self,
+        flights: &mut Shard,
+        key: Arc<str>,
+        family: &Arc<FamilyState>,
+    ) -> (FillTicket, FillWaiter) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done, waiter) = watch::channel(None);
+        let flight = Flight {
+            id,
+            family: Arc::clone(family),
+            done: waiter.clone(),
+        };
+        flights.insert(Arc::clone(&key), flight);
+        let ticket = FillTicket {
+            key,
+            id,
+            family: Arc::clone(family),
+            done,
+        };
+        (ticket, waiter)
+    }
+
+    /// Removes the key's flight (a fill that may have read before now can no longer store) and
+    /// runs `then` under the same lock.
+    pub fn supersede(&self, key: &str, then: impl FnOnce()) {
+        let mut flights = self.shard(key);
+        flights.remove(key);
+        then();
+    }
+
+    /// Finishes a fill whose flight is current: `store` runs under the flight lock (no
+    /// invalidation of the key runs in between). Then wakes every request waiting on it, with
+    /// `Superseded` when it was not stored. Returns whether it was stored.
+    pub fn finish(
+        &self,
+        ticket: FillTicket,
+        computed: Result<Filled, Arc<str>>,
+        store: impl FnOnce(&Arc<str>, &Arc<Entry>) -> bool,
+    ) -> bool {
+        let (key, id, done, outcome) = resolve(ticket, computed);
+        let stored = {
+            let mut flights = self.shard(&key);
+            let current = flights.get(&key).is_some_and(|f| f.id == id);
+            if current {
+                flights.remove(&key);
+            }
+            current && outcome.as_ref().is_ok_and(|entry| store(&key, entry))
+        };
+        wake(done, outcome, stored);
+        stored
+    }
+
+    /// Finishes a fill whose value is kept elsewhere (Redis, which guards it by version): the
+    /// flight leaves the map, then `store` runs outside the lock, even if the flight was
+    /// superseded (the store's own guard is exact, and a stored newer value keeps an older read
+    /// from landing after this answer).
+    pub fn finish_elsewhere(
+        &self,
+        ticket: FillTicket,
+        computed: Result<Filled, Arc<str>>,
+        store: impl FnOnce(&str, &Entry) -> bool,
+    ) -> bool {
+        let (key, id, done, outcome) = resolve(ticket, computed);
+        {
+            let mut flights = self.shard(&key);
+            if flights.get(&key).is_some_and(|f| f.id == id) {
+                flights.remove(&key);
+            }
+        }
+        let stored = outcome.as_ref().is_ok_and(|entry| store(&key, entry));
+        wake(done, outcome, stored);
+        stored
+    }
+}
+
+type Resolved = (
+    Arc<str>,
+    u64,
+    watch::Sender<Option<FillOutcome>>,
+    FillOutcome,
+);
+
+fn resolve(ticket: FillTicket, computed: Result<Filled, Arc<str>>) -> Resolved {
+    let FillTicket {
+        key,
+        id,
+        family,
+        done,
+    } = ticket;
+    let outcome = computed.map_err(FillError::Failed).map(|filled| {
+        Arc::new(Entry {
+            version: filled.version,
+            body: filled.body,
+            family,
+            tags: filled.tags,
+            stored_at: Instant::now(),
+        })
+    });
+    (key, id, done, outcome)
+}
+
+/// A value that was not stored (its flight was superseded, a mark came after its read, or a
+/// newer one is cached) is not handed out either: it may be newer than what the superseding
+/// flight will store, or older than what is cached, and either way a later read could go
+/// backwards. The waiters fill again (joining the superseding flight, or hitting the newer one).
+fn wake(done: watch::Sender<Option<FillOutcome>>, outcome: FillOutcome, stored: bool) {
+    let outcome = match outcome {
+        Ok(_) if !stored => Err(FillError::Superseded),
+        other => other,
+    };
+    done.send_replace(Some(outcome));
+}

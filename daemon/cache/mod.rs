@@ -1,0 +1,375 @@
+//! The cache: one interface, whichever backend keeps the values — in the daemon's memory (moka,
+//! `memory.rs`) or in Redis (`redis/`). Reads, fills, the stale-fill guard, applying a batch's
+//! plan, operators' invalidations, marks, counts and health all go through `Cache`; nothing
+//! outside this folder asks which backend is in use.
+//!
+//! Every value carries the outbox position its query read at (its *version*): the guard refuses
+//! a fill that read before an invalidation it did not see (`flights.rs`, `memory.rs`, and the
+//! Lua scripts in `redis/`). When the cache cannot be trusted (capture paused, a standby whose
+//! memory is not kept fresh, Redis down or rebuilding), reads answer from the database and store
+//! nothing.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+mod apply;
+mod fill;
+mod flights;
+mod memory;
+mod redis;
+
+pub use apply::BeforeBatchError;
+pub use redis::resp::RedisError;
+
+use crate::config::{Backend, Config};
+use crate::counters::{Counter, Latency};
+use crate::db::ReadPool;
+use crate::progress::Progress;
+use crate::registry::{FamilyState, Registry};
+use crate::types::Params;
+use flights::Flights;
+use memory::MemoryStore;
+use redis::RedisStore;
+
+/// A cached value.
+#[derive(Debug)]
+pub struct Entry {
+    /// The outbox position the value's query read at.
+    pub version: u64,
+    /// The JSON body, or `None` when a one-row family's query found no row (a cached 404).
+    pub body: Option<Bytes>,
+    pub family: Arc<FamilyState>,
+    pub tags: Box<[Arc<str>]>,
+    pub stored_at: Instant,
+}
+
+impl Entry {
+    /// How long ago it was computed.
+    pub fn age(&self) -> Duration {
+        self.stored_at.elapsed()
+    }
+
+    /// The rest of its TTL.
+    pub fn max_age(&self) -> Duration {
+        self.family.def.ttl.saturating_sub(self.age())
+    }
+}
+
+/// What a fill produced, shared with every request that joined it.
+pub type FillOutcome = Result<Arc<Entry>, FillError>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FillError {
+    /// The query failed.
+    #[error("{0}")]
+    Failed(Arc<str>),
+    /// The value was not stored (an invalidation came after its read: a request that joined
+    /// this fill late must not get it). Fill again.
+    #[error("the value changed while it was computed")]
+    Superseded,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Hit,
+    Miss,
+    /// Straight from the database, stored nowhere, with why: `paused`, `standby`,
+    /// `redis-unavailable`, `no-cache`.
+    Bypass(&'static str),
+}
+
+/// What a lookup of one key found.
+#[derive(Debug)]
+pub enum Lookup {
+    Value(Arc<Entry>, Source),
+    /// Asked for from the cache only (`only-if-cached`), and not cached.
+    NotCached,
+    /// The family's query failed.
+    Failed(String),
+}
+
+/// How a request wants its key.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Want {
+    /// From the cache or nothing, never running the query (`Cache-Control: only-if-cached`).
+    pub only_if_cached: bool,
+    /// From the database now, leaving the cache alone (`Cache-Control: no-cache`).
+    pub uncached: bool,
+}
+
+/// What reads and fills did, for status and metrics.
+#[derive(Debug)]
+pub struct CacheCounters {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub fills: Counter,
+    pub fill_errors: Counter,
+    /// How long fills' queries took: 50 µs to ~1.6 s, doubling.
+    pub fill_latency: Latency,
+}
+
+/// Whether Redis answers, for `/v1/status` and the logs.
+pub use redis::Health;
+
+/// Where values live.
+enum Store {
+    Memory(MemoryStore),
+    Redis(Box<RedisStore>),
+}
+
+pub struct Cache {
+    store: Store,
+    flights: Flights,
+    pool: Arc<ReadPool>,
+    registry: Arc<Registry>,
+    progress: Progress,
+    counters: CacheCounters,
+    /// Redis groups of families a reload replaced, (pattern, group), not yet retired in Redis.
+    retiring: Mutex<Vec<(String, String)>>,
+    /// Redis was emptied for the pause in force.
+    flushed_for_pause: AtomicBool,
+}
+
+impl Cache {
+    pub fn new(
+        config: &Config,
+        pool: Arc<ReadPool>,
+        registry: Arc<Registry>,
+        progress: Progress,
+    ) -> Cache {
+        let store = match &config.cache.backend {
+            Backend::Memory => Store::Memory(MemoryStore::new(config.cache.max_entries)),
+            Backend::Redis {
+                url,
+                prefix,
+                publish,
+            } => Store::Redis(Box::new(RedisStore::new(
+                url.clone(),
+                prefix.clone(),
+                *publish,
+            ))),
+        };
+        Cache {
+            store,
+            flights: Flights::new(),
+            pool,
+            registry,
+            progress,
+            counters: CacheCounters {
+                hits: Counter::default(),
+                misses: Counter::default(),
+                fills: Counter::default(),
+                fill_errors: Counter::default(),
+                fill_latency: Latency::new(0.000_05, 16),
+            },
+            retiring: Mutex::new(Vec::new()),
+            flushed_for_pause: AtomicBool::new(false),
+        }
+    }
+
+    /// `memory` or `redis`.
+    pub fn backend(&self) -> &'static str {
+        match self.store {
+            Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    pub fn counters(&self) -> &CacheCounters {
+        &self.counters
+    }
+
+    /// Why reads must not use the cache now, if they must not: capture is paused, or this daemon
+    /// is a standby on the memory backend (it applies nothing, so its memory would go stale).
+    pub fn bypass_reason(&self) -> Option<&'static str> {
+        if self.progress.is_paused() {
+            return Some("paused");
+        }
+        match self.store {
+            Store::Memory(_) if !self.progress.is_active() => Some("standby"),
+            _ => None,
+        }
+    }
+
+    /// The hot path: a value in memory that may be served, found without matching the key to a
+    /// family (the entry knows its own). Counted as a hit. Redis values are read by `lookup`.
+    pub fn hot(&self, key: &str) -> Option<Arc<Entry>> {
+        let Store::Memory(memory) = &self.store else {
+            return None;
+        };
+        if self.bypass_reason().is_some() {
+            return None;
+        }
+        let entry = memory.get(key)?;
+        self.counters.hits.inc();
+        entry.family.counters.hits.inc();
+        Some(entry)
+    }
+
+    /// One key of `family` (with the parameters the key gave it): from the cache, filled from
+    /// the database on a miss (concurrent misses run one query), or straight from the database
+    /// when the cache cannot be trusted now or the request asks for it.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        key: &str,
+        family: &Arc<FamilyState>,
+        params: Params,
+        want: Want,
+    ) -> Lookup {
+        let bypass = if want.uncached {
+            Some("no-cache")
+        } else {
+            self.bypass_reason()
+        };
+        if let Some(reason) = bypass {
+            return self.database_answer(family, params, reason).await;
+        }
+        let cached = match &self.store {
+            Store::Memory(memory) => memory.get(key),
+            Store::Redis(redis) => match redis.get(key).await {
+                Ok(found) => found.map(|(body, remaining)| redis_entry(body, remaining, family)),
+                Err(_) => {
+                    return self
+                        .database_answer(family, params, "redis-unavailable")
+                        .await;
+                }
+            },
+        };
+        if let Some(entry) = cached {
+            self.counters.hits.inc();
+            family.counters.hits.inc();
+            return Lookup::Value(entry, Source::Hit);
+        }
+        if want.only_if_cached {
+            return Lookup::NotCached;
+        }
+        self.counters.misses.inc();
+        family.counters.misses.inc();
+        match self.fill(Arc::from(key), family, params).await {
+            Ok(entry) => Lookup::Value(entry, Source::Miss),
+            Err(e) => Lookup::Failed(e.to_string()),
+        }
+    }
+
+    /// The value computed from the database now, stored nowhere.
+    async fn database_answer(
+        &self,
+        family: &Arc<FamilyState>,
+        params: Params,
+        reason: &'static str,
+    ) -> Lookup {
+        let pool = Arc::clone(&self.pool);
+        let query_of = Arc::clone(family);
+        let computed = tokio::task::spawn_blocking(move || {
+            pool.with(|conn| {
+                crate::db::compute(conn, &query_of.def.query, query_of.def.many, &params)
+            })
+        })
+        .await;
+        match computed {
+            Ok(Ok(computed)) => Lookup::Value(
+                Arc::new(Entry {
+                    version: computed.version,
+                    body: computed.body,
+                    family: Arc::clone(family),
+                    tags: Box::new([]),
+                    stored_at: Instant::now(),
+                }),
+                Source::Bypass(reason),
+            ),
+            Ok(Err(e)) => Lookup::Failed(query_failed(family, &e)),
+            Err(e) => Lookup::Failed(e.to_string()),
+        }
+    }
+
+    /// Whether a write-behind recompute of `key` is still needed: not when a reader's miss has
+    /// already refilled it (that value is fresh: an invalidation supersedes fills in flight, so
+    /// anything stored after it read after it). Redis is not asked: the recompute's store is
+    /// guarded there.
+    pub fn needs_recompute(&self, key: &str) -> bool {
+        match &self.store {
+            Store::Memory(memory) => memory.get(key).is_none(),
+            Store::Redis(_) => true,
+        }
+    }
+
+    /// How many values are cached (for `/v1/status`): in memory, the entries (some may be
+    /// expired or hidden by a mark and not yet evicted); in Redis, the members of the families'
+    /// groups.
+    pub async fn count(&self) -> Result<u64, RedisError> {
+        match &self.store {
+            Store::Memory(memory) => Ok(memory.entry_count()),
+            Store::Redis(redis) => {
+                let live = self.registry.live();
+                let groups: Vec<String> =
+                    live.families.iter().map(|f| f.def.group.clone()).collect();
+                redis.count(&groups).await
+            }
+        }
+    }
+
+    /// Redis's address, prefix and health; `None` on the memory backend.
+    pub fn redis_health(&self) -> Option<(String, String, Health)> {
+        match &self.store {
+            Store::Memory(_) => None,
+            Store::Redis(redis) => Some((redis.address(), redis.prefix.clone(), redis.health())),
+        }
+    }
+
+    /// Up to `limit` cached keys (a sample for `verify`). Blocking.
+    pub fn sample(&self, limit: usize) -> Result<Vec<Arc<str>>, RedisError> {
+        match &self.store {
+            Store::Memory(memory) => Ok(memory.keys(limit)),
+            Store::Redis(redis) => {
+                let live = self.registry.live();
+                let groups: Vec<String> =
+                    live.families.iter().map(|f| f.def.group.clone()).collect();
+                Ok(redis
+                    .keys(&groups, limit)?
+                    .into_iter()
+                    .map(Arc::from)
+                    .collect())
+            }
+        }
+    }
+
+    /// What is stored for `key` now, as a reader would get it (for `verify`): None when nothing
+    /// is; else the body (None: a cached "no row"). Blocking.
+    pub fn stored(&self, key: &str) -> Result<Option<Option<Bytes>>, RedisError> {
+        match &self.store {
+            Store::Memory(memory) => Ok(memory.get(key).map(|e| e.body.clone())),
+            Store::Redis(redis) => Ok(redis.get_blocking(key)?.map(Some)),
+        }
+    }
+}
+
+/// Whether the Redis at `url` answers a PING (for `cachetail check`). Blocking.
+pub fn ping(url: &crate::config::RedisUrl) -> Result<(), RedisError> {
+    redis::resp::Conn::connect(url, Duration::from_secs(2))
+        .and_then(|mut conn| conn.cmd(&["PING"]))
+        .map(|_| ())
+}
+
+/// A value read from Redis: its age from the rest of its TTL.
+fn redis_entry(body: Bytes, remaining: Duration, family: &Arc<FamilyState>) -> Arc<Entry> {
+    let now = Instant::now();
+    let age = family.def.ttl.saturating_sub(remaining);
+    Arc::new(Entry {
+        version: 0,
+        body: Some(body),
+        family: Arc::clone(family),
+        tags: Box::new([]),
+        stored_at: now.checked_sub(age).unwrap_or(now),
+    })
+}
+
+fn query_failed(family: &FamilyState, error: &rusqlite::Error) -> String {
+    format!(
+        "the query of key family `{}` failed: {error}",
+        family.def.pattern
+    )
+}

@@ -1,0 +1,106 @@
+//! What the CLI's verbs other than `run` do: check a config against its database, install or
+//! remove capture, pause and resume it for a migration, explain what a change would do.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::config::{Backend, Config, check};
+use crate::{Error, capture, db};
+
+pub use crate::explain::{ExplainError, Explanation, explain};
+pub use crate::types::{Op, Strategy};
+
+/// Opens the app's database for cachetail's writes; it must exist (cachetail never creates it).
+pub fn open_existing(path: &Path) -> Result<Connection, Error> {
+    if !path.exists() {
+        return Err(Error::NoDatabase(path.to_path_buf()));
+    }
+    db::open_writer(path).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// What `cachetail check` found, besides problems (which are an error).
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Each rule `invalidate = "auto"` derived, as a line.
+    pub derived: Vec<String>,
+    /// Tables a family reads that no rule refreshes it for.
+    pub gaps: Vec<String>,
+    /// Things worth knowing now that are not config problems (Redis not answering).
+    pub warnings: Vec<String>,
+}
+
+/// Checks `config` against its database: tables, columns, queries (reported all at once, with
+/// `file:line:column`), the derived rules, the tracking gaps, and whether Redis answers.
+pub fn check(config: &Config) -> Result<CheckReport, Error> {
+    let mut conn = open_existing(&config.database)?;
+    let reads = check::check_database(config, &mut conn)?;
+    let mut report = CheckReport {
+        gaps: check::tracking_gaps(config, &reads),
+        ..CheckReport::default()
+    };
+    if let Backend::Redis { url, .. } = &config.cache.backend
+        && let Err(e) = crate::cache::ping(url)
+    {
+        // Not a config problem (the daemon waits for Redis), but worth knowing now.
+        report.warnings.push(format!(
+            "redis at {}:{} does not answer ({e}); the daemon will retry until it does",
+            url.host, url.port
+        ));
+    }
+    for rule in config.rules.iter().filter(|r| r.derived_from.is_some()) {
+        let mut names: Vec<&str> = rule.keys.iter().map(|k| k.source()).collect();
+        names.extend(rule.tags.iter().map(|t| t.source()));
+        report.derived.push(format!(
+            "derived (invalidate = \"auto\" on `{}`): a change to `{}` → {} ({})",
+            rule.derived_from.as_deref().unwrap_or(""),
+            rule.table,
+            if rule.keys.is_empty() {
+                "every key of the family".to_owned()
+            } else {
+                names.join(", ")
+            },
+            rule.strategy.name()
+        ));
+    }
+    Ok(report)
+}
+
+/// Installs (or adjusts) the outbox and the triggers, as the daemon does at start.
+pub fn install(config: &Config) -> Result<(), Error> {
+    crate::prepare(config).map(|_| ())
+}
+
+/// Removes every trigger and table cachetail installed; returns how many triggers there were.
+pub fn uninstall(config: &Config) -> Result<usize, Error> {
+    let mut conn = open_existing(&config.database)?;
+    Ok(capture::uninstall(&mut conn)?)
+}
+
+/// Pauses capture for a migration (the triggers removed; a running daemon serves from the
+/// database); returns how many triggers were removed.
+pub fn pause(config: &Config) -> Result<usize, Error> {
+    let mut conn = open_existing(&config.database)?;
+    Ok(capture::pause(&mut conn)?)
+}
+
+/// What `resume` did: triggers installed, and the tables whose values read before are dropped.
+#[derive(Debug)]
+pub struct Resumed {
+    pub triggers: usize,
+    pub flushed: Vec<String>,
+}
+
+/// Ends a pause: checks the config against the migrated database, then reinstalls capture.
+pub fn resume(config: &Config) -> Result<Resumed, Error> {
+    let mut conn = open_existing(&config.database)?;
+    check::check_database(config, &mut conn)?;
+    let report = capture::resume(&mut conn, config)?;
+    Ok(Resumed {
+        triggers: report.created.len(),
+        flushed: report.flushed,
+    })
+}

@@ -1,0 +1,282 @@
+//! The configuration as plain data: what `config.toml` says, validated. It carries no runtime
+//! state (no counters, no atomics, nothing a running daemon changes): the daemon keeps what it
+//! learns per family and rule in its registry, and a reload is a diff between two of these.
+//!
+//! - `parse`: the file's format (serde structs with spans) and located problems;
+//! - `validate`: those structs into `Config`, section by section;
+//! - `template`: `{name}` templates (key patterns, rule keys and tags);
+//! - `auto`: the rules `invalidate = "auto"` derives from a family's query;
+//! - `check`: the config against its database (tables, columns, queries, what each query reads);
+//! - `diff`: what a reload changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod auto;
+pub mod check;
+pub mod diff;
+mod parse;
+mod redis_url;
+pub mod template;
+mod validate;
+
+pub use check::{Reads, check_database, tracking_gaps};
+pub use diff::ConfigDiff;
+pub(crate) use parse::Problems;
+pub use parse::{ConfigError, Problem};
+pub use redis_url::RedisUrl;
+pub use template::Template;
+
+use crate::types::{Op, Params, Strategy};
+
+/// `listen` when the config says nothing: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// The daemon's configuration, validated.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from, when it came from one (reloads watch it).
+    pub path: Option<PathBuf>,
+    pub database: PathBuf,
+    pub listen: SocketAddr,
+    /// How long `?fresh=1` waits for the daemon to catch up before answering 503.
+    pub fresh_timeout: Duration,
+    /// The bearer token admin actions need; none: they are disabled.
+    pub admin_token: Option<String>,
+    pub cache: CacheSettings,
+    pub write_behind: WriteBehindSettings,
+    pub tail: TailSettings,
+    pub http: HttpSettings,
+    /// Key families, most specific pattern first (that is the order keys are matched in).
+    pub families: Vec<Arc<Family>>,
+    pub rules: Vec<Rule>,
+    /// For each watched table, the indexes of its rules in `rules`.
+    rules_by_table: HashMap<String, Vec<usize>>,
+    /// The text it was parsed from and the name of its file, to locate problems found later
+    /// (by `check` against the database).
+    pub source: String,
+    pub file: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    pub max_entries: u64,
+    pub ttl: Duration,
+    pub backend: Backend,
+}
+
+/// Where values are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    /// In the daemon's memory (moka): the default.
+    Memory,
+    /// In Redis, shared by every app server; `publish` sends each batch of invalidations on
+    /// `{prefix}invalidations`.
+    Redis {
+        url: RedisUrl,
+        prefix: String,
+        publish: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteBehindSettings {
+    pub delay: Duration,
+    pub workers: usize,
+}
+
+/// Limits that keep one client from holding the endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A request's whole answer (a fill included) takes at most this long, else a 503.
+    pub request_timeout: Duration,
+    /// A client has this long to send a request's headers, else the connection is closed.
+    pub header_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TailSettings {
+    /// The fallback poll: file notifications are a doorbell, not the truth.
+    pub poll_interval: Duration,
+    /// How many outbox rows one batch reads at most.
+    pub batch_size: usize,
+    /// How long the applying daemon's lease lasts without renewal: a standby takes over after
+    /// it (at once when the holder's process is gone).
+    pub lease: Duration,
+}
+
+/// A key family: the keys one pattern matches, and the query that computes their values.
+#[derive(Debug)]
+pub struct Family {
+    pub pattern: Template,
+    pub query: String,
+    /// The value is a JSON array of row objects; otherwise one object (404 without a row).
+    pub many: bool,
+    pub ttl: Duration,
+    pub tags: Vec<Template>,
+    /// What its values mean (query, shape, TTL, tags): two families with the same pattern and
+    /// definition compute the same values, so a reload keeps what the old one cached.
+    pub definition: String,
+    /// Its group in the Redis backend: pattern plus a hash of its definition.
+    pub group: String,
+    /// A query listing the keys to fill at start (warm start), and where it is in the file.
+    pub warm: Option<String>,
+    pub warm_span: Option<Range<usize>>,
+    /// Where the pattern and the query stand in the config text.
+    pub pattern_span: Range<usize>,
+    pub query_span: Range<usize>,
+}
+
+/// A rule: what a change to one table does to the cache.
+#[derive(Debug)]
+pub struct Rule {
+    pub table: String,
+    pub on: Vec<Op>,
+    pub keys: Vec<Template>,
+    pub tags: Vec<Template>,
+    pub strategy: Strategy,
+    /// Where the table name and each key template stand in the config text.
+    pub table_span: Range<usize>,
+    pub key_spans: Vec<Range<usize>>,
+    /// Set for a rule `invalidate = "auto"` derived from this family's query.
+    pub derived_from: Option<String>,
+}
+
+impl Family {
+    /// The tags its value for a key carries, rendered from the key's parameters.
+    pub fn render_tags(&self, params: &Params) -> Box<[Arc<str>]> {
+        self.tags
+            .iter()
+            .filter_map(|t| t.render_with(params))
+            .map(Arc::from)
+            .collect()
+    }
+}
+
+impl Config {
+    /// The index of the family whose pattern matches `key`, with the parameters the key gives.
+    pub fn match_key(&self, key: &str) -> Option<(usize, Params)> {
+        self.families
+            .iter()
+            .enumerate()
+            .find_map(|(i, family)| family.pattern.match_key(key).map(|params| (i, params)))
+    }
+
+    /// The index of the family written as `pattern` in the config.
+    pub fn family_named(&self, pattern: &str) -> Option<usize> {
+        self.families
+            .iter()
+            .position(|f| f.pattern.source() == pattern)
+    }
+
+    /// The rules that watch `table`.
+    pub fn rules_for(&self, table: &str) -> impl Iterator<Item = &Rule> {
+        self.rules_for_indexed(table).map(|(_, rule)| rule)
+    }
+
+    /// `rules_for`, with each rule's index in `rules`.
+    pub fn rules_for_indexed(&self, table: &str) -> impl Iterator<Item = (usize, &Rule)> {
+        self.rules_by_table
+            .get(table)
+            .into_iter()
+            .flatten()
+            .map(|&i| (i, &self.rules[i]))
+    }
+
+    /// Every watched table with the columns its rules' templates read, sorted: what capture
+    /// records for each change.
+    pub fn captured_columns(&self) -> BTreeMap<String, Vec<String>> {
+        let mut tables: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for rule in &self.rules {
+            let columns = tables.entry(rule.table.clone()).or_default();
+            for template in rule.keys.iter().chain(&rule.tags) {
+                for param in template.params() {
+                    if !columns.iter().any(|c| c == param) {
+                        columns.push(param.to_owned());
+                    }
+                }
+            }
+        }
+        for columns in tables.values_mut() {
+            columns.sort();
+        }
+        tables
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "config.toml", Path::new("/srv"))
+    }
+
+    #[test]
+    fn the_reference_config_is_valid() {
+        let config = parse(include_str!("../../config.toml")).expect("reference config");
+        assert_eq!(config.database, PathBuf::from("/srv/catalog.db"));
+        assert!(config.match_key("book:42").is_some());
+        assert!(config.match_key("top-books").is_some());
+        assert!(config.match_key("nothing:here").is_none());
+        let captured = config.captured_columns();
+        assert_eq!(
+            captured["reviews"],
+            vec!["book_id".to_owned(), "user_id".to_owned()]
+        );
+        assert_eq!(captured["books"], Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line_and_column() {
+        let err = parse(
+            "database = \"x.db\"\n[cache]\nttl = \"soon\"\n[keys.\"a:{id\"]\nquery = \"SELECT 1\"\n[[rules]]\ntable = \"t\"\nstrategy = \"delete\"\n",
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("config.toml:3:7: `cache.ttl`"), "{text}");
+        assert!(
+            text.contains("config.toml:4:7: key family `a:{id`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("config.toml:7:9: rule for table `t` names no `keys`"),
+            "{text}"
+        );
+        assert_eq!(err.problems.len(), 3);
+    }
+
+    #[test]
+    fn toml_errors_and_unknown_fields_are_located() {
+        let err = parse("database = \"x.db\"\nlisten = 5\n").expect_err("invalid");
+        assert!(err.to_string().starts_with("config.toml:2:10:"), "{err}");
+        let err = parse("database = \"x.db\"\n[cache]\nmax_entrys = 5\n").expect_err("invalid");
+        assert!(err.to_string().contains("config.toml:3:1:"), "{err}");
+        assert!(err.to_string().contains("max_entrys"), "{err}");
+        let err = parse(
+            "database = \"x.db\"\n[[rules]]\ntable = \"t\"\nkeys = [\"k\"]\nstrategy = \"later\"\n",
+        )
+        .expect_err("invalid");
+        assert!(err.to_string().contains("config.toml:5:12:"), "{err}");
+    }
+
+    #[test]
+    fn the_most_specific_family_matches_first() {
+        let config = parse(
+            "database = \"x.db\"\n[keys.\"book:{id}\"]\nquery = \"SELECT :id\"\n[keys.\"book:top\"]\nquery = \"SELECT 1\"\n",
+        )
+        .expect("valid");
+        let (family, _) = config.match_key("book:top").expect("matches");
+        assert_eq!(config.families[family].pattern.source(), "book:top");
+        let (family, params) = config.match_key("book:7").expect("matches");
+        assert_eq!(config.families[family].pattern.source(), "book:{id}");
+        assert_eq!(params, vec![("id".to_owned(), "7".to_owned())]);
+    }
+}

@@ -1,0 +1,593 @@
+//! Validation: the file's serde structs into the plain data of `Config`, section by section
+//! (top-level settings, `[cache]`, `[write_behind]`, `[http]`, `[tail]`, key families, rules).
+//! Every problem is collected with its location; none stops the others from being found.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::parse::{
+    Problems, RawCache, RawConfig, RawFamily, RawHttp, RawRule, RawTail, RawWriteBehind,
+};
+use super::template::Template;
+use super::{
+    Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl, Rule,
+    TailSettings, WriteBehindSettings,
+};
+use crate::types::{Op, Strategy};
+
+/// The whole config, every section validated.
+pub(super) fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config {
+    let cache = cache_settings(&raw.cache, problems);
+    let (families, derived) = families(raw.keys, raw.invalidate.as_ref(), &cache, problems);
+    let mut rules: Vec<Rule> = raw
+        .rules
+        .into_iter()
+        .filter_map(|rule| validate_rule(rule, problems))
+        .collect();
+    rules.extend(derived);
+    let mut rules_by_table: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, rule) in rules.iter().enumerate() {
+        rules_by_table
+            .entry(rule.table.clone())
+            .or_default()
+            .push(i);
+    }
+    Config {
+        path: None,
+        database: database(&raw.database, base, problems),
+        listen: listen(raw.listen.as_ref(), problems),
+        fresh_timeout: duration(
+            raw.fresh_timeout.as_ref(),
+            "fresh_timeout",
+            Duration::from_secs(5),
+            problems,
+        ),
+        admin_token: admin_token(raw.admin_token.as_ref(), problems),
+        cache,
+        write_behind: write_behind_settings(&raw.write_behind, problems),
+        tail: tail_settings(&raw.tail, problems),
+        http: http_settings(&raw.http, problems),
+        families,
+        rules,
+        rules_by_table,
+        source: String::new(),
+        file: String::new(),
+    }
+}
+
+/// `database`, relative to the config file's folder.
+fn database(raw: &Spanned<String>, base: &Path, problems: &mut Problems<'_>) -> PathBuf {
+    let path = PathBuf::from(raw.get_ref());
+    if raw.get_ref().is_empty() {
+        problems.at(
+            raw.span(),
+            "`database` is empty: name the app's SQLite file",
+        );
+    }
+    if path.is_absolute() {
+        path
+    } else {
+        base.join(path)
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn listen(raw: Option<&Spanned<String>>, problems: &mut Problems<'_>) -> SocketAddr {
+    let Some(text) = raw else {
+        return default_listen();
+    };
+    text.get_ref().parse().unwrap_or_else(|e| {
+        problems.at(
+            text.span(),
+            format!(
+                "`listen` = {:?} is not an address like {DEFAULT_LISTEN}: {e}",
+                text.get_ref()
+            ),
+        );
+        default_listen()
+    })
+}
+
+fn admin_token(raw: Option<&Spanned<String>>, problems: &mut Problems<'_>) -> Option<String> {
+    let token = raw?;
+    let text = token.get_ref().trim();
+    if text.len() < 16 {
+        problems.at(
+            token.span(),
+            "`admin_token` must be at least 16 characters (it guards cache flushes)",
+        );
+        return None;
+    }
+    Some(text.to_owned())
+}
+
+/// `[cache]`.
+fn cache_settings(raw: &RawCache, problems: &mut Problems<'_>) -> CacheSettings {
+    CacheSettings {
+        backend: backend(raw, problems),
+        max_entries: positive(
+            raw.max_entries.as_ref(),
+            "cache.max_entries",
+            100_000,
+            problems,
+        ),
+        ttl: duration(
+            raw.ttl.as_ref(),
+            "cache.ttl",
+            Duration::from_secs(600),
+            problems,
+        ),
+    }
+}
+
+/// `[write_behind]`.
+fn write_behind_settings(raw: &RawWriteBehind, problems: &mut Problems<'_>) -> WriteBehindSettings {
+    WriteBehindSettings {
+        delay: duration(
+            raw.delay.as_ref(),
+            "write_behind.delay",
+            Duration::from_millis(50),
+            problems,
+        ),
+        workers: positive(raw.workers.as_ref(), "write_behind.workers", 4, problems) as usize,
+    }
+}
+
+/// `[http]`.
+fn http_settings(raw: &RawHttp, problems: &mut Problems<'_>) -> HttpSettings {
+    let settings = HttpSettings {
+        max_connections: positive(
+            raw.max_connections.as_ref(),
+            "http.max_connections",
+            1024,
+            problems,
+        ) as usize,
+        request_timeout: duration(
+            raw.request_timeout.as_ref(),
+            "http.request_timeout",
+            Duration::from_secs(30),
+            problems,
+        ),
+        header_timeout: duration(
+            raw.header_timeout.as_ref(),
+            "http.header_timeout",
+            Duration::from_secs(10),
+            problems,
+        ),
+    };
+    for (value, name, raw_value) in [
+        (
+            settings.request_timeout,
+            "http.request_timeout",
+            &raw.request_timeout,
+        ),
+        (
+            settings.header_timeout,
+            "http.header_timeout",
+            &raw.header_timeout,
+        ),
+    ] {
+        if value.is_zero()
+            && let Some(span) = raw_value.as_ref().map(Spanned::span)
+        {
+            problems.at(span, format!("`{name}` must be above zero"));
+        }
+    }
+    settings
+}
+
+/// `[tail]`.
+fn tail_settings(raw: &RawTail, problems: &mut Problems<'_>) -> TailSettings {
+    let settings = TailSettings {
+        poll_interval: duration(
+            raw.poll_interval.as_ref(),
+            "tail.poll_interval",
+            Duration::from_millis(250),
+            problems,
+        ),
+        batch_size: positive(raw.batch_size.as_ref(), "tail.batch_size", 10_000, problems) as usize,
+        lease: duration(
+            raw.lease.as_ref(),
+            "tail.lease",
+            Duration::from_secs(5),
+            problems,
+        ),
+    };
+    if settings.lease < Duration::from_millis(500)
+        && let Some(span) = raw.lease.as_ref().map(Spanned::span)
+    {
+        problems.at(span, "`tail.lease` must be at least 500ms");
+    }
+    if settings.poll_interval.is_zero()
+        && let Some(span) = raw.poll_interval.as_ref().map(Spanned::span)
+    {
+        problems.at(span, "`tail.poll_interval` must be above zero");
+    }
+    settings
+}
+
+/// `[keys."PATTERN"]`: the families, most specific pattern first, and the rules `invalidate =
+/// "auto"` derives from their queries.
+fn families(
+    raw: std::collections::BTreeMap<Spanned<String>, RawFamily>,
+    invalidate: Option<&Spanned<String>>,
+    cache: &CacheSettings,
+    problems: &mut Problems<'_>,
+) -> (Vec<Arc<Family>>, Vec<Rule>) {
+    let auto_everywhere = match invalidate {
+        None => false,
+        Some(value) if value.get_ref() == "auto" => true,
+        Some(value) => {
+            problems.at(
+                value.span(),
+                format!(
+                    "`invalidate` = {:?}: the only value is \"auto\"",
+                    value.get_ref()
+                ),
+            );
+            false
+        }
+    };
+    let mut derived = Vec::new();
+    let mut families = Vec::new();
+    for (pattern_text, mut family) in raw {
+        if family_is_auto(&pattern_text, &family, auto_everywhere, problems) {
+            derived.extend(derive_rules(&pattern_text, &mut family, problems));
+        }
+        let Some(f) = validate_family(&pattern_text, family, cache.ttl, problems) else {
+            continue;
+        };
+        if matches!(cache.backend, Backend::Redis { .. }) && f.pattern.source().starts_with('#') {
+            problems.at(
+                f.pattern_span.clone(),
+                format!("key family `{pattern_text}`: with the redis backend, keys may not start with `#` (cachetail keeps its bookkeeping under `{{prefix}}#`)"),
+            );
+        }
+        families.push(Arc::new(f));
+    }
+    // Most specific first: `book:top` wins over `book:{id}` for the key "book:top".
+    families.sort_by(|a, b| {
+        b.pattern
+            .literal_len()
+            .cmp(&a.pattern.literal_len())
+            .then_with(|| a.pattern.source().cmp(b.pattern.source()))
+    });
+    (families, derived)
+}
+
+/// Whether a family derives its rules from its query (`invalidate = "auto"`, its own or the
+/// file's), and a `strategy` given without it is a mistake.
+fn family_is_auto(
+    pattern_text: &Spanned<String>,
+    family: &RawFamily,
+    auto_everywhere: bool,
+    problems: &mut Problems<'_>,
+) -> bool {
+    let auto = match family.invalidate.as_ref() {
+        None => auto_everywhere,
+        Some(value) if value.get_ref() == "auto" => true,
+        Some(value) if value.get_ref() == "rules" => false,
+        Some(value) => {
+            problems.at(
+                value.span(),
+                format!(
+                    "key family `{pattern_text}`: `invalidate` = {:?}: use \"auto\" (derive the rules from the query) or \"rules\" (only the [[rules]])",
+                    value.get_ref()
+                ),
+            );
+            false
+        }
+    };
+    if !auto && let Some(strategy) = family.strategy {
+        problems.at(
+            family.query.span(),
+            format!(
+                "key family `{pattern_text}`: `strategy = \"{}\"` applies to derived rules: add `invalidate = \"auto\"`",
+                strategy.name()
+            ),
+        );
+    }
+    auto
+}
+
+/// The rules `invalidate = "auto"` derives from a family's query (see `auto`). A family whose
+/// values a derived rule must drop wholesale gets the tag that rule names.
+fn derive_rules(
+    pattern_text: &Spanned<String>,
+    family: &mut RawFamily,
+    problems: &mut Problems<'_>,
+) -> Vec<Rule> {
+    let Ok(pattern) = Template::parse(pattern_text.get_ref(), false) else {
+        return Vec::new(); // reported by validate_family
+    };
+    let derived = match super::auto::derive(&pattern, family.query.get_ref()) {
+        Ok(derived) => derived,
+        Err(e) => {
+            problems.at(
+                family.query.span(),
+                format!(
+                    "key family `{pattern_text}`: invalidate = \"auto\" cannot read the query: {e}"
+                ),
+            );
+            return Vec::new();
+        }
+    };
+    let tag = super::auto::family_tag(pattern_text.get_ref());
+    let mut rules = Vec::new();
+    for d in derived {
+        let keys: Vec<Template> = d
+            .keys
+            .iter()
+            .filter_map(|k| Template::parse(k, true).ok())
+            .collect();
+        let tags: Vec<Template> = if d.flush {
+            if !family.tags.iter().any(|t| t.get_ref() == &tag) {
+                family
+                    .tags
+                    .push(Spanned::new(family.query.span(), tag.clone()));
+            }
+            Template::parse(&tag, true).into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        rules.push(Rule {
+            table: d.table,
+            on: Op::ALL.to_vec(),
+            key_spans: keys.iter().map(|_| family.query.span()).collect(),
+            keys,
+            tags,
+            strategy: family.strategy.unwrap_or(Strategy::Delete),
+            table_span: family.query.span(),
+            derived_from: Some(pattern_text.get_ref().clone()),
+        });
+    }
+    rules
+}
+
+fn validate_family(
+    pattern_text: &Spanned<String>,
+    raw: RawFamily,
+    default_ttl: Duration,
+    problems: &mut Problems<'_>,
+) -> Option<Family> {
+    let pattern = match Template::parse(pattern_text.get_ref(), false) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.at(
+                pattern_text.span(),
+                format!("key family `{pattern_text}`: {e}"),
+            );
+            return None;
+        }
+    };
+    let query = raw.query.get_ref().trim().to_owned();
+    if query.is_empty() {
+        problems.at(
+            raw.query.span(),
+            format!("key family `{pattern_text}`: `query` is empty"),
+        );
+    }
+    let ttl = duration(
+        raw.ttl.as_ref(),
+        &format!("keys.\"{pattern_text}\".ttl"),
+        default_ttl,
+        problems,
+    );
+    let mut tags = Vec::new();
+    for tag in &raw.tags {
+        match Template::parse(tag.get_ref(), true) {
+            Ok(t) => {
+                for param in t.params() {
+                    if !pattern.params().contains(&param) {
+                        problems.at(
+                            tag.span(),
+                            format!(
+                                "key family `{pattern_text}`: tag `{tag}` uses `{{{param}}}`, which the pattern does not have"
+                            ),
+                        );
+                    }
+                }
+                tags.push(t);
+            }
+            Err(e) => problems.at(
+                tag.span(),
+                format!("key family `{pattern_text}`: tag `{tag}`: {e}"),
+            ),
+        }
+    }
+    let definition = format!(
+        "{query}\0{}\0{}\0{}",
+        raw.many,
+        ttl.as_millis(),
+        tags.iter()
+            .map(Template::source)
+            .collect::<Vec<_>>()
+            .join("\0")
+    );
+    Some(Family {
+        group: family_group(pattern_text.get_ref(), &definition),
+        definition,
+        pattern,
+        query,
+        many: raw.many,
+        ttl,
+        tags,
+        warm: raw
+            .warm
+            .as_ref()
+            .map(|w| w.get_ref().trim().to_owned())
+            .filter(|w| !w.is_empty()),
+        warm_span: raw.warm.as_ref().map(Spanned::span),
+        pattern_span: pattern_text.span(),
+        query_span: raw.query.span(),
+    })
+}
+
+/// The group name of a family generation (Redis keeps a sorted set of its keys): a value
+/// computed by another definition of the family (before a reload changed its query) is in
+/// another group, which the reload retires. Stable across builds, so two daemons on one config
+/// agree.
+fn family_group(pattern: &str, definition: &str) -> String {
+    format!("f:{pattern}:{:016x}", crate::fnv1a(definition.as_bytes()))
+}
+
+fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
+    let name = raw
+        .backend
+        .as_ref()
+        .map_or("memory", |b| b.get_ref().as_str());
+    match name {
+        "memory" => {
+            for (field, span) in [
+                ("url", raw.url.as_ref().map(Spanned::span)),
+                ("prefix", raw.prefix.as_ref().map(Spanned::span)),
+            ] {
+                if let Some(span) = span {
+                    problems.at(
+                        span,
+                        format!("`cache.{field}` is for `backend = \"redis\"`; the memory backend has none"),
+                    );
+                }
+            }
+            Backend::Memory
+        }
+        "redis" => {
+            let url = match &raw.url {
+                None => RedisUrl::local(),
+                Some(text) => RedisUrl::parse(text.get_ref()).unwrap_or_else(|e| {
+                    problems.at(text.span(), format!("`cache.url`: {e}"));
+                    RedisUrl::local()
+                }),
+            };
+            let prefix = raw
+                .prefix
+                .as_ref()
+                .map_or_else(|| "cachetail:".to_owned(), |p| p.get_ref().clone());
+            Backend::Redis {
+                url,
+                prefix,
+                publish: raw.publish.unwrap_or(true),
+            }
+        }
+        other => {
+            if let Some(b) = &raw.backend {
+                problems.at(
+                    b.span(),
+                    format!(
+                        "`cache.backend` = {other:?}: use \"memory\" (the default) or \"redis\""
+                    ),
+                );
+            }
+            Backend::Memory
+        }
+    }
+}
+
+fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
+    let table = raw.table.get_ref().clone();
+    if table.is_empty() {
+        problems.at(raw.table.span(), "rule: `table` is empty");
+        return None;
+    }
+    if table.starts_with("cachetail_") || table.starts_with("sqlite_") {
+        problems.at(
+            raw.table.span(),
+            format!("rule: table `{table}` is internal and cannot be watched"),
+        );
+        return None;
+    }
+    if raw.keys.is_empty() && raw.tags.is_empty() {
+        problems.at(
+            raw.table.span(),
+            format!("rule for table `{table}` names no `keys` and no `tags`: it would do nothing"),
+        );
+    }
+    let mut parse_all = |list: &[Spanned<String>], what: &str| -> Vec<Template> {
+        list.iter()
+            .filter_map(|t| match Template::parse(t.get_ref(), true) {
+                Ok(template) => Some(template),
+                Err(e) => {
+                    problems.at(
+                        t.span(),
+                        format!("rule for table `{table}`: {what} `{t}`: {e}"),
+                    );
+                    None
+                }
+            })
+            .collect()
+    };
+    let keys = parse_all(&raw.keys, "key");
+    let tags = parse_all(&raw.tags, "tag");
+    let key_spans = if keys.len() == raw.keys.len() {
+        raw.keys.iter().map(Spanned::span).collect()
+    } else {
+        Vec::new()
+    };
+    let mut on = raw.on.unwrap_or_else(|| Op::ALL.to_vec());
+    on.dedup();
+    if on.is_empty() {
+        problems.at(
+            raw.table.span(),
+            format!("rule for table `{table}`: `on` is empty: it would do nothing"),
+        );
+    }
+    Some(Rule {
+        table,
+        on,
+        keys,
+        tags,
+        strategy: raw.strategy.unwrap_or(Strategy::Delete),
+        table_span: raw.table.span(),
+        key_spans,
+        derived_from: None,
+    })
+}
+
+fn duration(
+    value: Option<&Spanned<String>>,
+    name: &str,
+    default: Duration,
+    problems: &mut Problems<'_>,
+) -> Duration {
+    let Some(text) = value else { return default };
+    humantime::parse_duration(text.get_ref().trim()).unwrap_or_else(|e| {
+        problems.at(
+            text.span(),
+            format!(
+                "`{name}` = {:?} is not a duration like \"50ms\", \"10s\" or \"10m\": {e}",
+                text.get_ref()
+            ),
+        );
+        default
+    })
+}
+
+fn positive(
+    value: Option<&Spanned<i64>>,
+    name: &str,
+    default: u64,
+    problems: &mut Problems<'_>,
+) -> u64 {
+    let Some(number) = value else { return default };
+    match u64::try_from(*number.get_ref()) {
+        Ok(n) if n > 0 => n,
+        _ => {
+            problems.at(
+                number.span(),
+                format!(
+                    "`{name}` must be a whole number above zero, not {}",
+                    number.get_ref()
+                ),
+            );
+            default
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Running a family's query for one key: its parameters bound (never spliced), in one read
+//! transaction together with the outbox head (the value's version) and the pause flag, encoded
+//! as the JSON the endpoint serves.
+
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, Statement};
+
+/// A computed value: the outbox position it read at and its JSON (None: no row, a 404).
+pub struct Computed {
+    pub version: u64,
+    pub body: Option<Bytes>,
+    /// Capture was paused when it was read: changes made since may have no outbox row, so
+    /// nothing would ever mark this value stale. It may answer the request that read it, but
+    /// it is never stored.
+    pub paused: bool,
+}
+
+/// The newest outbox position (0 when nothing was ever captured).
+pub fn read_head(conn: &Connection) -> rusqlite::Result<u64> {
+    let id: i64 = conn
+        .prepare_cached("SELECT coalesce(max(id), 0) FROM cachetail_outbox")?
+        .query_row([], |row| row.get(0))?;
+    Ok(u64::try_from(id).unwrap_or(0))
+}
+
+/// Runs `query` (a one-row family unless `many`) with `params`, in one read transaction with
+/// the outbox head (and the pause flag, which says whether that head means anything).
+pub fn compute(
+    conn: &Connection,
+    query: &str,
+    many: bool,
+    params: &[(String, String)],
+) -> rusqlite::Result<Computed> {
+    let tx = conn.unchecked_transaction()?;
+    let (version, paused): (i64, bool) = tx
+        .prepare_cached(
+            "SELECT (SELECT coalesce(max(id), 0) FROM cachetail_outbox), \
+                    EXISTS (SELECT 1 FROM cachetail_meta WHERE key = 'paused' AND value = '1')",
+        )?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let body = {
+        let mut stmt = tx.prepare_cached(query)?;
+        bind_params(&mut stmt, params)?;
+        encode_rows(&mut stmt, many)?
+    };
+    tx.commit()?;
+    Ok(Computed {
+        version: u64::try_from(version).unwrap_or(0),
+        body,
+        paused,
+    })
+}
+
+/// Binds each `:name` of the statement to the key parameter of that name. A value written the way
+/// a key renders a number (`42`, `1.5`) is bound as that number, so `WHERE id = :id` matches
+/// whatever the column's affinity; anything else is bound as text. Never spliced into the SQL.
+fn bind_params(stmt: &mut Statement<'_>, params: &[(String, String)]) -> rusqlite::Result<()> {
+    for index in 1..=stmt.parameter_count() {
+        let name = stmt.parameter_name(index).unwrap_or("");
+        let bare = name.trim_start_matches([':', '@', '$']);
+        let Some((_, value)) = params.iter().find(|(n, _)| n == bare) else {
+            return Err(rusqlite::Error::InvalidParameterName(name.to_owned()));
+        };
+        if let Some(i) = canonical_integer(value) {
+            stmt.raw_bind_parameter(index, i)?;
+        } else if let Some(r) = canonical_real(value) {
+            stmt.raw_bind_parameter(index, r)?;
+        } else {
+            stmt.raw_bind_parameter(index, value.as_str())?;
+        }
+    }
+    Ok(())
+}
+
+fn canonical_integer(text: &str) -> Option<i64> {
+    let i: i64 = text.parse().ok()?;
+    (i.to_string() == text).then_some(i)
+}
+
+/// A real written exactly as a key renders one (`1.5`, not `1.50` or `1e0`).
+fn canonical_real(text: &str) -> Option<f64> {
+    let r: f64 = text.parse().ok()?;
+    (r.is_finite() && r.to_string() == text).then_some(r)
+}
+
+/// Encodes the rows as JSON: an array of objects when `many`, else the first row's object
+/// (None when there is no row).
+fn encode_rows(stmt: &mut Statement<'_>, many: bool) -> rusqlite::Result<Option<Bytes>> {
+    let names: Vec<String> = stmt
+        .column_names()
+        .map(|n| serde_json::to_string(n).unwrap_or_else(|_| "\"?\"".to_owned()))
+        .collect();
+    let mut out = String::with_capacity(256);
+    let mut rows = stmt.raw_query();
+    if many {
+        out.push('[');
+    }
+    let mut count = 0usize;
+    while let Some(row) = rows.next()? {
+        if count > 0 {
+            out.push(',');
+        }
+        out.push('{');
+        for (i, name) in names.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(name);
+            out.push(':');
+            push_json(&mut out, row.get_ref(i)?);
+        }
+        out.push('}');
+        count += 1;
+        if !many {
+            break;
+        }
+    }
+    if many {
+        out.push(']');
+    } else if count == 0 {
+        return Ok(None);
+    }
+    // Cached for minutes: keep exactly the bytes, not the growth slack of the buffer.
+    out.shrink_to_fit();
+    Ok(Some(Bytes::from(out)))
+}
+
+/// One SQLite value as JSON: numbers as numbers (non-finite reals as null), text as strings,
+/// blobs as lowercase hex strings.
+fn push_json(out: &mut String, value: ValueRef<'_>) {
+    match value {
+        ValueRef::Null => out.push_str("null"),
+        ValueRef::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
+        ValueRef::Real(r) if r.is_finite() => {
+            let text = serde_json::to_string(&r).unwrap_or_else(|_| "null".to_owned());
+            out.push_str(&text);
+        }
+        ValueRef::Real(_) => out.push_str("null"),
+        ValueRef::Text(bytes) => {
+            let text = String::from_utf8_lossy(bytes);
+            out.push_str(&serde_json::to_string(&*text).unwrap_or_else(|_| "null".to_owned()));
+        }
+        ValueRef::Blob(bytes) => {
+            out.push('"');
+            for b in bytes {
+                let _ = write!(out, "{b:02x}");
+            }
+            out.push('"');
+        }
+    }
+}

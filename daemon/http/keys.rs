@@ -1,0 +1,333 @@
+//! The key routes: `GET /v1/keys/{key}` and the multi-get `POST /v1/keys`. Both build on one
+//! lookup (`answer`), which returns what the cache found for a key; GET writes it as an HTTP
+//! answer, the multi-get embeds it (the value byte for byte) in its list.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{HeaderMap, Request, Response, StatusCode};
+use percent_encoding::percent_decode_str;
+use serde_json::value::RawValue;
+
+use super::Http;
+use super::reply::{self, Body};
+use crate::cache::{Entry, Lookup, Source, Want};
+use crate::db::read_head;
+
+/// Keys longer than this are refused (400): no family needs them, and they cost memory.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Keys one multi-get may ask for, and the size of its body, at most.
+const MAX_MULTI_KEYS: usize = 1_000;
+const MAX_MULTI_BODY: usize = 1 << 20;
+
+/// What a request for one key comes to.
+pub enum Answer {
+    Value(Arc<Entry>, Source),
+    /// No family's pattern matches the key.
+    NoFamily,
+    /// Asked for from the cache only, and not cached.
+    NotCached,
+    /// `?fresh=1`, and the daemon did not catch up in time.
+    NotFresh(String),
+    /// The family's query failed.
+    Failed(String),
+}
+
+/// Looks one key up: the hot path first (a value in memory needs no pattern matching), else
+/// its family, the wait for `?fresh=1`, and the cache's lookup (a hit, a fill, or the database
+/// when the cache cannot be trusted now).
+pub async fn answer(http: &Http, key: &str, fresh: bool, want: Want) -> Answer {
+    let cache = &http.sources.cache;
+    if !fresh
+        && !want.uncached
+        && let Some(entry) = cache.hot(key)
+    {
+        return Answer::Value(entry, Source::Hit);
+    }
+    let live = http.sources.registry.live();
+    let Some((family, params)) = live.match_key(key) else {
+        return Answer::NoFamily;
+    };
+    if fresh && let Err(message) = wait_until_applied(http, live.config.fresh_timeout).await {
+        return Answer::NotFresh(message);
+    }
+    match cache.lookup(key, family, params, want).await {
+        Lookup::Value(entry, source) => Answer::Value(entry, source),
+        Lookup::NotCached => Answer::NotCached,
+        Lookup::Failed(message) => Answer::Failed(message),
+    }
+}
+
+/// An answer that is not a value: its status and message (also an entry of a multi-get).
+fn failure(key: &str, answer: &Answer) -> (StatusCode, String) {
+    match answer {
+        Answer::Value(..) => (
+            StatusCode::NOT_FOUND,
+            format!("the key {key:?} has no value: its family's query returned no row"),
+        ),
+        Answer::NoFamily => (
+            StatusCode::NOT_FOUND,
+            format!("no key family matches the key {key:?}"),
+        ),
+        Answer::NotCached => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the key {key:?} is not cached (only-if-cached)"),
+        ),
+        Answer::NotFresh(message) => (StatusCode::SERVICE_UNAVAILABLE, message.clone()),
+        Answer::Failed(message) => (StatusCode::INTERNAL_SERVER_ERROR, message.clone()),
+    }
+}
+
+/// `GET /v1/keys/{key}`, `Cache-Control: only-if-cached` (answer from the cache or 504, never
+/// fill) or `no-cache` (answer from the database now, leaving the cache alone), `?fresh=1`,
+/// `If-None-Match`.
+pub async fn get(http: &Http, raw_key: &str, request: &Request<Incoming>) -> Response<Body> {
+    let key = match decode_key(raw_key) {
+        Ok(key) => key,
+        Err(problem) => return reply::malformed_key(&problem),
+    };
+    let fresh = wants_fresh(request.uri().query());
+    let answered = answer(http, &key, fresh, want(request.headers())).await;
+    let response = match &answered {
+        Answer::Value(entry, source) => reply::value(&key, entry, *source),
+        other => {
+            let (status, message) = failure(&key, other);
+            reply::error(status, message)
+        }
+    };
+    reply::not_modified_if_matching(request.headers(), response)
+}
+
+/// What the request's `Cache-Control` asks for.
+fn want(headers: &HeaderMap) -> Want {
+    let directives: Vec<String> = headers
+        .get_all(hyper::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_ascii_lowercase())
+        .collect();
+    Want {
+        only_if_cached: directives.iter().any(|d| d == "only-if-cached"),
+        uncached: directives.iter().any(|d| d == "no-cache"),
+    }
+}
+
+/// One key's entry in a multi-get's answer; the value is embedded as the very JSON a GET returns.
+#[derive(serde::Serialize)]
+struct KeyResult<'a> {
+    key: &'a str,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// `POST /v1/keys` with a JSON list of keys (or `{"keys": [...]}`): each key answered as
+/// `GET /v1/keys/{key}` would, in order, each with its own status.
+pub async fn multi_get(http: &Http, request: Request<Incoming>) -> Response<Body> {
+    let fresh = wants_fresh(request.uri().query());
+    let keys = match read_keys(request).await {
+        Ok(keys) => keys,
+        Err(response) => return response,
+    };
+    let mut lookups = tokio::task::JoinSet::new();
+    for (index, key) in keys.iter().cloned().enumerate() {
+        let http = http.clone();
+        lookups.spawn(async move {
+            let answered = match check_key(key) {
+                Ok(key) => Ok(answer(&http, &key, fresh, Want::default()).await),
+                Err(problem) => Err(problem),
+            };
+            (index, answered)
+        });
+    }
+    let mut answers: Vec<Option<Result<Answer, String>>> = (0..keys.len()).map(|_| None).collect();
+    while let Some(joined) = lookups.join_next().await {
+        if let Ok((index, answered)) = joined
+            && let Some(slot) = answers.get_mut(index)
+        {
+            *slot = Some(answered);
+        }
+    }
+    let results: Vec<KeyResult<'_>> = keys
+        .iter()
+        .zip(answers)
+        .map(|(key, answered)| entry_of(key, answered))
+        .collect();
+    #[derive(serde::Serialize)]
+    struct Answers<'a> {
+        results: Vec<KeyResult<'a>>,
+    }
+    reply::json(StatusCode::OK, &Answers { results })
+}
+
+/// The keys a multi-get's body lists, or the answer refusing it.
+async fn read_keys(request: Request<Incoming>) -> Result<Vec<String>, Response<Body>> {
+    let body = match http_body_util::Limited::new(request.into_body(), MAX_MULTI_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return Err(reply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {MAX_MULTI_BODY} bytes (or could not be read)"),
+            ));
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Keys {
+        List(Vec<String>),
+        Object { keys: Vec<String> },
+    }
+    let keys = match serde_json::from_slice::<Keys>(&body) {
+        Ok(Keys::List(keys) | Keys::Object { keys }) => keys,
+        Err(e) => {
+            return Err(reply::error(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be a JSON list of keys, or {{\"keys\": [...]}}: {e}"),
+            ));
+        }
+    };
+    if keys.len() > MAX_MULTI_KEYS {
+        return Err(reply::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} keys asked for; at most {MAX_MULTI_KEYS} per request",
+                keys.len()
+            ),
+        ));
+    }
+    Ok(keys)
+}
+
+/// One key's entry in a multi-get's answer.
+fn entry_of(key: &str, answered: Option<Result<Answer, String>>) -> KeyResult<'_> {
+    let refused = |status: StatusCode, message: String| KeyResult {
+        key,
+        status: status.as_u16(),
+        cache: None,
+        value: None,
+        error: Some(message),
+    };
+    match answered {
+        None => refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the lookup failed".to_owned(),
+        ),
+        Some(Err(problem)) => refused(StatusCode::BAD_REQUEST, format!("malformed key: {problem}")),
+        Some(Ok(Answer::Value(entry, source))) if entry.body.is_some() => KeyResult {
+            key,
+            status: 200,
+            cache: Some(reply::cache_header(source)),
+            value: entry.body.as_ref().and_then(raw_json),
+            error: None,
+        },
+        Some(Ok(other)) => {
+            let (status, message) = failure(key, &other);
+            refused(status, message)
+        }
+    }
+}
+
+/// A value's bytes, embedded as they are (they are JSON: the family query's encoding).
+fn raw_json(body: &Bytes) -> Option<Box<RawValue>> {
+    let text = std::str::from_utf8(body).ok()?;
+    RawValue::from_string(text.to_owned()).ok()
+}
+
+/// Waits until the daemon has applied every change committed before now (read-your-writes).
+async fn wait_until_applied(http: &Http, timeout: Duration) -> Result<(), String> {
+    let head = http
+        .sources
+        .pool
+        .read(read_head)
+        .await
+        .map_err(|e| format!("cannot read the outbox head: {e}"))?;
+    let progress = &http.sources.progress;
+    let mut applied = progress.subscribe();
+    match tokio::time::timeout(timeout, applied.wait_for(|&position| position >= head)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(format!(
+            "not fresh within {timeout:?}: the daemon has applied changes up to {} of {head}; retry, or read without ?fresh=1",
+            progress.applied()
+        )),
+    }
+}
+
+fn wants_fresh(query: Option<&str>) -> bool {
+    query
+        .unwrap_or("")
+        .split('&')
+        .any(|pair| matches!(pair, "fresh" | "fresh=1" | "fresh=true"))
+}
+
+/// Decodes a percent-encoded key. Refuses bad escapes, invalid UTF-8, control characters and
+/// keys longer than `MAX_KEY_BYTES`.
+pub fn decode_key(raw: &str) -> Result<String, String> {
+    let key = decode_component(raw)?;
+    check_key(key)
+}
+
+/// Percent-decodes one part of a URL strictly: every `%` must start an escape (a lenient
+/// decoder would keep `%zz` as text, and a client's typo would name another key).
+pub fn decode_component(raw: &str) -> Result<String, String> {
+    let bytes = raw.as_bytes();
+    let escapes_ok = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return Err("a `%` is not followed by two hex digits".to_owned());
+    }
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| "the key is not valid UTF-8".to_owned())
+}
+
+/// The rules every key meets: not empty, at most `MAX_KEY_BYTES`, no control characters.
+pub fn check_key(key: String) -> Result<String, String> {
+    if key.is_empty() {
+        return Err("the key is empty".to_owned());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "the key is {} bytes long; at most {MAX_KEY_BYTES} are allowed",
+            key.len()
+        ));
+    }
+    if key.chars().any(char::is_control) {
+        return Err("the key contains a control character".to_owned());
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_percent_decoded_and_checked() {
+        assert_eq!(decode_key("book%3A42").as_deref(), Ok("book:42"));
+        assert_eq!(decode_key("book:42").as_deref(), Ok("book:42"));
+        assert_eq!(decode_key("caf%C3%A9").as_deref(), Ok("café"));
+        assert!(decode_key("bad%4").is_err());
+        assert!(decode_key("bad%zz").is_err());
+        assert!(decode_key("%FF").is_err());
+        assert!(decode_key("").is_err());
+        assert!(decode_key("a%0Ab").is_err());
+        assert!(decode_key(&"k".repeat(MAX_KEY_BYTES + 1)).is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! The plain values the stages hand each other: a captured change (capture → tail → rules), the
+//! plan a batch of changes maps to (rules → apply → cache), an operator's invalidation (http →
+//! cache), and the vocabulary they share (operations, strategies, key parameters). No behaviour
+//! lives here beyond small accessors: each stage owns what it does with these.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rusqlite::types::Value;
+use serde::Deserialize;
+
+/// The values a key gives its family's placeholders, by name (`book:42` → `[("id", "42")]`).
+pub type Params = Vec<(String, String)>;
+
+/// What a change to a watched table does to the keys a rule names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Remove the key; the next read misses and refills from the database.
+    Delete,
+    /// Remove now, recompute soon in the background.
+    WriteBehind,
+    /// Recompute now, before the change counts as applied: the next read is a fresh hit.
+    WriteThrough,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Delete => "delete",
+            Strategy::WriteBehind => "write-behind",
+            Strategy::WriteThrough => "write-through",
+        }
+    }
+}
+
+/// A row operation, as the capture triggers record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub const ALL: [Op; 3] = [Op::Insert, Op::Update, Op::Delete];
+
+    /// The code a trigger writes into `cachetail_outbox.op`.
+    pub fn code(self) -> i64 {
+        match self {
+            Op::Insert => 1,
+            Op::Update => 2,
+            Op::Delete => 3,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.code() == code)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// One capture layout: the table and the columns its triggers record, in stored order.
+#[derive(Debug)]
+pub struct Layout {
+    pub table: Arc<str>,
+    pub columns: Vec<Arc<str>>,
+}
+
+impl Layout {
+    /// The value of `column` in a decoded row of this layout.
+    pub fn value<'r>(&self, row: &'r [Value], column: &str) -> Option<&'r Value> {
+        let index = self.columns.iter().position(|c| &**c == column)?;
+        row.get(index)
+    }
+}
+
+/// One captured row change: the old image (update, delete) and the new one (insert, update).
+#[derive(Debug)]
+pub struct RowChange {
+    pub layout: Arc<Layout>,
+    pub op: Op,
+    pub old: Option<Vec<Value>>,
+    pub new: Option<Vec<Value>>,
+}
+
+/// What one outbox row records.
+#[derive(Debug)]
+pub enum ChangeBody {
+    /// A row of a watched table changed.
+    Row(RowChange),
+    /// Changes to this table may have gone uncaptured (capture was just installed, reinstalled
+    /// after a migration, resumed, or cannot be installed): drop what was read from it before.
+    Flush { table: Arc<str> },
+    /// The row could not be read: the applier drops everything rather than leave anything stale.
+    Unreadable(String),
+    /// A position marker (an admin action's): nothing to apply.
+    Marker,
+}
+
+/// An outbox row: its position and what it records.
+#[derive(Debug)]
+pub struct Change {
+    pub position: u64,
+    /// When the write ran (unix ms, SQLite's clock), if the capture recorded it.
+    pub written_ms: Option<f64>,
+    pub body: ChangeBody,
+}
+
+/// What to do to one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyAction {
+    pub strategy: Strategy,
+    /// The latest change in the batch that touched the key.
+    pub position: u64,
+}
+
+/// The cache actions one batch calls for.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub keys: HashMap<String, KeyAction>,
+    /// Tag → the latest position that invalidated it.
+    pub tags: HashMap<String, u64>,
+    /// Set when a change could not be mapped to keys (unreadable row, or a template needing a
+    /// column the row's capture did not record): everything is dropped at this position.
+    pub flush_all: Option<u64>,
+    /// Tables whose changes may have gone uncaptured → the latest position of such a marker.
+    pub flush_tables: HashMap<Arc<str>, u64>,
+    /// Per rule (its index in the config): keys and tags it named, and keys it had recomputed.
+    pub per_rule: HashMap<usize, (u64, u64)>,
+}
+
+/// What an operator asks to drop (the admin API).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminAction {
+    Key(String),
+    Tag(String),
+    /// A family, by its pattern as written in the config.
+    Family(String),
+    All,
+}
