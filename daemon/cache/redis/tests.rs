@@ -1,0 +1,272 @@
+//! The Redis scripts against a real `redis-server` (started here, on a free loopback port, like
+//! the end-to-end tests: it is required, not optional): fencing, and a replayed interleaving.
+
+use super::*;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+const PREFIX: &str = "p:";
+
+/// A `redis-server` of the test's own; killed when dropped.
+struct Server {
+    child: Child,
+    url: RedisUrl,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (apt-get install redis-server): these tests need one");
+        let url = RedisUrl::parse(&format!("redis://127.0.0.1:{port}/0")).expect("url");
+        let started = Instant::now();
+        while Conn::connect(&url, IO_TIMEOUT)
+            .and_then(|mut c| c.cmd(&["PING"]))
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Server { child, url }
+    }
+
+    /// One daemon's handle on the shared Redis.
+    fn daemon(&self) -> RedisStore {
+        RedisStore::new(self.url.clone(), PREFIX.to_owned(), true)
+    }
+
+    fn conn(&self) -> Conn {
+        Conn::connect(&self.url, IO_TIMEOUT).expect("connect")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn batch(epoch: u64, position: u64, keys: &[&str], message: &str) -> Invalidation {
+    Invalidation {
+        position,
+        keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        groups: Vec::new(),
+        floor: 0,
+        message: message.to_owned(),
+        epoch,
+    }
+}
+
+/// A plain command's reply, as text (None for nil).
+fn text(conn: &mut Conn, args: &[&str]) -> Option<String> {
+    match conn.cmd(args).expect("redis answers") {
+        Reply::Nil => None,
+        Reply::Bulk(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+        Reply::Int(i) => Some(i.to_string()),
+        Reply::Status(s) => Some(s),
+        other => panic!("{args:?} answered {other:?}"),
+    }
+}
+
+/// The messages published on the channel, in order, until (and with) `last`.
+fn messages_until(subscriber: &mut Conn, last: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some(last) {
+        match subscriber
+            .next_push()
+            .expect("a message before the timeout")
+        {
+            Reply::Array(parts) => match parts.as_slice() {
+                [Reply::Bulk(kind), _, Reply::Bulk(body)] if kind == b"message" => {
+                    seen.push(String::from_utf8_lossy(body).into_owned());
+                }
+                _ => {}
+            },
+            other => panic!("a push, got {other:?}"),
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_batch_from_an_older_epoch_is_refused_whole_and_an_equal_or_newer_one_applies() {
+    let server = Server::start();
+    let mut subscriber = server.conn();
+    subscriber
+        .cmd(&["SUBSCRIBE", &format!("{PREFIX}invalidations")])
+        .expect("subscribe");
+    let mut probe = server.conn();
+    let ttl = Duration::from_secs(60);
+    let group = tag_group("books");
+
+    // The first holder (epoch 1) applies up to 10 and caches `k` (tagged) read at 10.
+    let first = server.daemon();
+    first.reconcile(0, Some(0)).expect("reconcile");
+    first
+        .apply(&batch(1, 10, &["a"], "first@10"), 0)
+        .expect("epoch 1 applies");
+    assert!(
+        first
+            .store("k", 10, ttl, Some(b"v10"), std::slice::from_ref(&group))
+            .expect("store")
+    );
+
+    // A second daemon takes over (epoch 2) and applies up to 20.
+    let second = server.daemon();
+    second.reconcile(10, Some(20)).expect("reconcile");
+    second
+        .apply(&batch(2, 20, &["b"], "second@20"), 10)
+        .expect("epoch 2 applies");
+
+    // The first one resumes mid-stream and sends its next batch, still at epoch 1: a key, its
+    // tag, a floor. Redis refuses all of it.
+    let late = Invalidation {
+        groups: vec![(group.clone(), 30)],
+        floor: 30,
+        ..batch(1, 30, &["k"], "first@30")
+    };
+    let refused = first.apply(&late, 10);
+    assert!(
+        matches!(refused, Err(RedisError::Fenced)),
+        "a batch from an older epoch must be refused, got {refused:?}"
+    );
+    assert!(
+        first.health().down_since.is_none(),
+        "being fenced is not an outage"
+    );
+    let state = format!("{PREFIX}#state");
+    assert_eq!(
+        text(&mut probe, &["GET", &format!("{PREFIX}k")]).as_deref(),
+        Some("v10"),
+        "the refused batch removed a key"
+    );
+    assert_eq!(
+        text(&mut probe, &["HGET", &format!("{PREFIX}#m:k"), "i"]),
+        None,
+        "the refused batch left an invalidation mark"
+    );
+    assert_eq!(
+        text(&mut probe, &["GET", &format!("{PREFIX}#gm:{group}")]),
+        None,
+        "the refused batch marked the tag"
+    );
+    assert!(
+        text(&mut probe, &["ZSCORE", &format!("{PREFIX}#g:{group}"), "k"]).is_some(),
+        "the refused batch emptied the tag's group"
+    );
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+        Some("20"),
+        "the refused batch moved the applied position"
+    );
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "floor"]).as_deref(),
+        Some("0"),
+        "the refused batch raised the floor"
+    );
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "epoch"]).as_deref(),
+        Some("2")
+    );
+    // The current holder's next batch (the same epoch) applies.
+    second
+        .apply(&batch(2, 40, &["k"], "second@40"), 20)
+        .expect("an equal epoch applies");
+    assert_eq!(text(&mut probe, &["GET", &format!("{PREFIX}k")]), None);
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+        Some("40")
+    );
+
+    // A third daemon takes over (epoch 3): from then on epoch 2 is the older one.
+    let third = server.daemon();
+    third.reconcile(40, Some(50)).expect("reconcile");
+    third
+        .apply(&batch(3, 50, &["c"], "third@50"), 40)
+        .expect("a newer epoch applies");
+    let refused = second.apply(&batch(2, 60, &["c"], "second@60"), 40);
+    assert!(
+        matches!(refused, Err(RedisError::Fenced)),
+        "epoch 2 after epoch 3: {refused:?}"
+    );
+    third
+        .apply(&batch(3, 70, &["d"], "third@70"), 50)
+        .expect("epoch 3 applies");
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+        Some("70")
+    );
+
+    // An operator's removal (epoch 0, any daemon) is not fenced, and applies no position.
+    probe
+        .cmd(&["SET", &format!("{PREFIX}e"), "ve"])
+        .expect("SET");
+    first
+        .remove(&batch(0, 65, &["e"], "admin@65"))
+        .expect("an admin removal applies from any daemon");
+    assert_eq!(text(&mut probe, &["GET", &format!("{PREFIX}e")]), None);
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+        Some("70")
+    );
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "epoch"]).as_deref(),
+        Some("3")
+    );
+
+    // Nothing of a refused batch was published: app-local caches hear only the holders.
+    assert_eq!(
+        messages_until(&mut subscriber, "admin@65"),
+        [
+            "first@10",
+            "second@20",
+            "second@40",
+            "third@50",
+            "third@70",
+            "admin@65"
+        ]
+    );
+}
+
+/// An interleaving the checker found on Redis, replayed against the store script. A daemon's
+/// fill finds no row (the row was deleted at 6, not yet applied) and answers 404 at 7, while the
+/// other daemon's slower fill, which read the row at 5 before the delete, has not stored yet.
+/// When it does, it must be refused: else the next read answers the row again, going backwards.
+#[test]
+fn redis_refuses_a_value_read_before_a_404_that_was_answered() {
+    let server = Server::start();
+    let cache = server.daemon();
+    cache.reconcile(0, None).expect("redis state");
+    let (ttl, groups) = (Duration::from_secs(60), ["f:k".to_owned()]);
+    let store = |version: u64, body: Option<&[u8]>| {
+        cache
+            .store("k:1", version, ttl, body, &groups)
+            .expect("the store script runs")
+    };
+    assert!(store(4, Some(br#"{"n":4}"#)), "a value read at 4 is stored");
+    assert!(
+        store(7, None),
+        "a read at 7 that found no row is current: answered 404"
+    );
+    assert_eq!(
+        cache.get_blocking("k:1").expect("GET"),
+        None,
+        "the value read before the 404 is gone"
+    );
+    assert!(
+        !store(5, Some(br#"{"n":5}"#)),
+        "a value read at 5 must not land after a 404 read at 7 was answered"
+    );
+    assert_eq!(cache.get_blocking("k:1").expect("GET"), None);
+}
