@@ -3,6 +3,7 @@
 
 mod browser;
 mod common;
+mod config_claims;
 mod crash;
 mod feed;
 mod fuzz;
