@@ -4,6 +4,7 @@
 mod browser;
 mod common;
 mod crash;
+mod demo;
 mod feed;
 mod fuzz;
 mod http;
@@ -13,6 +14,7 @@ mod migrations;
 mod never_hurt;
 mod race;
 mod redis;
+mod redis_claims;
 mod reload;
 mod strategies;
 mod write_shapes;
