@@ -74,18 +74,23 @@ fn the_demo_serves_where_told_prints_a_live_line_each_second_and_stops_after_its
     assert_eq!(ui.status, 200);
 
     // Then everything it prints, until it exits on its own.
-    while let Ok(line) = lines.recv_timeout(DEADLINE) {
-        printed.push((Instant::now(), line));
-    }
+    let limit = Duration::from_secs(DEMO_SECONDS) + DEADLINE;
     let exit = loop {
+        while let Ok(line) = lines.recv_timeout(Duration::from_millis(50)) {
+            printed.push((Instant::now(), line));
+        }
         if let Some(status) = child.try_wait().expect("wait") {
+            while let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+                printed.push((Instant::now(), line));
+            }
             break status;
         }
-        if started.elapsed() > Duration::from_secs(DEMO_SECONDS) + DEADLINE {
+        if started.elapsed() > limit {
             let _ = child.kill();
-            panic!("the demo did not stop after --seconds {DEMO_SECONDS}");
+            panic!(
+                "the demo did not stop after --seconds {DEMO_SECONDS}: still running after {limit:?}"
+            );
         }
-        std::thread::sleep(Duration::from_millis(20));
     };
     let took = started.elapsed();
     assert_eq!(exit.code(), Some(0), "the demo exits 0");

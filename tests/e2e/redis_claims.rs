@@ -250,8 +250,16 @@ fn redis_down_the_daemon_backs_off_up_to_2s_keeps_its_cursor_and_logs_going_and_
             status["cursor"].as_u64() < Some(position),
             "the cursor moved past a change Redis has not applied: {status}"
         );
-        let capped = daemon
-            .logged(APPLY_FAILED)
+        let waits = daemon.logged(APPLY_FAILED);
+        let longest = waits
+            .iter()
+            .map(|(_, l)| debug_duration(l["fields"]["retry_in"].as_str().expect("retry_in")))
+            .max();
+        assert!(
+            longest <= Some(Duration::from_secs(2)),
+            "a retry waits {longest:?}: more than 2 s"
+        );
+        let capped = waits
             .iter()
             .filter(|(_, l)| l["fields"]["retry_in"] == "2s")
             .count();
