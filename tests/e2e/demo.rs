@@ -24,18 +24,21 @@ fn the_demo_serves_where_told_prints_a_live_line_each_second_and_stops_after_its
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cachetail"))
-        .arg("demo")
-        .arg("--dir")
-        .arg(&demo_dir)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--seconds", &DEMO_SECONDS.to_string()])
-        // A small catalog: the flags are honoured, and it builds in an instant.
-        .args(["--books", "40", "--users", "10", "--reviews", "200"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cachetail demo runs");
+    let mut demo = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_cachetail"))
+            .arg("demo")
+            .arg("--dir")
+            .arg(&demo_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--seconds", &DEMO_SECONDS.to_string()])
+            // A small catalog: the flags are honoured, and it builds in an instant.
+            .args(["--books", "40", "--users", "10", "--reviews", "200"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cachetail demo runs"),
+    );
+    let child = &mut demo.0;
     let lines = lines_of(child.stdout.take().expect("stdout"));
     let mut printed: Vec<(Instant, String)> = Vec::new();
     let mut next_line = |what: &str| -> String {
@@ -45,9 +48,16 @@ fn the_demo_serves_where_told_prints_a_live_line_each_second_and_stops_after_its
         printed.push((Instant::now(), line.clone()));
         line
     };
-    while !next_line("the address it serves")
-        .starts_with(&format!("cachetail is serving {base} for "))
-    {}
+    let serving = loop {
+        let line = next_line("the address it serves");
+        if line.starts_with("cachetail is serving ") {
+            break line;
+        }
+    };
+    assert!(
+        serving.starts_with(&format!("cachetail is serving {base} for ")),
+        "it serves where --listen says: {serving:?}"
+    );
     // It serves where it was told, from the database and config in its folder.
     let mut client = Client::new(format!("127.0.0.1:{port}").parse().expect("address"));
     let status = client
@@ -86,7 +96,6 @@ fn the_demo_serves_where_told_prints_a_live_line_each_second_and_stops_after_its
             break status;
         }
         if started.elapsed() > limit {
-            let _ = child.kill();
             panic!(
                 "the demo did not stop after --seconds {DEMO_SECONDS}: still running after {limit:?}"
             );
@@ -167,6 +176,16 @@ fn the_demo_serves_where_told_prints_a_live_line_each_second_and_stops_after_its
         text.last().is_some_and(|l| l.starts_with("stopped;")),
         "{text:#?}"
     );
+}
+
+/// A child process killed when dropped (a failing test leaves no demo running).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A reader of `GET /v1/events` on its own connection (chunked Server-Sent Events).

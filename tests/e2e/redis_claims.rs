@@ -21,13 +21,23 @@ use crate::redis::{RedisServer, redis_config};
 /// The prefix `redis_config` sets.
 const PREFIX: &str = "ct:";
 
-/// Starts a daemon and waits until it holds the lease (and has made Redis trustworthy).
+/// Starts a daemon and waits until it holds the lease (and has made Redis trustworthy); if it
+/// does not, says what Redis answered it.
 fn start_active(catalog: &Catalog, config: &str, port: u16) -> Daemon {
     let mut daemon = Daemon::start(catalog, config, port);
-    eventually("the daemon holds the lease", || {
-        (daemon.status()["role"] == "active").then_some(())
-    });
-    daemon
+    let start = Instant::now();
+    loop {
+        let status = daemon.status();
+        if status["role"] == "active" {
+            return daemon;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the daemon does not hold the lease after {DEADLINE:?}; redis: {}",
+            status["redis"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn review_count(text: &str) -> i64 {
