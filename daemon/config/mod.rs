@@ -268,6 +268,39 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_has_the_default_the_readme_states() {
+        let config = parse("database = \"x.db\"\n").expect("valid");
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().expect("an address"));
+        assert_eq!(config.fresh_timeout, Duration::from_secs(5));
+        assert_eq!(config.admin_token, None);
+        assert_eq!(config.cache.max_entries, 100_000);
+        assert_eq!(config.cache.ttl, Duration::from_secs(600));
+        assert_eq!(config.cache.backend, Backend::Memory);
+        assert_eq!(config.write_behind.delay, Duration::from_millis(50));
+        assert_eq!(config.write_behind.workers, 4);
+        assert_eq!(config.tail.poll_interval, Duration::from_millis(250));
+        assert_eq!(config.tail.batch_size, 10_000);
+        assert_eq!(config.tail.lease, Duration::from_secs(5));
+        assert_eq!(config.http.max_connections, 1024);
+        assert_eq!(config.http.request_timeout, Duration::from_secs(30));
+        assert_eq!(config.http.header_timeout, Duration::from_secs(10));
+        let redis = parse("database = \"x.db\"\n[cache]\nbackend = \"redis\"\n").expect("valid");
+        let Backend::Redis {
+            url,
+            prefix,
+            publish,
+        } = &redis.cache.backend
+        else {
+            panic!("the redis backend");
+        };
+        assert_eq!(
+            (url.host.as_str(), url.port, url.db),
+            ("127.0.0.1", 6379, 0)
+        );
+        assert_eq!((prefix.as_str(), *publish), ("cachetail:", true));
+    }
+
+    #[test]
     fn the_most_specific_family_matches_first() {
         let config = parse(
             "database = \"x.db\"\n[keys.\"book:{id}\"]\nquery = \"SELECT :id\"\n[keys.\"book:top\"]\nquery = \"SELECT 1\"\n",

@@ -180,6 +180,15 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
     }
 
+    /// The literal text before the first placeholder ("" when the template starts with one):
+    /// every key a pattern matches starts with it.
+    pub fn leading_literal(&self) -> &str {
+        match self.parts.first() {
+            Some(Part::Literal(text)) => text,
+            _ => "",
+        }
+    }
+
     /// How many literal characters the template has: the more, the more specific a pattern.
     pub fn literal_len(&self) -> usize {
         self.parts
@@ -350,6 +359,9 @@ mod tests {
         );
         assert_eq!(p.match_key("user:7:book:9/y"), None);
         assert_eq!(pattern("top-books").match_key("top-books"), Some(vec![]));
+        assert_eq!(pattern("book:{id}").leading_literal(), "book:");
+        assert_eq!(pattern("{slug}:x").leading_literal(), "");
+        assert_eq!(pattern("{{x}}:{id}").leading_literal(), "{x}:");
         assert_eq!(pattern("top-books").match_key("top-books2"), None);
     }
 

@@ -245,10 +245,16 @@ fn families(
         let Some(f) = validate_family(&pattern_text, family, cache.ttl, problems) else {
             continue;
         };
-        if matches!(cache.backend, Backend::Redis { .. }) && f.pattern.source().starts_with('#') {
+        // Every key the family matches starts with the pattern's leading literal text: a
+        // placeholder there could take `#state` or `#m:book:1`, and `{prefix}{key}` would be
+        // cachetail's own bookkeeping.
+        let lead = f.pattern.leading_literal();
+        if matches!(cache.backend, Backend::Redis { .. })
+            && (lead.is_empty() || lead.starts_with('#'))
+        {
             problems.at(
                 f.pattern_span.clone(),
-                format!("key family `{pattern_text}`: with the redis backend, keys may not start with `#` (cachetail keeps its bookkeeping under `{{prefix}}#`)"),
+                format!("key family `{pattern_text}`: with the redis backend, a pattern must begin with literal text other than `#` (cachetail keeps its bookkeeping under `{{prefix}}#`, where a key beginning with `#` would land)"),
             );
         }
         families.push(Arc::new(f));

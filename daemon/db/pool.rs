@@ -63,3 +63,49 @@ pub fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "query_only", true)?;
     Ok(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// `check` refuses a family query that writes, so no running daemon reaches this; the
+    /// connection refuses it anyway (README: "it runs on a `query_only` connection in any case").
+    #[test]
+    fn a_family_query_runs_on_a_query_only_connection_and_cannot_write() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("app.db");
+        let app = Connection::open(&path).expect("open");
+        app.execute_batch(
+            "CREATE TABLE t (x); INSERT INTO t VALUES (1);\
+             CREATE TABLE cachetail_outbox (id INTEGER PRIMARY KEY);\
+             CREATE TABLE cachetail_meta (key TEXT PRIMARY KEY, value TEXT);",
+        )
+        .expect("schema");
+        // Parsed without a database, so not checked: the writing query gets this far.
+        let config = Config::parse(
+            "database = \"app.db\"\n[keys.\"w:{id}\"]\nquery = \"INSERT INTO t (x) VALUES (:id) RETURNING x\"\n",
+            "test.toml",
+            dir.path(),
+        )
+        .expect("valid");
+        let family = &config.families[0];
+        let pool = ReadPool::new(path, 1);
+        let query_only: bool = pool
+            .with(|conn| conn.query_row("PRAGMA query_only", [], |row| row.get(0)))
+            .expect("pragma");
+        assert!(query_only, "the pool's connections are query_only");
+        let params = vec![("id".to_owned(), "2".to_owned())];
+        let error = match pool
+            .with(|conn| super::super::compute(conn, &family.query, family.many, &params))
+        {
+            Ok(computed) => panic!("the write ran: {:?}", computed.body),
+            Err(error) => error.to_string(),
+        };
+        assert!(error.contains("readonly"), "{error}");
+        let rows: i64 = app
+            .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+            .expect("count");
+        assert_eq!(rows, 1, "nothing was written");
+    }
+}

@@ -346,3 +346,68 @@ pub fn json(reply: &Reply) -> Value {
 pub fn x_cache(reply: &Reply) -> &str {
     reply.header("x-cache").unwrap_or("")
 }
+
+// --- A daemon started through a command of the test's own (a wrapper, other flags or
+// --- environment), with its log read line by line.
+
+/// The lines `reader` (a child's stdout or stderr) yields, as they come, read on a thread of
+/// their own.
+pub fn lines_from(
+    reader: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(reader)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
+impl Daemon {
+    /// Starts `command`, which must end up running `cachetail run --config CONFIG` with a config
+    /// that listens on 127.0.0.1:`port`, and waits until it answers. Its stderr (the log) comes
+    /// line by line from the receiver returned.
+    pub fn start_logged(
+        mut command: Command,
+        config: &Path,
+        port: u16,
+    ) -> (Daemon, std::sync::mpsc::Receiver<String>) {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cachetail");
+        let log = lines_from(child.stderr.take().expect("the daemon's stderr"));
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let mut daemon = Daemon {
+            child: Some(child),
+            address,
+            config: config.to_path_buf(),
+            client: Client::new(address),
+        };
+        eventually("the daemon answers /healthz", || {
+            if let Some(child) = daemon.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let said: Vec<String> = log.try_iter().collect();
+                panic!(
+                    "the daemon exited early with {status}:\n{}",
+                    said.join("\n")
+                );
+            }
+            daemon
+                .client
+                .get("/healthz")
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        (daemon, log)
+    }
+}

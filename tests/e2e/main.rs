@@ -3,7 +3,9 @@
 
 mod browser;
 mod common;
+mod config_claims;
 mod crash;
+mod demo;
 mod feed;
 mod fuzz;
 mod http;
@@ -13,6 +15,7 @@ mod migrations;
 mod never_hurt;
 mod race;
 mod redis;
+mod redis_claims;
 mod reload;
 mod strategies;
 mod write_shapes;

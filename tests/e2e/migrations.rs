@@ -96,6 +96,10 @@ fn a_dropped_and_recreated_table_is_reported_then_captured_again() {
         (!failures.is_empty()).then_some(failures)
     });
     assert_eq!(failures[0]["table"], "users");
+    // The install that found the table gone wrote a flush marker in the same transaction; once
+    // the daemon has applied it (like any change, a moment after it was committed), the values
+    // that read the table are gone.
+    daemon.wait_caught_up();
     let peeked = daemon.peek("user:2");
     assert_eq!(
         peeked.status,

@@ -272,16 +272,20 @@ impl RedisStore {
     }
 
     fn apply_args(&self, batch: &Invalidation) -> Vec<Vec<u8>> {
+        // No family stores a key beginning with `#` (config refuses such patterns on Redis):
+        // one a rule renders from a row (a title `#state`), or an operator deletes, names no
+        // value, and removing `{prefix}#…` would remove cachetail's bookkeeping.
+        let keys: Vec<&String> = batch.keys.iter().filter(|k| !k.starts_with('#')).collect();
         let mut args: Vec<Vec<u8>> = vec![
             self.prefix.as_bytes().to_vec(),
             batch.position.to_string().into_bytes(),
             MARK_TTL.as_millis().to_string().into_bytes(),
             self.seen.load(Ordering::Acquire).to_string().into_bytes(),
             self.channel.as_bytes().to_vec(),
-            batch.keys.len().to_string().into_bytes(),
+            keys.len().to_string().into_bytes(),
             batch.epoch.to_string().into_bytes(),
         ];
-        args.extend(batch.keys.iter().map(|k| k.as_bytes().to_vec()));
+        args.extend(keys.iter().map(|k| k.as_bytes().to_vec()));
         args.push(batch.groups.len().to_string().into_bytes());
         for (group, mark) in &batch.groups {
             args.push(group.as_bytes().to_vec());
