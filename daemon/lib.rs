@@ -22,17 +22,14 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 pub mod admin;
 pub mod apply;
 pub mod auto;
-pub mod bench;
 pub mod cache;
 pub mod capture;
 pub mod check;
 pub mod client;
 pub mod config;
-pub mod demo;
 pub mod events;
 pub mod explain;
 pub mod fill;
-pub mod follow;
 pub mod latency;
 pub mod lease;
 pub mod metrics;

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
-use crate::client::Client;
-use crate::config::Config;
-use crate::state::Shared;
+use cachetail::Config;
+use cachetail::Shared;
+use cachetail::client::Client;
 
 /// The catalog's schema (an ordinary app schema: cachetail adds nothing to it by hand).
-pub const CATALOG_SQL: &str = include_str!("../examples/catalog.sql");
+pub const CATALOG_SQL: &str = include_str!("../../examples/catalog.sql");
 /// The reference config, written next to the demo's database.
-pub const REFERENCE_CONFIG: &str = include_str!("../config.toml");
+pub const REFERENCE_CONFIG: &str = include_str!("../../config.toml");
 
 pub struct DemoOptions {
     pub dir: PathBuf,
@@ -162,13 +162,13 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
         .build()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind(options.listen))?;
     let address = listener.local_addr()?;
-    let (outbox, _) = crate::prepare(&config)?;
+    let (outbox, _) = cachetail::prepare(&config)?;
     let shared = Arc::new(Shared::new(config, outbox.cursor()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let daemon = {
         let shared = Arc::clone(&shared);
         runtime.spawn(async move {
-            crate::run_with(shared, outbox, listener, async {
+            cachetail::run_with(shared, outbox, listener, async {
                 let _ = stop_rx.await;
             })
             .await;
@@ -242,7 +242,7 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
         );
         let (events, hits, misses) = (now.0 - last.0, now.1 - last.1, now.2 - last.2);
         last = now;
-        let head = shared.pool.with(crate::tail::head).unwrap_or(0);
+        let head = shared.pool.with(cachetail::tail::head).unwrap_or(0);
         let mut lat = latencies.drain();
         lat.sort();
         let pct = |p: f64| {

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
-use crate::client::Client;
-use crate::config::Config;
 use crate::demo::Rng;
-use crate::state::Shared;
+use cachetail::Config;
+use cachetail::Shared;
+use cachetail::client::Client;
 
 pub struct BenchOptions {
     pub dir: PathBuf,
@@ -383,7 +383,7 @@ fn python_writer(db: &Path, transactions: u32) -> anyhow::Result<WriterRun> {
 
 /// The reference config (`config.toml` at the top of the repository), compiled in: its rules on
 /// `reviews` decide which columns the triggers capture (`book_id`, `user_id`).
-const REFERENCE_CONFIG: &str = include_str!("../config.toml");
+const REFERENCE_CONFIG: &str = include_str!("../../config.toml");
 
 /// The reference config on another database and address.
 fn reference_config(db_name: &str, port: u16) -> anyhow::Result<String> {
@@ -457,7 +457,7 @@ impl CaptureSetup {
                 Beside::Bare => {}
                 Beside::Minimal => Connection::open(&db)?.execute_batch(MINIMAL_TRIGGER)?,
                 Beside::Triggers => {
-                    crate::prepare(&Config::load(&config_path)?)?;
+                    cachetail::prepare(&Config::load(&config_path)?)?;
                 }
                 Beside::Daemon => {
                     let mut started = DaemonProcess::start(
@@ -617,7 +617,7 @@ fn drain(options: &BenchOptions) -> anyhow::Result<Row> {
     let db = options.dir.join("drain.db");
     fresh_catalog(&db, 0)?;
     let config = config_for(&options.dir, "drain.db", DELETE_RULE)?;
-    let (mut outbox, _) = crate::prepare(&config)?;
+    let (mut outbox, _) = cachetail::prepare(&config)?;
     // The backlog: app writes while no daemon runs, over 1,000 distinct keys.
     {
         let mut conn = Connection::open(&db)?;
@@ -635,7 +635,7 @@ fn drain(options: &BenchOptions) -> anyhow::Result<Row> {
     let read_start = Instant::now();
     let mut read = 0u64;
     {
-        let conn = crate::sqlite::open(&db)?;
+        let conn = cachetail::sqlite::open(&db)?;
         let mut stmt =
             conn.prepare("SELECT id, capture, op, old, new, at FROM cachetail_outbox ORDER BY id")?;
         let mut rows = stmt.query([])?;
@@ -658,7 +658,7 @@ fn drain(options: &BenchOptions) -> anyhow::Result<Row> {
     let head = outbox.head()?;
     let start = Instant::now();
     while outbox.cursor() < head {
-        crate::tail::step(&shared, &config, &mut outbox)?;
+        cachetail::tail::step(&shared, &config, &mut outbox)?;
     }
     outbox.persist(true, false)?;
     let drain_rate = rate(head, start.elapsed());
@@ -708,10 +708,10 @@ impl Running {
             .build()?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let address = listener.local_addr()?;
-        let (outbox, _) = crate::prepare(&config)?;
+        let (outbox, _) = cachetail::prepare(&config)?;
         let shared = Arc::new(Shared::new(config, outbox.cursor()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = runtime.spawn(crate::run_with(
+        let task = runtime.spawn(cachetail::run_with(
             Arc::clone(&shared),
             outbox,
             listener,
@@ -1324,7 +1324,7 @@ fn memory(options: &BenchOptions) -> Row {
     )
     .expect("a valid config");
     let family = Arc::clone(&config.families[0]);
-    let fill = |cache: &crate::cache::Cache, count: u64| {
+    let fill = |cache: &cachetail::cache::Cache, count: u64| {
         for i in 0..count {
             let key: Arc<str> = Arc::from(format!("item:{i}"));
             let ticket = cache.begin_refresh(key, &family);
@@ -1335,7 +1335,7 @@ fn memory(options: &BenchOptions) -> Row {
             body.shrink_to_fit(); // as fill::encode_rows does
             cache.finish_fill(
                 ticket,
-                Ok(crate::cache::Filled {
+                Ok(cachetail::cache::Filled {
                     version: 1,
                     body: Some(bytes::Bytes::from(body)),
                     tags: Box::new([]),
@@ -1345,12 +1345,12 @@ fn memory(options: &BenchOptions) -> Row {
         cache.entry_count()
     };
     let before = rss_bytes();
-    let cache = crate::cache::Cache::new(values * 2);
+    let cache = cachetail::cache::Cache::new(values * 2);
     let stored = fill(&cache, values);
     let used = rss_bytes().saturating_sub(before);
     drop(cache);
     let payload = values * 200;
-    let bounded = crate::cache::Cache::new(values / 10);
+    let bounded = cachetail::cache::Cache::new(values / 10);
     let bounded_count = fill(&bounded, values);
     eprintln!(
         "memory: {stored} values, {used} bytes RSS for {payload} bytes of payload; bounded cache kept {bounded_count}"

@@ -1,4 +1,9 @@
-//! The `cachetail` command: a thin CLI around the library.
+//! The `cachetail` command: a thin CLI around the library, and the tools that drive a daemon from
+//! outside (`bench`, `demo`, `watch`).
+
+mod bench;
+mod demo;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -296,7 +301,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 (Some(config), None) => Config::load(&config)?.listen,
                 (None, None) => Config::load(std::path::Path::new("config.toml"))?.listen,
             };
-            cachetail::follow::follow(address, &mut std::io::stdout().lock(), None)?;
+            watch::follow(address, &mut std::io::stdout().lock(), None)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { config, sample } => {
@@ -338,7 +343,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { quick, dir, only } => {
-            cachetail::bench::run(&cachetail::bench::BenchOptions { dir, quick, only })?;
+            bench::run(&bench::BenchOptions { dir, quick, only })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
@@ -350,7 +355,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             writes_per_second,
             seconds,
         } => {
-            cachetail::demo::run(cachetail::demo::DemoOptions {
+            demo::run(demo::DemoOptions {
                 dir,
                 listen,
                 books,
