@@ -25,7 +25,6 @@ pub mod auto;
 pub mod cache;
 pub mod capture;
 pub mod check;
-pub mod client;
 pub mod config;
 pub mod events;
 pub mod explain;

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
+use crate::client::Client;
 use crate::demo::Rng;
 use cachetail::Config;
 use cachetail::Shared;
-use cachetail::client::Client;
 
 pub struct BenchOptions {
     pub dir: PathBuf,

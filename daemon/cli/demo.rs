@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
+use crate::client::Client;
 use cachetail::Config;
 use cachetail::Shared;
-use cachetail::client::Client;
 
 /// The catalog's schema (an ordinary app schema: cachetail adds nothing to it by hand).
 pub const CATALOG_SQL: &str = include_str!("../../examples/catalog.sql");

@@ -2,6 +2,7 @@
 //! outside (`bench`, `demo`, `watch`).
 
 mod bench;
+mod client;
 mod demo;
 mod watch;
 
@@ -301,12 +302,12 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 (Some(config), None) => Config::load(&config)?.listen,
                 (None, None) => Config::load(std::path::Path::new("config.toml"))?.listen,
             };
-            watch::follow(address, &mut std::io::stdout().lock(), None)?;
+            watch::follow(address, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { config, sample } => {
             let config = Config::load(&config)?;
-            let mut client = cachetail::client::Client::new(config.listen);
+            let mut client = client::Client::new(config.listen);
             let bearer = config.admin_token.as_ref().map(|t| format!("Bearer {t}"));
             let headers: Vec<(&str, &str)> = bearer
                 .as_deref()

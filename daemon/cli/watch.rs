@@ -2,17 +2,27 @@
 //! `GET /v1/events` and prints a line per applied change (its keys and strategies) and a status
 //! line a second; it reconnects when the daemon restarts.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
 
-/// Follows the feed until the output fails (or `limit` change lines were printed).
-pub fn follow(address: SocketAddr, out: &mut impl Write, limit: Option<usize>) -> io::Result<()> {
-    let mut printed = 0usize;
+/// How long the feed may stay silent before the daemon counts as gone (it sends a status a
+/// second).
+const SILENCE: Duration = Duration::from_secs(10);
+
+/// Follows the feed until the output fails.
+pub fn follow(address: SocketAddr, out: &mut impl Write) -> io::Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_per_read(Some(SILENCE))
+        .build()
+        .into();
     loop {
-        match stream_events(address, out, &mut printed, limit) {
+        match stream_events(&agent, address, out) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             Err(e) => {
@@ -24,86 +34,47 @@ pub fn follow(address: SocketAddr, out: &mut impl Write, limit: Option<usize>) -
     }
 }
 
-fn stream_events(
-    address: SocketAddr,
-    out: &mut impl Write,
-    printed: &mut usize,
-    limit: Option<usize>,
-) -> io::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET /v1/events HTTP/1.1\r\nHost: {address}\r\nAccept: text/event-stream\r\n\r\n"
-    )?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    if !line.contains(" 200 ") {
+/// One connection's worth of the feed: `GET /v1/events`, then a line per event until the stream
+/// ends (an error: the daemon went away) or the output fails.
+fn stream_events(agent: &ureq::Agent, address: SocketAddr, out: &mut impl Write) -> io::Result<()> {
+    let response = agent
+        .get(format!("http://{address}/v1/events"))
+        .header("Accept", "text/event-stream")
+        .call()
+        .map_err(io::Error::other)?;
+    if response.status() != 200 {
         return Err(io::Error::other(format!(
             "the daemon answered {}",
-            line.trim()
+            response.status()
         )));
     }
-    let mut chunked = false;
+    writeln!(out, "-- following {address} (Ctrl-C to stop)")?;
+    let mut reader = BufReader::new(response.into_body().into_reader());
+    // Server-Sent Events: `data:` lines, an event ended by a blank line.
+    let (mut line, mut data) = (String::new(), String::new());
     loop {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let header = line.trim().to_ascii_lowercase();
-        if header.is_empty() {
-            break;
-        }
-        chunked |= header == "transfer-encoding: chunked";
-    }
-    writeln!(out, "-- following {address} (Ctrl-C to stop)")?;
-    let mut pending = String::new();
-    loop {
-        let data = if chunked {
-            read_chunk(&mut reader)?
-        } else {
-            let mut buf = [0u8; 4096];
-            let n = reader.read(&mut buf)?;
-            buf[..n].to_vec()
-        };
-        if data.is_empty() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        pending.push_str(&String::from_utf8_lossy(&data));
-        while let Some(end) = pending.find("\n\n") {
-            let event: String = pending.drain(..end + 2).collect();
-            for payload in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
-                if let Ok(value) = serde_json::from_str::<Value>(payload) {
-                    let is_change = value["type"] == "change";
-                    writeln!(out, "{}", describe(&value))?;
-                    out.flush()?;
-                    if is_change {
-                        *printed += 1;
-                        if limit.is_some_and(|l| *printed >= l) {
-                            return Ok(());
-                        }
-                    }
-                }
+        let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(payload) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
             }
+            data.push_str(payload.strip_prefix(' ').unwrap_or(payload));
+        } else if line.is_empty() && !data.is_empty() {
+            if let Ok(event) = serde_json::from_str::<Value>(&data) {
+                writeln!(out, "{}", describe(&event))?;
+                out.flush()?;
+            }
+            data.clear();
         }
     }
-}
-
-fn read_chunk(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
-    let mut size = String::new();
-    reader.read_line(&mut size)?;
-    let size = usize::from_str_radix(size.trim(), 16)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
-    let mut data = vec![0u8; size];
-    reader.read_exact(&mut data)?;
-    let mut crlf = [0u8; 2];
-    reader.read_exact(&mut crlf)?;
-    Ok(data)
 }
 
 /// One feed event as a terminal line.
-pub fn describe(event: &Value) -> String {
+fn describe(event: &Value) -> String {
     match event["type"].as_str() {
         Some("change") => {
             let row: Vec<String> = event["row"]

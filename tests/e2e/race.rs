@@ -41,7 +41,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cachetail::client::{Client, Reply, encode_key};
 use serde_json::Value;
 
 use crate::common::*;
