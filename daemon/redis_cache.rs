@@ -683,8 +683,9 @@ pub fn tag_group(tag: &str) -> String {
 /// The mark that retires a family generation for good.
 pub const RETIRED_MARK: u64 = RETIRED;
 
-/// The batch script's fencing against a real `redis-server` (started here, on a free loopback
-/// port, like the end-to-end tests: it is required, not optional).
+/// The batch script's fencing, and the store script's refusal of a value read before a 404 that
+/// was answered, against a real `redis-server` (started here, on a free loopback port, like the
+/// end-to-end tests: it is required, not optional).
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -923,5 +924,38 @@ mod tests {
                 "admin@65"
             ]
         );
+    }
+
+    /// An interleaving the randomized checker (`tests/e2e/race.rs`) found on Redis, replayed
+    /// against the store script. A daemon's fill finds no row (the row was deleted at 6, not yet
+    /// applied) and answers 404 at 7, while the other daemon's slower fill, which read the row at
+    /// 5 before the delete, has not stored yet. When it does, it must be refused: else the next
+    /// read answers the row again, going backwards.
+    #[test]
+    fn a_value_read_before_a_404_that_was_answered_is_refused() {
+        let server = Server::start();
+        let cache = RedisCache::new(server.url.clone(), "race404:".to_owned(), false);
+        cache.reconcile(0, None).expect("redis state");
+        let (ttl, groups) = (Duration::from_secs(60), ["f:k".to_owned()]);
+        let store = |version: u64, body: Option<&[u8]>| {
+            cache
+                .store("k:1", version, ttl, body, &groups)
+                .expect("the store script runs")
+        };
+        assert!(store(4, Some(br#"{"n":4}"#)), "a value read at 4 is stored");
+        assert!(
+            store(7, None),
+            "a read at 7 that found no row is current: answered 404"
+        );
+        assert_eq!(
+            cache.get_blocking("k:1").expect("GET"),
+            None,
+            "the value read before the 404 is gone"
+        );
+        assert!(
+            !store(5, Some(br#"{"n":5}"#)),
+            "a value read at 5 must not land after a 404 read at 7 was answered"
+        );
+        assert_eq!(cache.get_blocking("k:1").expect("GET"), None);
     }
 }

@@ -215,7 +215,14 @@ fn spawn_quiet(config: &std::path::Path) -> std::process::Child {
 fn write_locked(probe: &rusqlite::Connection) -> bool {
     match probe.execute_batch("BEGIN IMMEDIATE; ROLLBACK;") {
         Ok(()) => false,
-        Err(e) if cachetail::is_busy(&e) => true,
+        Err(e)
+            if matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ) =>
+        {
+            true
+        }
         Err(e) => panic!("the lock probe failed: {e}"),
     }
 }

@@ -29,8 +29,8 @@
 //! finds nothing stale, and every logged write is in the database. Each kind of checked
 //! operation must reach a floor, so a run that checked little fails.
 //!
-//! Beside it, one interleaving it found on Redis is replayed deterministically against the store
-//! script (`redis_refuses_a_value_read_before_a_404_that_was_answered`).
+//! One interleaving it found on Redis is replayed deterministically against the store script by
+//! a unit test in `daemon/redis_cache.rs` (`a_value_read_before_a_404_that_was_answered_is_refused`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -166,39 +166,6 @@ fn randomized_readers_and_writers_never_see_stale_or_backwards_values() {
 fn randomized_check_on_redis_across_an_active_and_a_standby_daemon() {
     let redis = RedisServer::start();
     check(Some(&redis));
-}
-
-/// An interleaving the checker found on Redis, replayed against the store script. A daemon's
-/// fill finds no row (the row was deleted at 6, not yet applied) and answers 404 at 7, while the
-/// other daemon's slower fill, which read the row at 5 before the delete, has not stored yet.
-/// When it does, it must be refused: else the next read answers the row again, going backwards.
-#[test]
-fn redis_refuses_a_value_read_before_a_404_that_was_answered() {
-    let redis = RedisServer::start();
-    let url = cachetail::resp::RedisUrl::parse(&redis.url()).expect("a redis url");
-    let cache = cachetail::redis_cache::RedisCache::new(url, "race404:".to_owned(), false);
-    cache.reconcile(0, None).expect("redis state");
-    let (ttl, groups) = (Duration::from_secs(60), ["f:k".to_owned()]);
-    let store = |version: u64, body: Option<&[u8]>| {
-        cache
-            .store("k:1", version, ttl, body, &groups)
-            .expect("the store script runs")
-    };
-    assert!(store(4, Some(br#"{"n":4}"#)), "a value read at 4 is stored");
-    assert!(
-        store(7, None),
-        "a read at 7 that found no row is current: answered 404"
-    );
-    assert_eq!(
-        cache.get_blocking("k:1").expect("GET"),
-        None,
-        "the value read before the 404 is gone"
-    );
-    assert!(
-        !store(5, Some(br#"{"n":5}"#)),
-        "a value read at 5 must not land after a 404 read at 7 was answered"
-    );
-    assert_eq!(cache.get_blocking("k:1").expect("GET"), None);
 }
 
 /// A key the readers read.
