@@ -1,6 +1,7 @@
 //! `cachetail demo`: a fresh book catalog, the daemon on it with the reference config, a
 //! simulated app that posts, edits and deletes reviews from its own connection, readers, and a
-//! live line of what the daemon does.
+//! live line of what the daemon does. The daemon runs in this process through `cachetail::run`
+//! and is watched over HTTP (`/v1/status`), as any client would.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, params};
 
 use crate::client::Client;
+use crate::embedded::Embedded;
 use cachetail::Config;
-use cachetail::Shared;
 
 /// The catalog's schema (an ordinary app schema: cachetail adds nothing to it by hand).
 pub const CATALOG_SQL: &str = include_str!("../../examples/catalog.sql");
@@ -137,7 +138,7 @@ impl Latencies {
     }
 }
 
-/// Runs the demo until Ctrl-C (or the duration). Blocking: it starts its own runtime.
+/// Runs the demo until Ctrl-C (or the duration). Blocking: the daemon gets a runtime of its own.
 pub fn run(options: DemoOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.dir)?;
     let database = options.dir.join("catalog.db");
@@ -155,44 +156,9 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
         &format!("listen = \"{}\"", options.listen),
     );
     std::fs::write(&config_path, config_text)?;
-    let config = Config::load(&config_path)?;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(options.listen))?;
-    let address = listener.local_addr()?;
-    let (outbox, _) = cachetail::prepare(&config)?;
-    let shared = Arc::new(Shared::new(config, outbox.cursor()));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = {
-        let shared = Arc::clone(&shared);
-        runtime.spawn(async move {
-            cachetail::run_with(shared, outbox, listener, async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        })
-    };
-
-    let base = format!("http://{address}");
-    println!("\ncachetail is serving {base} for {}", database.display());
-    println!("dashboard: {base}/ui  (open it in a browser: every change live)");
-    println!("try, while the simulated app writes:");
-    println!("  curl -i {base}/v1/keys/book:1");
-    println!("  curl -i {base}/v1/keys/top-books");
-    println!("  curl -i {base}/v1/keys/catalog-stats");
-    println!("  curl -i '{base}/v1/keys/book:1?fresh=1'");
-    println!("  curl -s {base}/v1/status");
-    println!("  cargo run --release -- watch --url {base}");
-    println!(
-        "  sqlite3 {} \"INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 1, 5)\"",
-        database.display()
-    );
-    println!(
-        "edit {} while it runs: the rules reload live. Ctrl-C stops.\n",
-        config_path.display()
-    );
+    let daemon = Embedded::start(Config::load(&config_path)?, options.listen, None)?;
+    let address = daemon.address;
+    print_intro(address, &database, &config_path);
 
     let stop = Arc::new(AtomicBool::new(false));
     let latencies = Arc::new(Latencies::default());
@@ -218,31 +184,80 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
     };
 
     let (ctrl_c_tx, ctrl_c_rx) = mpsc::channel::<()>();
-    runtime.spawn(async move {
+    daemon.handle().spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         let _ = ctrl_c_tx.send(());
     });
-    let started = Instant::now();
-    let mut last = (
-        shared.stats.events.load(Ordering::Relaxed),
-        shared.stats.hits.load(Ordering::Relaxed),
-        shared.stats.misses.load(Ordering::Relaxed),
+    let mut client = Client::new(address);
+    live_lines(&mut client, &options, &ctrl_c_rx, &latencies, &writes)?;
+    stop.store(true, Ordering::Release);
+    let _ = app.join();
+    let _ = reader.join();
+    // The app has stopped: let the daemon apply its last writes, then stop it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = daemon_status(&mut client)?;
+    while status["lag"].as_u64().is_some_and(|lag| lag > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        status = daemon_status(&mut client)?;
+    }
+    daemon.stop()?;
+    println!("stopped; the cursor is at {}", status["cursor"]);
+    Ok(())
+}
+
+fn print_intro(address: SocketAddr, database: &Path, config_path: &Path) {
+    let base = format!("http://{address}");
+    println!("\ncachetail is serving {base} for {}", database.display());
+    println!("dashboard: {base}/ui  (open it in a browser: every change live)");
+    println!("try, while the simulated app writes:");
+    println!("  curl -i {base}/v1/keys/book:1");
+    println!("  curl -i {base}/v1/keys/top-books");
+    println!("  curl -i {base}/v1/keys/catalog-stats");
+    println!("  curl -i '{base}/v1/keys/book:1?fresh=1'");
+    println!("  curl -s {base}/v1/status");
+    println!("  cargo run --release -- watch --url {base}");
+    println!(
+        "  sqlite3 {} \"INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 1, 5)\"",
+        database.display()
     );
+    println!(
+        "edit {} while it runs: the rules reload live. Ctrl-C stops.\n",
+        config_path.display()
+    );
+}
+
+/// `GET /v1/status`.
+fn daemon_status(client: &mut Client) -> anyhow::Result<serde_json::Value> {
+    let reply = client.get("/v1/status")?;
+    anyhow::ensure!(reply.status == 200, "/v1/status: {}", reply.status);
+    Ok(reply.json()?)
+}
+
+/// A line a second, from the daemon's `/v1/status` and the app's own latencies, until Ctrl-C or
+/// the duration.
+fn live_lines(
+    client: &mut Client,
+    options: &DemoOptions,
+    ctrl_c: &mpsc::Receiver<()>,
+    latencies: &Latencies,
+    writes: &AtomicU64,
+) -> anyhow::Result<()> {
+    let counters = |status: &serde_json::Value| {
+        ["events", "hits", "misses"].map(|name| status[name].as_u64().unwrap_or(0))
+    };
+    let started = Instant::now();
+    let mut last = counters(&daemon_status(client)?);
     loop {
-        if ctrl_c_rx.recv_timeout(Duration::from_secs(1)).is_ok() {
-            break;
+        if ctrl_c.recv_timeout(Duration::from_secs(1)).is_ok() {
+            return Ok(());
         }
         if options.duration.is_some_and(|d| started.elapsed() >= d) {
-            break;
+            return Ok(());
         }
-        let now = (
-            shared.stats.events.load(Ordering::Relaxed),
-            shared.stats.hits.load(Ordering::Relaxed),
-            shared.stats.misses.load(Ordering::Relaxed),
-        );
-        let (events, hits, misses) = (now.0 - last.0, now.1 - last.1, now.2 - last.2);
+        let status = daemon_status(client)?;
+        let now = counters(&status);
+        let [events, hits, misses] = [0, 1, 2].map(|i| now[i].saturating_sub(last[i]));
         last = now;
-        let head = shared.pool.with(cachetail::tail::head).unwrap_or(0);
         let mut lat = latencies.drain();
         lat.sort();
         let pct = |p: f64| {
@@ -256,20 +271,13 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
         };
         println!(
             "events applied {events:>6}/s | lag {:>4} | hit ratio {ratio:5.1}% ({hits} hits, {misses} misses) | commit→fresh p50 {} p99 {} ({} samples) | app writes {}",
-            head.saturating_sub(shared.applied()),
+            status["lag"].as_u64().unwrap_or(0),
             fmt_latency(pct(0.5)),
             fmt_latency(pct(0.99)),
             lat.len(),
             writes.load(Ordering::Relaxed),
         );
     }
-    stop.store(true, Ordering::Release);
-    let _ = app.join();
-    let _ = reader.join();
-    let _ = stop_tx.send(());
-    let _ = runtime.block_on(daemon);
-    println!("stopped; the cursor is at {}", shared.applied());
-    Ok(())
 }
 
 fn fmt_latency(d: Option<Duration>) -> String {

@@ -4,6 +4,7 @@
 mod bench;
 mod client;
 mod demo;
+mod embedded;
 mod watch;
 
 use std::net::SocketAddr;
