@@ -4,16 +4,35 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
+use cachetail::Config;
 use serde_json::Value;
 
 /// How long the feed may stay silent before the daemon counts as gone (it sends a status a
 /// second).
 const SILENCE: Duration = Duration::from_secs(10);
 
+/// `cachetail watch`: the daemon at `url`, or the one `config` (default `config.toml`) listens on.
+pub fn run(config: Option<&Path>, url: Option<&str>) -> anyhow::Result<ExitCode> {
+    let address: SocketAddr = match (config, url) {
+        (_, Some(url)) => url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .with_context(|| format!("`--url {url}` is not like http://127.0.0.1:8080"))?,
+        (Some(config), None) => Config::load(config)?.listen,
+        (None, None) => Config::load(Path::new("config.toml"))?.listen,
+    };
+    follow(address, &mut io::stdout().lock())?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Follows the feed until the output fails.
-pub fn follow(address: SocketAddr, out: &mut impl Write) -> io::Result<()> {
+fn follow(address: SocketAddr, out: &mut impl Write) -> io::Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
