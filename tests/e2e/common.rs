@@ -483,3 +483,48 @@ pub fn encode_key(key: &str) -> String {
     }
     out
 }
+
+/// Sockets whose remote end is `address`'s port, in any state (TIME_WAIT included), as the kernel
+/// lists them: the connections opened to a daemon from this machine.
+fn sockets_to(address: SocketAddr) -> usize {
+    let port = format!(":{:04X}", address.port());
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    line.split_whitespace()
+                        .nth(2)
+                        .is_some_and(|remote| remote.ends_with(&port))
+                })
+                .count()
+        })
+        .sum()
+}
+
+/// The tests and the bench time requests on one kept-alive connection: `Client` must not open a
+/// connection per request (nor drop it after a 4xx).
+#[test]
+fn the_client_keeps_one_connection_alive_across_requests() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let daemon = Daemon::start(&catalog, &reference_config(port), port);
+    let before = sockets_to(daemon.address);
+    let mut client = Client::new(daemon.address);
+    for _ in 0..20 {
+        assert_eq!(client.get("/v1/keys/book:1").expect("GET").status, 200);
+        let multi = client
+            .request("POST", "/v1/keys", &[], br#"["user:1"]"#)
+            .expect("POST");
+        assert_eq!(multi.status, 200, "{}", multi.text());
+        assert_eq!(client.get("/nope").expect("GET").status, 404);
+    }
+    assert_eq!(
+        sockets_to(daemon.address) - before,
+        1,
+        "60 requests took more than one connection"
+    );
+}
