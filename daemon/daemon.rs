@@ -3,8 +3,9 @@
 //!
 //! Threads and tasks: the tail (its own thread: SQLite blocks), the reload thread, the
 //! write-behind workers and warm start (tokio tasks), and the HTTP server (tokio). Stopping:
-//! the signal turns true, the server stops accepting and lets requests finish (live feeds end),
-//! the tail writes its cursor and releases its lease, the threads are joined.
+//! the signal turns true, the server stops accepting and lets requests finish (live feeds end;
+//! the tail still applies, so a `?fresh=1` read in flight gets its answer); then the tail writes
+//! its cursor and releases its lease, and the threads are joined.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -101,8 +102,11 @@ pub(crate) async fn run(
     let Some((tail, outbox)) = take_first_lease(tail, &report, outbox).await else {
         return;
     };
+    // Two steps: the server stops first and lets its requests finish (a `?fresh=1` read among
+    // them waits for the tail, which keeps applying), then the threads stop.
     let (stop, stopping) = watch::channel(false);
-    let threads = Threads::start(&sources, tail, outbox, &stopping);
+    let (halt, halting) = watch::channel(false);
+    let threads = Threads::start(&sources, tail, outbox, &halting);
     let tasks = start_tasks(&sources);
     let config = sources.registry.config();
     if let Ok(address) = listener.local_addr() {
@@ -117,6 +121,7 @@ pub(crate) async fn run(
     shutdown.await;
     stop.send_replace(true);
     let _ = server.await;
+    halt.send_replace(true);
     for task in tasks {
         task.abort();
     }

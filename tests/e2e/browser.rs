@@ -5,10 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use cachetail::client::{Client, Reply};
 use serde_json::{Value, json};
 
-use crate::common::{Catalog, Daemon, eventually, free_port, reference_config};
+use crate::common::{Catalog, Client, Daemon, Reply, eventually, free_port, reference_config};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";

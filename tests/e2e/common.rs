@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cachetail::client::{Client, Reply, encode_key};
 use serde_json::Value;
 
 pub const CATALOG_SQL: &str = include_str!("../../examples/catalog.sql");
@@ -345,6 +344,189 @@ pub fn json(reply: &Reply) -> Value {
 /// The `X-Cache` header of a reply.
 pub fn x_cache(reply: &Reply) -> &str {
     reply.header("x-cache").unwrap_or("")
+}
+
+/// A response: status, headers (names lowercase) and body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A header's value (names compare case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> std::io::Result<Value> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// The tests' HTTP client (`ureq`, the binary's client too): blocking, a kept-alive connection
+/// (its agent's pool), any status an answer, redirects not followed, 30 s for a connect and for
+/// each read or write.
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(address: SocketAddr) -> Client {
+        let timeout = Some(Duration::from_secs(30));
+        Client {
+            base: format!("http://{address}"),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .max_redirects(0)
+                .allow_non_standard_methods(true)
+                .timeout_connect(timeout)
+                .timeout_per_read(timeout)
+                .timeout_per_write(timeout)
+                .build()
+                .into(),
+        }
+    }
+
+    /// `GET path` (path already percent-encoded where needed).
+    pub fn get(&mut self, path: &str) -> std::io::Result<Reply> {
+        self.request("GET", path, &[], &[])
+    }
+
+    /// Sends a request on the kept-alive connection (a new one if the server closed it), again
+    /// once if the connection broke under it.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Reply> {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        match self.send(method, path, headers, body) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                ) =>
+            {
+                self.send(method, path, headers, body)
+            }
+            answered => answered,
+        }
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Reply> {
+        let into_io = |error: ureq::Error| match error {
+            ureq::Error::Io(e) => e,
+            ureq::Error::Timeout(t) => {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, t.to_string())
+            }
+            other => std::io::Error::other(other),
+        };
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(body).map_err(std::io::Error::other)?;
+        let response = self.agent.run(request).map_err(into_io)?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_owned(), value)
+            })
+            .collect();
+        let body = response
+            .into_body()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_vec()
+            .map_err(into_io)?;
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Percent-encodes a key for use in `/v1/keys/{key}`: everything but unreserved characters.
+pub fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Sockets whose remote end is `address`'s port, in any state (TIME_WAIT included), as the kernel
+/// lists them: the connections opened to a daemon from this machine.
+fn sockets_to(address: SocketAddr) -> usize {
+    let port = format!(":{:04X}", address.port());
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    line.split_whitespace()
+                        .nth(2)
+                        .is_some_and(|remote| remote.ends_with(&port))
+                })
+                .count()
+        })
+        .sum()
+}
+
+/// The tests and the bench time requests on one kept-alive connection: `Client` must not open a
+/// connection per request (nor drop it after a 4xx).
+#[test]
+fn the_client_keeps_one_connection_alive_across_requests() {
+    let catalog = Catalog::new();
+    let port = free_port();
+    let daemon = Daemon::start(&catalog, &reference_config(port), port);
+    let before = sockets_to(daemon.address);
+    let mut client = Client::new(daemon.address);
+    for _ in 0..20 {
+        assert_eq!(client.get("/v1/keys/book:1").expect("GET").status, 200);
+        let multi = client
+            .request("POST", "/v1/keys", &[], br#"["user:1"]"#)
+            .expect("POST");
+        assert_eq!(multi.status, 200, "{}", multi.text());
+        assert_eq!(client.get("/nope").expect("GET").status, 404);
+    }
+    assert_eq!(
+        sockets_to(daemon.address) - before,
+        1,
+        "60 requests took more than one connection"
+    );
 }
 
 // --- A daemon started through a command of the test's own (a wrapper, other flags or

@@ -289,8 +289,7 @@ fn a_crash_during_installation_leaves_no_half_installed_capture() {
         write_locked(&probe).then_some(())
     });
     let locked_at = Instant::now();
-    let mut client =
-        cachetail::client::Client::new(format!("127.0.0.1:{port}").parse().expect("address"));
+    let mut client = Client::new(format!("127.0.0.1:{port}").parse().expect("address"));
     eventually("the daemon serves once installed", || {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the daemon exited with {status}");
@@ -366,13 +365,11 @@ fn a_crash_during_installation_leaves_no_half_installed_capture() {
         if percent == 90 {
             // A restart installs capture, and captures.
             let mut child = spawn_quiet(&config);
-            let mut client = cachetail::client::Client::new(
-                format!("127.0.0.1:{port}").parse().expect("address"),
-            );
+            let mut client = Client::new(format!("127.0.0.1:{port}").parse().expect("address"));
             catalog.python(
                 "con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 2, 2)')",
             );
-            let review_count = |client: &mut cachetail::client::Client| {
+            let review_count = |client: &mut Client| {
                 let reply = client.get("/v1/keys/book:2").ok()?;
                 json(&reply)["review_count"].as_u64()
             };

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cachetail::client::Client;
+use crate::common::Client;
 use serde_json::{Value, json};
 
 use crate::common::*;

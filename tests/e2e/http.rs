@@ -4,8 +4,6 @@
 
 use std::sync::{Arc, Barrier};
 
-use cachetail::client::Client;
-
 use crate::common::*;
 use crate::strategies::{catalog_config, catalog_daemon};
 
@@ -300,7 +298,7 @@ fn every_bypass_answers_from_the_database_and_says_why() {
             "con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 5)')",
         )
     };
-    let assert_bypass = |reply: &cachetail::client::Reply, reason: &str, reviews: i64| {
+    let assert_bypass = |reply: &Reply, reason: &str, reviews: i64| {
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(x_cache(reply), "bypass", "{reason}");
         assert_eq!(reply.header("x-cachetail-bypass"), Some(reason));
@@ -390,7 +388,7 @@ fn no_cache_answers_from_the_database_and_leaves_the_cache_alone() {
         ("miss", Some("first"))
     );
     let etag = filled.header("etag").expect("an ETag").to_owned();
-    let age = |reply: &cachetail::client::Reply| -> u64 {
+    let age = |reply: &Reply| -> u64 {
         reply
             .header("age")
             .and_then(|a| a.parse().ok())

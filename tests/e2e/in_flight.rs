@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::thread::JoinHandle;
 
-use cachetail::client::{Client, Reply, encode_key};
 use serde_json::Value;
 
 use crate::common::*;

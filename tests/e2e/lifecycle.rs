@@ -183,7 +183,7 @@ fn the_library_runs_on_a_given_listener_and_stops_on_shutdown() {
     let daemon = runtime.spawn(cachetail::run(config, listener, async {
         let _ = stopped.await;
     }));
-    let mut client = cachetail::client::Client::new(address);
+    let mut client = Client::new(address);
     let book = eventually("the library serves", || client.get("/v1/keys/book:1").ok());
     assert_eq!(json(&book)["review_count"], 2);
     catalog

@@ -207,7 +207,7 @@ fn a_sustained_writer_never_gets_busy_or_slow_and_the_outbox_and_wal_stay_bounde
         let reader = {
             let (reading, address) = (Arc::clone(&reading), daemon.address);
             std::thread::spawn(move || {
-                let mut client = cachetail::client::Client::new(address);
+                let mut client = Client::new(address);
                 let mut n = 0u64;
                 while reading.load(Ordering::Acquire) {
                     n += 1;

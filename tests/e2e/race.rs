@@ -29,8 +29,8 @@
 //! finds nothing stale, and every logged write is in the database. Each kind of checked
 //! operation must reach a floor, so a run that checked little fails.
 //!
-//! Beside it, one interleaving it found on Redis is replayed deterministically against the store
-//! script (`redis_refuses_a_value_read_before_a_404_that_was_answered`).
+//! One interleaving it found on Redis is replayed deterministically against the store script by
+//! a unit test in `daemon/redis_cache.rs` (`a_value_read_before_a_404_that_was_answered_is_refused`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -41,7 +41,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cachetail::client::{Client, Reply, encode_key};
 use serde_json::Value;
 
 use crate::common::*;

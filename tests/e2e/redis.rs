@@ -470,7 +470,7 @@ fn redis_values(redis: &RedisServer, keys: &[String]) -> Vec<Option<String>> {
 /// The endpoint's answers for `keys` (one multi-get): status and value per key.
 fn endpoint_values(daemon: &Daemon, keys: &[String]) -> Vec<(u64, Option<String>)> {
     let body = serde_json::to_vec(keys).expect("JSON");
-    let reply = cachetail::client::Client::new(daemon.address)
+    let reply = Client::new(daemon.address)
         .request(
             "POST",
             "/v1/keys",

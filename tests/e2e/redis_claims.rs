@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cachetail::client::Client;
+use crate::common::Client;
 use serde_json::Value;
 
 use crate::common::*;

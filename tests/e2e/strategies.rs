@@ -54,7 +54,7 @@ pub fn catalog_daemon(strategy: &str, delay: &str) -> (Catalog, Daemon) {
     (catalog, daemon)
 }
 
-fn review_count(reply: &cachetail::client::Reply) -> i64 {
+fn review_count(reply: &Reply) -> i64 {
     json(reply)["review_count"].as_i64().expect("review_count")
 }
 
