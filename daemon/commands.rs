@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use crate::config::{Backend, Config, check};
+use crate::config::{Config, check};
 use crate::{Error, capture, db};
 
 pub use crate::explain::{ExplainError, Explanation, explain};
@@ -42,15 +42,9 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
         gaps: check::tracking_gaps(config, &reads),
         ..CheckReport::default()
     };
-    if let Backend::Redis { url, .. } = &config.cache.backend
-        && let Err(e) = crate::cache::ping(url)
-    {
-        // Not a config problem (the daemon waits for Redis), but worth knowing now.
-        report.warnings.push(format!(
-            "redis at {}:{} does not answer ({e}); the daemon will retry until it does",
-            url.host, url.port
-        ));
-    }
+    report
+        .warnings
+        .extend(crate::cache::unreachable(&config.cache));
     for rule in config.rules.iter().filter(|r| r.derived_from.is_some()) {
         let mut names: Vec<&str> = rule.keys.iter().map(|k| k.source()).collect();
         names.extend(rule.tags.iter().map(|t| t.source()));

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rusqlite::Connection;
 
-use crate::cache::{Cache, RedisError};
+use crate::cache::{Cache, StoreError};
 use crate::counters::Counter;
 use crate::registry::Live;
 use crate::types::{Plan, Strategy};
@@ -68,7 +68,7 @@ impl Applier {
         live: &Live,
         conn: &Connection,
         (cursor, last, epoch): (u64, u64, u64),
-    ) -> Result<(), RedisError> {
+    ) -> Result<(), StoreError> {
         self.cache.apply_plan(plan, live, cursor, last, epoch)?;
         self.counters.tag_invalidations.add(plan.tags.len() as u64);
         for (key, action) in &plan.keys {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::redis::Invalidation;
-use super::{Cache, RedisError, Store};
+use super::{Cache, Store, StoreError};
 use crate::registry::{FamilyState, Live};
 use crate::types::{AdminAction, Plan, Strategy};
 
@@ -24,7 +24,7 @@ impl Cache {
         cursor: u64,
         last: u64,
         epoch: u64,
-    ) -> Result<(), RedisError> {
+    ) -> Result<(), StoreError> {
         match &self.store {
             Store::Memory(memory) => {
                 if let Some(position) = plan.flush_all {
@@ -75,7 +75,7 @@ impl Cache {
         action: &AdminAction,
         live: &Live,
         position: u64,
-    ) -> Result<(), RedisError> {
+    ) -> Result<(), StoreError> {
         match &self.store {
             Store::Memory(memory) => match action {
                 AdminAction::Key(key) => self.invalidate_key(key),
@@ -101,7 +101,7 @@ impl Cache {
     /// `head`). In memory, values cached before (as a standby it cached nothing; after losing
     /// the lease it may have) are not trusted: nothing older than now is served. Redis is
     /// rebuilt if it has not applied everything up to the cursor. Blocking.
-    pub fn take_over(&self, cursor: u64, head: u64) -> Result<(), RedisError> {
+    pub fn take_over(&self, cursor: u64, head: u64) -> Result<(), StoreError> {
         self.flushed_for_pause
             .store(false, std::sync::atomic::Ordering::Release);
         match &self.store {
@@ -168,7 +168,7 @@ impl Cache {
         }
     }
 
-    fn retire_pending(&self, cursor: u64, epoch: u64) -> Result<(), RedisError> {
+    fn retire_pending(&self, cursor: u64, epoch: u64) -> Result<(), StoreError> {
         let Store::Redis(redis) = &self.store else {
             return Ok(());
         };
@@ -195,7 +195,7 @@ impl Cache {
 #[derive(Debug, thiserror::Error)]
 pub enum BeforeBatchError {
     #[error(transparent)]
-    Redis(#[from] RedisError),
+    Store(#[from] StoreError),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
 }

@@ -198,3 +198,52 @@ impl Cache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Reads};
+    use crate::db::ReadPool;
+    use crate::registry::Registry;
+    use bytes::Bytes;
+    use std::path::Path;
+
+    fn cache() -> (Cache, Arc<FamilyState>) {
+        let config = Config::parse(
+            "database = \"x.db\"\n[keys.\"k:{id}\"]\nquery = \"SELECT :id AS id\"\n",
+            "test.toml",
+            Path::new("."),
+        )
+        .expect("valid");
+        let pool = Arc::new(ReadPool::new(config.database.clone(), 1));
+        let registry = Arc::new(Registry::new(config, Reads::default()));
+        let (_writer, progress) = crate::progress::channel(0);
+        let cache = Cache::new(&registry.config(), pool, Arc::clone(&registry), progress);
+        let family = Arc::clone(&registry.live().families[0]);
+        (cache, family)
+    }
+
+    #[test]
+    fn a_value_read_while_capture_was_paused_is_neither_stored_nor_handed_out() {
+        let (cache, family) = cache();
+        let params = vec![("id".to_owned(), "1".to_owned())];
+        let Begin::Lead(ticket, _) = cache.flights.begin(Arc::from("k:1"), &family, |_| None)
+        else {
+            panic!("expected to lead the fill");
+        };
+        let Begin::Join(mut waiter) = cache.flights.begin(Arc::from("k:1"), &family, |_| None)
+        else {
+            panic!("expected to join");
+        };
+        // Its read transaction found capture paused: writes since may have no outbox row.
+        let read = Computed {
+            version: 5,
+            body: Some(Bytes::from_static(b"{\"id\":1}")),
+            paused: true,
+        };
+        cache.finish(ticket, &params, Ok(read));
+        assert!(cache.hot("k:1").is_none(), "not stored");
+        let seen = waiter.borrow_and_update().clone();
+        assert!(matches!(seen, Some(Err(FillError::Superseded))), "{seen:?}");
+    }
+}

@@ -22,7 +22,8 @@ mod memory;
 mod redis;
 
 pub use apply::BeforeBatchError;
-pub use redis::resp::RedisError;
+/// Why the store failed: only a remote store (Redis) fails, the in-process one cannot.
+pub use redis::resp::RedisError as StoreError;
 
 use crate::config::{Backend, Config};
 use crate::counters::{Counter, Latency};
@@ -300,7 +301,7 @@ impl Cache {
     /// How many values are cached (for `/v1/status`): in memory, the entries (some may be
     /// expired or hidden by a mark and not yet evicted); in Redis, the members of the families'
     /// groups.
-    pub async fn count(&self) -> Result<u64, RedisError> {
+    pub async fn count(&self) -> Result<u64, StoreError> {
         match &self.store {
             Store::Memory(memory) => Ok(memory.entry_count()),
             Store::Redis(redis) => {
@@ -313,7 +314,7 @@ impl Cache {
     }
 
     /// Redis's address, prefix and health; `None` on the memory backend.
-    pub fn redis_health(&self) -> Option<(String, String, Health)> {
+    pub fn remote_health(&self) -> Option<(String, String, Health)> {
         match &self.store {
             Store::Memory(_) => None,
             Store::Redis(redis) => Some((redis.address(), redis.prefix.clone(), redis.health())),
@@ -321,7 +322,7 @@ impl Cache {
     }
 
     /// Up to `limit` cached keys (a sample for `verify`). Blocking.
-    pub fn sample(&self, limit: usize) -> Result<Vec<Arc<str>>, RedisError> {
+    pub fn sample(&self, limit: usize) -> Result<Vec<Arc<str>>, StoreError> {
         match &self.store {
             Store::Memory(memory) => Ok(memory.keys(limit)),
             Store::Redis(redis) => {
@@ -339,7 +340,7 @@ impl Cache {
 
     /// What is stored for `key` now, as a reader would get it (for `verify`): None when nothing
     /// is; else the body (None: a cached "no row"). Blocking.
-    pub fn stored(&self, key: &str) -> Result<Option<Option<Bytes>>, RedisError> {
+    pub fn stored(&self, key: &str) -> Result<Option<Option<Bytes>>, StoreError> {
         match &self.store {
             Store::Memory(memory) => Ok(memory.get(key).map(|e| e.body.clone())),
             Store::Redis(redis) => Ok(redis.get_blocking(key)?.map(Some)),
@@ -347,11 +348,20 @@ impl Cache {
     }
 }
 
-/// Whether the Redis at `url` answers a PING (for `cachetail check`). Blocking.
-pub fn ping(url: &crate::config::RedisUrl) -> Result<(), RedisError> {
-    redis::resp::Conn::connect(url, Duration::from_secs(2))
-        .and_then(|mut conn| conn.cmd(&["PING"]))
-        .map(|_| ())
+/// Whether the configured store answers (for `cachetail check`): a warning when a remote one
+/// does not (not a config problem: the daemon waits for it), None otherwise. Blocking.
+pub fn unreachable(settings: &crate::config::CacheSettings) -> Option<String> {
+    let crate::config::Backend::Redis { url, .. } = &settings.backend else {
+        return None;
+    };
+    let pinged = redis::resp::Conn::connect(url, Duration::from_secs(2))
+        .and_then(|mut conn| conn.cmd(&["PING"]));
+    pinged.err().map(|e| {
+        format!(
+            "redis at {}:{} does not answer ({e}); the daemon will retry until it does",
+            url.host, url.port
+        )
+    })
 }
 
 /// A value read from Redis: its age from the rest of its TTL.

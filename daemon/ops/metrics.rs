@@ -143,7 +143,7 @@ impl Snapshot {
             "1 while capture is paused.",
             flag(s.progress.is_paused()),
         )?;
-        if let Some((_, _, health)) = s.cache.redis_health() {
+        if let Some((_, _, health)) = s.cache.remote_health() {
             gauge(
                 e,
                 "cachetail_redis_up",

@@ -76,7 +76,7 @@ pub async fn live(sources: &Sources) -> LiveStatus {
         backend: sources.cache.backend().to_owned(),
         redis_ok: sources
             .cache
-            .redis_health()
+            .remote_health()
             .map(|(_, _, health)| health.down_since.is_none()),
         paused: sources.progress.is_paused(),
         reloads: reload.reloads,
@@ -144,7 +144,7 @@ async fn cache_status(sources: &Sources) -> (Option<u64>, Option<RedisStatus>) {
     let count = sources.cache.count().await;
     let redis = sources
         .cache
-        .redis_health()
+        .remote_health()
         .map(|(address, prefix, health)| RedisStatus {
             address,
             prefix,

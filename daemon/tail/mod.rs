@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::apply::Applier;
-use crate::cache::{BeforeBatchError, RedisError};
+use crate::cache::{BeforeBatchError, StoreError};
 use crate::capture::{self, CaptureError, InstallReport};
 use crate::counters::{Counter, Latency, now_ms, unix_ms};
 use crate::progress::ProgressWriter;
@@ -52,7 +52,7 @@ pub enum TailError {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
-    Redis(#[from] RedisError),
+    Store(#[from] StoreError),
     #[error("this daemon lost the lease: another daemon applies the outbox now")]
     LeaseLost,
 }
@@ -60,7 +60,7 @@ pub enum TailError {
 impl From<BeforeBatchError> for TailError {
     fn from(error: BeforeBatchError) -> TailError {
         match error {
-            BeforeBatchError::Redis(e) => TailError::Redis(e),
+            BeforeBatchError::Store(e) => TailError::Store(e),
             BeforeBatchError::Sqlite(e) => TailError::Sqlite(e),
         }
     }
@@ -387,7 +387,7 @@ impl Tail {
 fn lost(error: &TailError) -> bool {
     matches!(
         error,
-        TailError::LeaseLost | TailError::Redis(RedisError::Fenced)
+        TailError::LeaseLost | TailError::Store(StoreError::Fenced)
     )
 }
 
