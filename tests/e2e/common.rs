@@ -252,11 +252,17 @@ impl Daemon {
     }
 
     pub fn status(&mut self) -> Value {
-        self.client
+        let status: Value = self
+            .client
             .get("/v1/status")
             .expect("GET /v1/status")
             .json()
-            .expect("status is JSON")
+            .expect("status is JSON");
+        // The payload is the library's own type, the one `cachetail watch` and tools parse.
+        if let Err(e) = serde_json::from_value::<cachetail::api::Status>(status.clone()) {
+            panic!("/v1/status is not a cachetail::api::Status ({e}): {status}");
+        }
+        status
     }
 
     /// Waits until the daemon has applied everything committed so far.

@@ -118,6 +118,10 @@ impl Subscriber {
         let data = raw
             .strip_prefix("data: ")
             .unwrap_or_else(|| panic!("a data event, got {raw:?}"));
+        // Each event is the payload `cachetail watch` parses: the library's own type.
+        if let Err(e) = serde_json::from_str::<cachetail::api::FeedEvent>(data) {
+            panic!("not a cachetail::api::FeedEvent ({e}): {data}");
+        }
         serde_json::from_str(data).unwrap_or_else(|e| panic!("JSON data ({e}): {data}"))
     }
 }
