@@ -16,7 +16,9 @@ pub struct Status {
     pub role: String,
     /// `memory` or `redis`.
     pub backend: String,
-    pub redis: Option<RedisStatus>,
+    /// The remote store (Redis), when values live there.
+    #[serde(rename = "redis")]
+    pub remote: Option<RemoteStatus>,
     /// The last applied outbox id.
     pub cursor: u64,
     /// The newest outbox id (None: the outbox could not be read, see `head_error`).
@@ -42,7 +44,7 @@ pub struct Status {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RedisStatus {
+pub struct RemoteStatus {
     pub address: String,
     pub prefix: String,
     pub ok: bool,
@@ -178,7 +180,9 @@ pub struct LiveStatus {
     pub latency: Latencies,
     pub role: String,
     pub backend: String,
-    pub redis_ok: Option<bool>,
+    /// Whether the remote store answers (None on the in-process backend).
+    #[serde(rename = "redis_ok")]
+    pub remote_ok: Option<bool>,
     pub paused: bool,
     pub reloads: u64,
     pub reload_failures: u64,

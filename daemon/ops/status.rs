@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::{COUNTS, Sources};
 use crate::api::{
     CaptureFailure, ConfigStatus, FamilyCounts, FamilyStatus, FeedFamily, Latencies, LiveStatus,
-    RedisStatus, RuleStatus, Status, Warm,
+    RemoteStatus, RuleStatus, Status, Warm,
 };
 use crate::config::tracking_gaps;
 use crate::counters::now_ms;
@@ -23,13 +23,13 @@ pub async fn read_backlog(sources: &Sources) -> Result<Backlog, String> {
 /// The body of `GET /v1/status`.
 pub async fn full(sources: &Sources) -> Status {
     let backlog = read_backlog(sources).await;
-    let (entries, redis) = cache_status(sources).await;
+    let (entries, remote) = cache_status(sources).await;
     let live = sources.registry.live();
     let warm = &sources.warm;
     Status {
         role: role(sources).to_owned(),
         backend: sources.cache.backend().to_owned(),
-        redis,
+        remote,
         cursor: backlog
             .as_ref()
             .map_or_else(|_| sources.progress.applied(), |b| b.cursor),
@@ -74,7 +74,7 @@ pub async fn live(sources: &Sources) -> LiveStatus {
         latency: latencies(sources),
         role: role(sources).to_owned(),
         backend: sources.cache.backend().to_owned(),
-        redis_ok: sources
+        remote_ok: sources
             .cache
             .remote_health()
             .map(|(_, _, health)| health.down_since.is_none()),
@@ -140,12 +140,12 @@ fn family_counts(family: &FamilyState) -> FamilyCounts {
 }
 
 /// How many values are cached, and Redis's state (None on the memory backend).
-async fn cache_status(sources: &Sources) -> (Option<u64>, Option<RedisStatus>) {
+async fn cache_status(sources: &Sources) -> (Option<u64>, Option<RemoteStatus>) {
     let count = sources.cache.count().await;
-    let redis = sources
+    let remote = sources
         .cache
         .remote_health()
-        .map(|(address, prefix, health)| RedisStatus {
+        .map(|(address, prefix, health)| RemoteStatus {
             address,
             prefix,
             ok: health.down_since.is_none() && count.is_ok(),
@@ -153,7 +153,7 @@ async fn cache_status(sources: &Sources) -> (Option<u64>, Option<RedisStatus>) {
             last_error: health.last_error,
             outages: health.outages,
         });
-    (count.ok(), redis)
+    (count.ok(), remote)
 }
 
 fn unix_seconds(time: SystemTime) -> u64 {
