@@ -10,12 +10,16 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::limits::{
+    MAX_BATCH_SIZE, MAX_CONNECTIONS, MAX_ENTRIES, MAX_WAIT, MAX_WORKERS, count, duration, positive,
+    ttl,
+};
 use super::parse::{
     Problems, RawCache, RawConfig, RawFamily, RawHttp, RawRule, RawTail, RawWriteBehind,
 };
 use super::template::Template;
 use super::{
-    Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl, Rule,
+    Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl, Rule, Secret,
     TailSettings, WriteBehindSettings,
 };
 use crate::types::{Op, Strategy};
@@ -45,6 +49,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>)
             raw.fresh_timeout.as_ref(),
             "fresh_timeout",
             Duration::from_secs(5),
+            MAX_WAIT,
             problems,
         ),
         admin_token: admin_token(raw.admin_token.as_ref(), problems),
@@ -96,9 +101,9 @@ fn listen(raw: Option<&Spanned<String>>, problems: &mut Problems<'_>) -> SocketA
     })
 }
 
-fn admin_token(raw: Option<&Spanned<String>>, problems: &mut Problems<'_>) -> Option<String> {
+fn admin_token(raw: Option<&Spanned<Secret>>, problems: &mut Problems<'_>) -> Option<Secret> {
     let token = raw?;
-    let text = token.get_ref().trim();
+    let text = token.get_ref().expose().trim();
     if text.len() < 16 {
         problems.at(
             token.span(),
@@ -106,7 +111,7 @@ fn admin_token(raw: Option<&Spanned<String>>, problems: &mut Problems<'_>) -> Op
         );
         return None;
     }
-    Some(text.to_owned())
+    Some(Secret::new(text))
 }
 
 /// `[cache]`.
@@ -117,9 +122,10 @@ fn cache_settings(raw: &RawCache, problems: &mut Problems<'_>) -> CacheSettings 
             raw.max_entries.as_ref(),
             "cache.max_entries",
             100_000,
+            MAX_ENTRIES,
             problems,
         ),
-        ttl: duration(
+        ttl: ttl(
             raw.ttl.as_ref(),
             "cache.ttl",
             Duration::from_secs(600),
@@ -135,31 +141,41 @@ fn write_behind_settings(raw: &RawWriteBehind, problems: &mut Problems<'_>) -> W
             raw.delay.as_ref(),
             "write_behind.delay",
             Duration::from_millis(50),
+            MAX_WAIT,
             problems,
         ),
-        workers: positive(raw.workers.as_ref(), "write_behind.workers", 4, problems) as usize,
+        workers: count(
+            raw.workers.as_ref(),
+            "write_behind.workers",
+            4,
+            MAX_WORKERS,
+            problems,
+        ),
     }
 }
 
 /// `[http]`.
 fn http_settings(raw: &RawHttp, problems: &mut Problems<'_>) -> HttpSettings {
     let settings = HttpSettings {
-        max_connections: positive(
+        max_connections: count(
             raw.max_connections.as_ref(),
             "http.max_connections",
             1024,
+            MAX_CONNECTIONS,
             problems,
-        ) as usize,
+        ),
         request_timeout: duration(
             raw.request_timeout.as_ref(),
             "http.request_timeout",
             Duration::from_secs(30),
+            MAX_WAIT,
             problems,
         ),
         header_timeout: duration(
             raw.header_timeout.as_ref(),
             "http.header_timeout",
             Duration::from_secs(10),
+            MAX_WAIT,
             problems,
         ),
     };
@@ -191,13 +207,21 @@ fn tail_settings(raw: &RawTail, problems: &mut Problems<'_>) -> TailSettings {
             raw.poll_interval.as_ref(),
             "tail.poll_interval",
             Duration::from_millis(250),
+            MAX_WAIT,
             problems,
         ),
-        batch_size: positive(raw.batch_size.as_ref(), "tail.batch_size", 10_000, problems) as usize,
+        batch_size: count(
+            raw.batch_size.as_ref(),
+            "tail.batch_size",
+            10_000,
+            MAX_BATCH_SIZE,
+            problems,
+        ),
         lease: duration(
             raw.lease.as_ref(),
             "tail.lease",
             Duration::from_secs(5),
+            MAX_WAIT,
             problems,
         ),
     };
@@ -381,7 +405,7 @@ fn validate_family(
             format!("key family `{pattern_text}`: `query` is empty"),
         );
     }
-    let ttl = duration(
+    let ttl = ttl(
         raw.ttl.as_ref(),
         &format!("keys.\"{pattern_text}\".ttl"),
         default_ttl,
@@ -468,7 +492,7 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
         "redis" => {
             let url = match &raw.url {
                 None => RedisUrl::local(),
-                Some(text) => RedisUrl::parse(text.get_ref()).unwrap_or_else(|e| {
+                Some(text) => RedisUrl::parse(text.get_ref().expose()).unwrap_or_else(|e| {
                     problems.at(text.span(), format!("`cache.url`: {e}"));
                     RedisUrl::local()
                 }),
@@ -555,45 +579,4 @@ fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
         key_spans,
         derived_from: None,
     })
-}
-
-fn duration(
-    value: Option<&Spanned<String>>,
-    name: &str,
-    default: Duration,
-    problems: &mut Problems<'_>,
-) -> Duration {
-    let Some(text) = value else { return default };
-    humantime::parse_duration(text.get_ref().trim()).unwrap_or_else(|e| {
-        problems.at(
-            text.span(),
-            format!(
-                "`{name}` = {:?} is not a duration like \"50ms\", \"10s\" or \"10m\": {e}",
-                text.get_ref()
-            ),
-        );
-        default
-    })
-}
-
-fn positive(
-    value: Option<&Spanned<i64>>,
-    name: &str,
-    default: u64,
-    problems: &mut Problems<'_>,
-) -> u64 {
-    let Some(number) = value else { return default };
-    match u64::try_from(*number.get_ref()) {
-        Ok(n) if n > 0 => n,
-        _ => {
-            problems.at(
-                number.span(),
-                format!(
-                    "`{name}` must be a whole number above zero, not {}",
-                    number.get_ref()
-                ),
-            );
-            default
-        }
-    }
 }
