@@ -3,7 +3,9 @@
 //! truth: the tail also polls.
 
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 /// A wake-up signal that is never lost: a ring while nobody waits is kept for the next wait.
 #[derive(Default)]
@@ -26,5 +28,19 @@ impl Doorbell {
             .wait_timeout_while(rung, timeout, |rung| !*rung)
             .unwrap_or_else(|e| e.into_inner());
         std::mem::replace(&mut *rung, false)
+    }
+
+    /// Waits the whole `timeout` whatever rings meanwhile, unless `stop` turns true (stopping
+    /// rings the bell): a backoff, which the waiter's own writes to the database (they ring it
+    /// through the file watcher) must not cut short.
+    pub fn back_off(&self, timeout: Duration, stop: &watch::Receiver<bool>) {
+        let deadline = Instant::now() + timeout;
+        while !*stop.borrow() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            self.wait(left);
+        }
     }
 }

@@ -144,7 +144,7 @@ impl Tail {
         };
         while !*stop.borrow() {
             if !outbox.lease.held() {
-                self.stand_by_turn(&mut outbox, doorbell, &mut pace);
+                self.stand_by_turn(&mut outbox, doorbell, &mut pace, stop);
                 continue;
             }
             match outbox.keep_lease() {
@@ -163,9 +163,16 @@ impl Tail {
 
     /// Without the lease: take it if it is free, else follow the durable cursor and the pause
     /// flag (a standby installs nothing, so it learns of a pause from the flag), and wait.
-    fn stand_by_turn(&self, outbox: &mut Outbox, doorbell: &Doorbell, pace: &mut Pace) {
+    fn stand_by_turn(
+        &self,
+        outbox: &mut Outbox,
+        doorbell: &Doorbell,
+        pace: &mut Pace,
+        stop: &watch::Receiver<bool>,
+    ) {
         match self.take_over(outbox) {
             Ok(true) => {
+                pace.backoff = Duration::from_millis(20);
                 pace.announced_standby = false;
                 pace.recheck = Some(RECHECK_FIRST);
                 return;
@@ -182,7 +189,14 @@ impl Tail {
                     self.set_paused(paused);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "taking the lease failed; retrying"),
+            Err(e) => {
+                // The try wrote to the database (it took the lease, then let it go): back off,
+                // doubling up to 2 s, or the file watcher's ring would start the next try at once.
+                tracing::warn!(error = %Escaped(&e), retry_in = ?pace.backoff, "taking the lease failed; retrying");
+                doorbell.back_off(pace.backoff, stop);
+                pace.backoff = (pace.backoff * 2).min(Duration::from_secs(2));
+                return;
+            }
         }
         doorbell.wait(STANDBY_POLL);
     }
@@ -244,7 +258,7 @@ impl Tail {
         match self.take_over(outbox) {
             Ok(taken) => taken,
             Err(e) => {
-                tracing::warn!(error = %e, "taking the lease failed; retrying");
+                tracing::warn!(error = %Escaped(&e), "taking the lease failed; retrying");
                 false
             }
         }

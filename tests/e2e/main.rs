@@ -21,5 +21,6 @@ mod redis;
 mod redis_claims;
 mod reload;
 mod secrets;
+mod startup;
 mod strategies;
 mod write_shapes;
