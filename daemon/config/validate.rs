@@ -15,8 +15,8 @@ use super::parse::{
 };
 use super::template::Template;
 use super::{
-    Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl, Rule,
-    TailSettings, WriteBehindSettings,
+    AllowedHost, Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl,
+    Rule, TailSettings, WriteBehindSettings,
 };
 use crate::types::{Op, Strategy};
 
@@ -162,6 +162,22 @@ fn http_settings(raw: &RawHttp, problems: &mut Problems<'_>) -> HttpSettings {
             Duration::from_secs(10),
             problems,
         ),
+        max_event_streams: at_most(
+            raw.max_event_streams.as_ref(),
+            ("http.max_event_streams", 16, MAX_EVENT_STREAMS),
+            problems,
+        ),
+        readers: at_most(
+            raw.readers.as_ref(),
+            ("http.readers", HttpSettings::default_readers(), MAX_READERS),
+            problems,
+        ),
+        read_queue: at_most(
+            raw.read_queue.as_ref(),
+            ("http.read_queue", 1024, MAX_READ_QUEUE),
+            problems,
+        ),
+        allowed_hosts: allowed_hosts(raw.allowed_hosts.as_deref(), problems),
     };
     for (value, name, raw_value) in [
         (
@@ -182,6 +198,44 @@ fn http_settings(raw: &RawHttp, problems: &mut Problems<'_>) -> HttpSettings {
         }
     }
     settings
+}
+
+/// The most `http.max_event_streams`, `http.readers` and `http.read_queue` may be: far beyond
+/// any use, and within what the runtime's semaphores take.
+const MAX_EVENT_STREAMS: usize = 100_000;
+const MAX_READERS: usize = 1024;
+const MAX_READ_QUEUE: usize = 1_000_000;
+
+/// A whole number above zero and at most `max`, or `default` when not set.
+fn at_most(
+    value: Option<&Spanned<i64>>,
+    (name, default, max): (&str, usize, usize),
+    problems: &mut Problems<'_>,
+) -> usize {
+    let Some(number) = value else { return default };
+    let n = positive(Some(number), name, default as u64, problems);
+    match usize::try_from(n) {
+        Ok(n) if n <= max => n,
+        _ => {
+            problems.at(
+                number.span(),
+                format!("`{name}` must be at most {max}, not {n}"),
+            );
+            default
+        }
+    }
+}
+
+/// `http.allowed_hosts`: each entry a host with an optional port, or `"*"`.
+fn allowed_hosts(raw: Option<&[Spanned<String>]>, problems: &mut Problems<'_>) -> Vec<AllowedHost> {
+    let mut hosts = Vec::new();
+    for entry in raw.unwrap_or_default() {
+        match AllowedHost::parse(entry.get_ref()) {
+            Ok(host) => hosts.push(host),
+            Err(problem) => problems.at(entry.span(), format!("`http.allowed_hosts`: {problem}")),
+        }
+    }
+    hosts
 }
 
 /// `[tail]`.
