@@ -18,6 +18,7 @@ use crate::cache::Cache;
 use crate::capture::InstallReport;
 use crate::config::{Config, Reads, check};
 use crate::db::ReadPool;
+use crate::escape::Escaped;
 use crate::http::{self, Http};
 use crate::ops::{Sources, VerifyCounters};
 use crate::progress;
@@ -86,7 +87,7 @@ pub(crate) async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     for gap in check::tracking_gaps(&config, &prepared.reads) {
-        tracing::warn!("{gap}");
+        tracing::warn!("{}", Escaped(gap));
     }
     let Prepared {
         outbox,

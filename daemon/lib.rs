@@ -13,10 +13,10 @@
 //! `reload` (a diff applied), `ops/` (status, metrics, verify), `db/` (connections, the read
 //! pool, running a family's query), and the leaf modules the stages hand each other: `types`
 //! (changes, plans), `progress` (the tail's position and role), `counters`, `api` (the JSON
-//! payloads). `daemon` wires them together.
+//! payloads), `escape` (app data printed for a person). `daemon` wires them together.
 //!
 //! The public surface is the daemon: [`prepare`] and [`run`], the [`Config`] and the errors, the
-//! [`api`] payloads, and [`commands`] for the CLI's other verbs.
+//! [`api`] payloads, [`commands`] for the CLI's other verbs, and [`escape`] for printing app data.
 
 /// FNV-1a, 64-bit: a stable hash (the same across builds and processes), for ETags and Redis
 /// family generations.
@@ -35,6 +35,7 @@ pub mod config;
 mod counters;
 mod daemon;
 mod db;
+pub mod escape;
 mod explain;
 mod http;
 mod ops;

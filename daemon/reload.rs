@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::cache::Cache;
 use crate::config::{Config, Reads, check, diff};
+use crate::escape::Escaped;
 use crate::ops::Sources;
 use crate::registry::Registry;
 use crate::tail::Doorbell;
@@ -64,12 +65,12 @@ impl Reloader {
             Ok(()) => {
                 let live = self.registry.live();
                 for gap in check::tracking_gaps(&live.config, &live.reads) {
-                    tracing::warn!("{gap}");
+                    tracing::warn!("{}", Escaped(gap));
                 }
                 tracing::info!(path = %path.display(), "config reloaded");
             }
             Err(error) => {
-                tracing::error!(path = %path.display(), "config reload refused; the running config stays in force:\n{error}");
+                tracing::error!(path = %path.display(), error = %Escaped(error), "config reload refused; the running config stays in force");
             }
         }
         outcome

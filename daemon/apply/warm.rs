@@ -13,6 +13,7 @@ use crate::cache::Cache;
 use crate::config::Family;
 use crate::counters::Counter;
 use crate::db::ReadPool;
+use crate::escape::Escaped;
 use crate::registry::{FamilyState, Registry};
 
 /// Fills running at once, at most: warming must not crowd out the app's own reads.
@@ -85,7 +86,7 @@ pub async fn run(
         match pool.read(move |conn| keys(conn, &def)).await {
             Ok(keys) => listed.extend(keys.into_iter().map(|k| (Arc::clone(&family), k))),
             Err(e) => {
-                tracing::warn!(family = %family.def.pattern, error = %e, "the warm query failed")
+                tracing::warn!(family = %family.def.pattern, error = %Escaped(&e), "the warm query failed")
             }
         }
     }

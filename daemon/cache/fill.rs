@@ -12,6 +12,7 @@ use super::flights::{Begin, FillTicket, Filled};
 use super::{Cache, Entry, FillError, FillOutcome, Store, query_failed};
 use crate::counters::now_ms;
 use crate::db::{Computed, compute, is_interrupted};
+use crate::escape::Escaped;
 use crate::registry::FamilyState;
 use crate::types::Params;
 
@@ -199,7 +200,7 @@ impl Cache {
             }),
             Err(e) => {
                 self.counters.fill_errors.inc();
-                tracing::warn!(key = %ticket.key(), family = %family.def.pattern, error = %e, "fill failed");
+                tracing::warn!(key = %Escaped(ticket.key()), family = %family.def.pattern, error = %Escaped(&e), "fill failed");
                 Err(Arc::from(query_failed(&family, &e)))
             }
         };

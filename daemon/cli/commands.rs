@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use cachetail::Config;
 use cachetail::commands::{self as library, Op};
+use cachetail::escape::Escaped;
 
 use crate::client::Client;
 
@@ -54,14 +55,15 @@ async fn shutdown_signal() {
 pub fn check(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     let report = library::check(&config)?;
+    // Table and column names come from the app's schema: printed escaped.
     for warning in &report.warnings {
-        eprintln!("warning: {warning}");
+        eprintln!("warning: {}", Escaped(warning));
     }
     for line in &report.derived {
-        println!("{line}");
+        println!("{}", Escaped(line));
     }
     for gap in &report.gaps {
-        eprintln!("warning: {gap}");
+        eprintln!("warning: {}", Escaped(gap));
     }
     println!(
         "{}: ok ({} key families, {} rules, watching {})",
@@ -138,7 +140,7 @@ pub fn explain(
     let explained = match library::explain(&config, table, op, old, new) {
         Ok(explained) => explained,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", Escaped(&e));
             return Ok(ExitCode::from(2));
         }
     };
@@ -146,17 +148,22 @@ pub fn explain(
     if explained.flush_all {
         println!("  everything is dropped (the change cannot be mapped to keys)");
     }
-    let width = explained
+    // Keys and tags rendered from row values: printed escaped.
+    let keys: Vec<(String, &str)> = explained
         .keys
         .iter()
-        .map(|(k, _)| k.len())
+        .map(|(key, strategy)| (cachetail::escape::escape(key), strategy.name()))
+        .collect();
+    let width = keys
+        .iter()
+        .map(|(k, _)| k.chars().count())
         .max()
         .unwrap_or(0);
-    for (key, strategy) in &explained.keys {
-        println!("  key  {key:<width$}  {}", strategy.name());
+    for (key, strategy) in &keys {
+        println!("  key  {key:<width$}  {strategy}");
     }
     for tag in &explained.tags {
-        println!("  tag  {tag}");
+        println!("  tag  {}", Escaped(tag));
     }
     if explained.keys.is_empty() && explained.tags.is_empty() && !explained.flush_all {
         println!("  nothing (no rule fires for it)");
@@ -171,7 +178,10 @@ pub fn explain(
 pub fn verify(config_path: &Path, sample: usize) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     let mut client = Client::new(config.listen);
-    let bearer = config.admin_token.as_ref().map(|t| format!("Bearer {t}"));
+    let bearer = config
+        .admin_token
+        .as_ref()
+        .map(|t| format!("Bearer {}", t.expose()));
     let headers: Vec<(&str, &str)> = bearer
         .as_deref()
         .map(|b| vec![("Authorization", b)])
@@ -188,7 +198,11 @@ pub fn verify(config_path: &Path, sample: usize) -> anyhow::Result<ExitCode> {
     if reply.status != 200 {
         anyhow::bail!("the daemon answered {}: {}", reply.status, report["error"]);
     }
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    // JSON escapes control characters but not bidi overrides or C1 controls: the stale keys
+    // are the app's data.
+    for line in serde_json::to_string_pretty(&report)?.lines() {
+        println!("{}", Escaped(line));
+    }
     let stale = report["stale"].as_u64().unwrap_or(0);
     Ok(if stale == 0 {
         ExitCode::SUCCESS

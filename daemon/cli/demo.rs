@@ -21,6 +21,12 @@ pub const CATALOG_SQL: &str = include_str!("../../examples/catalog.sql");
 /// The reference config, written next to the demo's database.
 pub const REFERENCE_CONFIG: &str = include_str!("../../config.toml");
 
+/// The demo's database carries this `PRAGMA application_id` ("ctdm"), in the file's header.
+const DEMO_APPLICATION_ID: u32 = 0x6374_646d;
+/// The first line of the config the demo writes.
+const DEMO_CONFIG_MARK: &str =
+    "# Written by `cachetail demo`, which replaces this folder's files each time it runs.";
+
 pub struct DemoOptions {
     pub dir: PathBuf,
     pub listen: SocketAddr,
@@ -74,9 +80,11 @@ pub fn empty_catalog(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// Creates the catalog database at `path` (replacing any) with generated books, users, reviews.
+/// Creates the catalog database at `path` (replacing any) with generated books, users, reviews,
+/// marked as the demo's (`DEMO_APPLICATION_ID`).
 pub fn build_catalog(path: &Path, books: u32, users: u32, reviews: u32) -> rusqlite::Result<()> {
     let mut conn = empty_catalog(path)?;
+    conn.pragma_update(None, "application_id", DEMO_APPLICATION_ID as i32)?;
     let tx = conn.transaction()?;
     let mut rng = Rng::new(42);
     {
@@ -140,6 +148,7 @@ impl Latencies {
 
 /// Runs the demo until Ctrl-C (or the duration). Blocking: the daemon gets a runtime of its own.
 pub fn run(options: DemoOptions) -> anyhow::Result<()> {
+    ensure_ours(&options.dir)?;
     std::fs::create_dir_all(&options.dir)?;
     let database = options.dir.join("catalog.db");
     let config_path = options.dir.join("config.toml");
@@ -151,9 +160,12 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
         options.reviews
     );
     build_catalog(&database, options.books, options.users, options.reviews)?;
-    let config_text = REFERENCE_CONFIG.replace(
-        "listen = \"127.0.0.1:8080\"",
-        &format!("listen = \"{}\"", options.listen),
+    let config_text = format!(
+        "{DEMO_CONFIG_MARK}\n{}",
+        REFERENCE_CONFIG.replace(
+            "listen = \"127.0.0.1:8080\"",
+            &format!("listen = \"{}\"", options.listen),
+        )
     );
     std::fs::write(&config_path, config_text)?;
     let daemon = Embedded::start(Config::load(&config_path)?, options.listen, None)?;
@@ -203,6 +215,59 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
     daemon.stop()?;
     println!("stopped; the cursor is at {}", status["cursor"]);
     Ok(())
+}
+
+/// Refuses a folder holding anything the demo did not write: it may be an app's database or
+/// config. A missing or empty folder, or one holding only a demo's files, is the demo's to fill.
+fn ensure_ours(dir: &Path) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => anyhow::bail!("cannot read {}: {e}", dir.display()),
+    };
+    let database_is_ours = is_demo_database(&dir.join("catalog.db"));
+    let mut foreign = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = entry.file_type()?.is_file()
+            && match name.as_str() {
+                "catalog.db" | "catalog.db-wal" | "catalog.db-shm" => database_is_ours,
+                "config.toml" => is_demo_config(&entry.path()),
+                _ => false,
+            };
+        if !ours {
+            foreign.push(name);
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    anyhow::bail!(
+        "{} holds files `cachetail demo` did not create ({}); it writes its database and config \
+         only into a new or empty folder, or over a demo of its own. Nothing was changed: pick \
+         another --dir.",
+        dir.display(),
+        foreign.join(", ")
+    )
+}
+
+/// Whether `path` is a SQLite database the demo built: its header's application id, read from
+/// the file itself (opening it as a database could write beside it).
+fn is_demo_database(path: &Path) -> bool {
+    let mut header = [0u8; 72];
+    std::fs::File::open(path)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut header))
+        .is_ok_and(|()| {
+            header.starts_with(b"SQLite format 3\0")
+                && header[68..72] == DEMO_APPLICATION_ID.to_be_bytes()
+        })
+}
+
+/// Whether `path` is a config the demo wrote: its first line.
+fn is_demo_config(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| text.lines().next() == Some(DEMO_CONFIG_MARK))
 }
 
 fn print_intro(address: SocketAddr, database: &Path, config_path: &Path) {

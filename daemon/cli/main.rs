@@ -119,7 +119,8 @@ enum Command {
     },
     /// Build a demo catalog, run the daemon on it with a simulated app, print a live line.
     Demo {
-        /// Where the demo's database and config go (replaced if present).
+        /// Where the demo's database and config go: a new or empty folder, or one a demo made
+        /// (its files are replaced). Any other folder is refused, left as it was.
         #[arg(long, default_value = "demo-data")]
         dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -146,18 +147,26 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             if let Some(config_error) = error.downcast_ref::<cachetail::ConfigError>() {
-                eprintln!("{config_error}");
+                print_lines(&config_error.to_string());
                 return ExitCode::from(2);
             }
             if let Some(cachetail::Error::Config(config_error)) =
                 error.downcast_ref::<cachetail::Error>()
             {
-                eprintln!("{config_error}");
+                print_lines(&config_error.to_string());
                 return ExitCode::from(2);
             }
-            eprintln!("error: {error:#}");
+            print_lines(&format!("error: {error:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints an error on stderr, a line per problem, each escaped (it may quote the database's
+/// names or data).
+fn print_lines(text: &str) {
+    for line in text.lines() {
+        eprintln!("{}", cachetail::escape::Escaped(line));
     }
 }
 
@@ -206,11 +215,16 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Logs to stderr: text (coloured only on a terminal, so a log file or the journal holds no
+/// escape sequences) or JSON lines. Fields that carry app data are escaped where they are
+/// logged (`cachetail::escape`).
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cachetail::Config;
 use cachetail::api::{ChangeEvent, FeedEvent, LiveStatus};
+use cachetail::escape::Escaped;
 
 /// How long the feed may stay silent before the daemon counts as gone (it sends a status a
 /// second).
@@ -46,7 +47,7 @@ fn follow(address: SocketAddr, out: &mut impl Write) -> io::Result<()> {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             Err(e) => {
-                writeln!(out, "-- {address}: {e}; reconnecting")?;
+                writeln!(out, "-- {address}: {}; reconnecting", Escaped(&e))?;
                 out.flush()?;
                 std::thread::sleep(Duration::from_secs(1));
             }
@@ -89,7 +90,9 @@ fn stream_events(agent: &ureq::Agent, address: SocketAddr, out: &mut impl Write)
                 // An event this build does not know (a newer daemon): shown as it came.
                 Err(_) => data.clone(),
             };
-            writeln!(out, "{described}")?;
+            // Row values, keys and tags are the app's data: no terminal sequence, line break or
+            // bidi override in them reaches the terminal.
+            writeln!(out, "{}", Escaped(&described))?;
             out.flush()?;
             data.clear();
         }

@@ -4,6 +4,8 @@
 //!
 //! - `parse`: the file's format (serde structs with spans) and located problems;
 //! - `validate`: those structs into `Config`, section by section;
+//! - `limits`: the range of each numeric and duration setting, and their readers;
+//! - `secret`: the admin token and the Redis URL, which print as `***`;
 //! - `template`: `{name}` templates (key patterns, rule keys and tags);
 //! - `auto`: the rules `invalidate = "auto"` derives from a family's query;
 //! - `check`: the config against its database (tables, columns, queries, what each query reads);
@@ -20,8 +22,10 @@ mod auto;
 pub mod check;
 pub mod diff;
 mod hosts;
+mod limits;
 mod parse;
 mod redis_url;
+mod secret;
 pub mod template;
 mod validate;
 
@@ -31,6 +35,7 @@ pub use hosts::{AllowedHost, split_host};
 pub(crate) use parse::Problems;
 pub use parse::{ConfigError, Problem};
 pub use redis_url::RedisUrl;
+pub use secret::Secret;
 pub use template::Template;
 
 use crate::types::{Op, Params, Strategy};
@@ -38,8 +43,8 @@ use crate::types::{Op, Params, Strategy};
 /// `listen` when the config says nothing: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
-/// The daemon's configuration, validated.
-#[derive(Debug)]
+/// The daemon's configuration, validated. Its `Debug` shows no secret: the admin token and the
+/// Redis password print as `***`, and the source text (which holds them) is left out.
 pub struct Config {
     /// The file it came from, when it came from one (reloads watch it).
     pub path: Option<PathBuf>,
@@ -47,8 +52,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How long `?fresh=1` waits for the daemon to catch up before answering 503.
     pub fresh_timeout: Duration,
-    /// The bearer token admin actions need; none: they are disabled.
-    pub admin_token: Option<String>,
+    /// The bearer token admin actions need; none: they are disabled. Prints as `***`.
+    pub admin_token: Option<Secret>,
     pub cache: CacheSettings,
     pub write_behind: WriteBehindSettings,
     pub tail: TailSettings,
@@ -117,7 +122,7 @@ impl HttpSettings {
     /// reads are mostly CPU; a few more than the cores cover the ones waiting on the disk).
     pub fn default_readers() -> usize {
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-        (2 * cores).max(4)
+        (2 * cores).clamp(4, limits::MAX_READERS as usize)
     }
 }
 
@@ -167,6 +172,25 @@ pub struct Rule {
     pub key_spans: Vec<Range<usize>>,
     /// Set for a rule `invalidate = "auto"` derived from this family's query.
     pub derived_from: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("path", &self.path)
+            .field("database", &self.database)
+            .field("listen", &self.listen)
+            .field("fresh_timeout", &self.fresh_timeout)
+            .field("admin_token", &self.admin_token)
+            .field("cache", &self.cache)
+            .field("write_behind", &self.write_behind)
+            .field("tail", &self.tail)
+            .field("http", &self.http)
+            .field("families", &self.families)
+            .field("rules", &self.rules)
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Family {
@@ -307,7 +331,7 @@ mod tests {
         assert_eq!(config.http.header_timeout, Duration::from_secs(10));
         assert_eq!(config.http.max_event_streams, 16);
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-        assert_eq!(config.http.readers, (2 * cores).max(4));
+        assert_eq!(config.http.readers, (2 * cores).clamp(4, 1024));
         assert_eq!(config.http.read_queue, 1024);
         assert_eq!(config.http.allowed_hosts, Vec::new());
         let redis = parse("database = \"x.db\"\n[cache]\nbackend = \"redis\"\n").expect("valid");
@@ -324,6 +348,35 @@ mod tests {
             ("127.0.0.1", 6379, 0)
         );
         assert_eq!((prefix.as_str(), *publish), ("cachetail:", true));
+    }
+
+    #[test]
+    fn no_error_or_debug_output_shows_a_secret() {
+        let config = parse(
+            "database = \"x.db\"\nadmin_token = \"token-hunter2-0123456789\"\n[cache]\nbackend = \"redis\"\nurl = \"redis://u:hunter2@h:1/0\"\n",
+        )
+        .expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("***"), "{debug}");
+        for broken in [
+            "url = \"redis:/u:hunter2@h\"",
+            "url = \"redis://u:hunter2@h",
+            "url = \"redis://u:hunter2\\q@h\"",
+            "url = redis://u:hunter2@h",
+            "url = 91827364554637",
+            "url = [\"redis://u:hunter2@h\"]",
+        ] {
+            let text = format!("database = \"x.db\"\n[cache]\nbackend = \"redis\"\n{broken}\n");
+            let err = parse(&text).expect_err(broken).to_string();
+            assert!(err.starts_with("config.toml:4:"), "{broken}: {err}");
+            assert!(!err.contains("hunter2"), "{broken}: {err}");
+            assert!(!err.contains("91827364554637"), "{broken}: {err}");
+        }
+        let err = parse("database = \"x.db\"\nadmin_token = 918273645546372819\n")
+            .expect_err("not a string")
+            .to_string();
+        assert!(!err.contains("918273645546372819"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::Config;
+use super::{Config, Secret};
 use crate::types::{Op, Strategy};
 
 // The file format.
@@ -21,7 +21,7 @@ pub(super) struct RawConfig {
     pub(super) database: Spanned<String>,
     pub(super) listen: Option<Spanned<String>>,
     pub(super) fresh_timeout: Option<Spanned<String>>,
-    pub(super) admin_token: Option<Spanned<String>>,
+    pub(super) admin_token: Option<Spanned<Secret>>,
     /// `"auto"`: every family derives its rules from its query (unless it says otherwise).
     pub(super) invalidate: Option<Spanned<String>>,
     #[serde(default)]
@@ -44,7 +44,8 @@ pub(super) struct RawCache {
     pub(super) max_entries: Option<Spanned<i64>>,
     pub(super) ttl: Option<Spanned<String>>,
     pub(super) backend: Option<Spanned<String>>,
-    pub(super) url: Option<Spanned<String>>,
+    /// A secret until parsed: it may hold the Redis password.
+    pub(super) url: Option<Spanned<Secret>>,
     pub(super) prefix: Option<Spanned<String>>,
     pub(super) publish: Option<bool>,
 }

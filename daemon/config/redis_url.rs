@@ -1,13 +1,21 @@
 //! `[cache] url`: where the Redis server is, parsed from `redis://[[user]:password@]host[:port][/db]`.
+//! The user and the password are percent-decoded (`%40` for `@`, `%2F` for `/`, `%25` for `%`).
+//! The URL may hold a password, so an error about it never repeats it, nor any part of it: the
+//! error's `file:line:column` says where it is.
 
-/// A Redis server's address, database and credentials.
+use super::secret::Secret;
+
+/// The highest database number accepted (Redis has 16 by default; `databases` raises it).
+pub const MAX_DB: i64 = 65_535;
+
+/// A Redis server's address, database and credentials (the password prints as `***`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisUrl {
     pub host: String,
     pub port: u16,
     pub db: i64,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 impl RedisUrl {
@@ -22,51 +30,111 @@ impl RedisUrl {
         }
     }
 
+    /// Parses a URL. The error says what is wrong without quoting the URL.
     pub fn parse(url: &str) -> Result<RedisUrl, String> {
-        let bad = |why: &str| format!("redis url {url:?}: {why}");
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or_else(|| bad("it must start with redis:// (TLS is not supported)"))?;
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (credentials, host_port) = match authority.rsplit_once('@') {
-            Some((c, h)) => (Some(c), h),
-            None => (None, authority),
+        let rest = url.strip_prefix("redis://").ok_or(
+            "it must start with redis:// (like redis://:password@127.0.0.1:6379/0; TLS, rediss://, is not supported)",
+        )?;
+        // A database number has no `@`: everything before the last one is the user and password
+        // (which may then hold a raw `/` or `@`).
+        let (credentials, location) = match rest.rsplit_once('@') {
+            Some((c, l)) => (Some(c), l),
+            None => (None, rest),
         };
         let (username, password) = match credentials {
             None => (None, None),
-            Some(c) => match c.split_once(':') {
-                Some((u, p)) => ((!u.is_empty()).then(|| u.to_owned()), Some(p.to_owned())),
-                None => (Some(c.to_owned()), None),
-            },
+            Some(c) => {
+                let (user, password) = match c.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (c, None),
+                };
+                let user = decode(user, "the user name")?;
+                let password = password
+                    .map(|p| decode(p, "the password"))
+                    .transpose()?
+                    .map(Secret::new);
+                ((!user.is_empty()).then_some(user), password)
+            }
         };
-        let (host, port) = match host_port.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| bad("the port is not a number from 1 to 65535"))?,
-            ),
-            None => (host_port, 6379),
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
+        let (host_port, path) = location.split_once('/').unwrap_or((location, ""));
+        let (host, port) = host_and_port(host_port)?;
         let db = if path.is_empty() {
             0
         } else {
             path.parse::<i64>()
-                .map_err(|_| bad("the path must be a database number, like /0"))?
+                .ok()
+                .filter(|db| (0..=MAX_DB).contains(db))
+                .ok_or(format!(
+                    "the path must be a database number from 0 to {MAX_DB}, like /0"
+                ))?
         };
         Ok(RedisUrl {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
+            host,
             port,
             db,
             username,
             password,
         })
     }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn host_and_port(text: &str) -> Result<(String, u16), String> {
+    let (host, port) = match text.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or("an IPv6 host needs its closing `]`")?;
+            match after {
+                "" => (host, None),
+                _ => (
+                    host,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or("`]` must be followed by `:port` or nothing")?,
+                    ),
+                ),
+            }
+        }
+        None => match text.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (text, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("no host (like redis://127.0.0.1:6379/0)".to_owned());
+    }
+    let port = match port {
+        None => 6379,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or("the port must be a number from 1 to 65535")?,
+    };
+    Ok((host.to_owned(), port))
+}
+
+/// Percent-decodes a user name or password strictly: every `%` starts two hex digits, and the
+/// result is UTF-8.
+fn decode(text: &str, what: &str) -> Result<String, String> {
+    let bad_escape =
+        || format!("{what} has a `%` that does not start an escape like %40: write a `%` as %25");
+    let bytes = text.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'%'
+            && !bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+        {
+            return Err(bad_escape());
+        }
+    }
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| format!("{what} is not UTF-8 once percent-decoded"))
 }
 
 #[cfg(test)]
@@ -76,18 +144,71 @@ mod tests {
     #[test]
     fn parses_urls() {
         let url = RedisUrl::parse("redis://:secret@10.0.0.2:6380/3").expect("valid");
-        assert_eq!(
-            (url.host.as_str(), url.port, url.db, url.password.as_deref()),
-            ("10.0.0.2", 6380, 3, Some("secret"))
-        );
+        assert_eq!((url.host.as_str(), url.port, url.db), ("10.0.0.2", 6380, 3));
+        assert_eq!(url.password.as_ref().map(Secret::expose), Some("secret"));
         let url = RedisUrl::parse("redis://localhost").expect("valid");
         assert_eq!((url.port, url.db, url.password), (6379, 0, None));
         assert_eq!(
             RedisUrl::parse("redis://127.0.0.1:6379/0"),
             Ok(RedisUrl::local())
         );
-        assert!(RedisUrl::parse("http://x").is_err());
-        assert!(RedisUrl::parse("redis://x:99999").is_err());
-        assert!(RedisUrl::parse("redis://x/db").is_err());
+        let url = RedisUrl::parse("redis://[::1]:6390/2").expect("valid");
+        assert_eq!((url.host.as_str(), url.port, url.db), ("::1", 6390, 2));
+        let url = RedisUrl::parse("redis://[::1]").expect("valid");
+        assert_eq!((url.host.as_str(), url.port), ("::1", 6379));
+        for bad in [
+            "http://x",
+            "redis://x:99999",
+            "redis://x:0",
+            "redis://x/db",
+            "redis://x/-1",
+            "redis://x/65536",
+            "redis://:6379",
+            "redis://[::1",
+        ] {
+            assert!(RedisUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn user_and_password_are_percent_decoded() {
+        let url = RedisUrl::parse("redis://app%40corp%3A1:pa%3Ass%40w%2Frd%2525%20x@h:1/0")
+            .expect("valid");
+        assert_eq!(url.username.as_deref(), Some("app@corp:1"));
+        assert_eq!(
+            url.password.as_ref().map(Secret::expose),
+            Some("pa:ss@w/rd%25 x")
+        );
+        // A raw `@` or `/` in the password: the last `@` ends it.
+        let url = RedisUrl::parse("redis://:p@ss/w@h:7/1").expect("valid");
+        assert_eq!(url.password.as_ref().map(Secret::expose), Some("p@ss/w"));
+        assert_eq!((url.host.as_str(), url.port, url.db), ("h", 7, 1));
+        assert_eq!(
+            RedisUrl::parse("redis://user@h").expect("valid").username,
+            Some("user".to_owned())
+        );
+        for bad in ["redis://:50%@h", "redis://:%zz@h", "redis://:%ff@h"] {
+            assert!(RedisUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn no_error_repeats_the_url_or_its_password() {
+        for url in [
+            "redis:/:hunter2@h:1/0",
+            "rediss://:hunter2@h:1/0",
+            "redis://:hunter2",
+            "redis://:hunter2@h:1/hunter2",
+            "redis://:hunter2@h:hunter2/0",
+            "redis://:hunter2%@h:1/0",
+            "redis://:hunter2%ff@h:1/0",
+            "redis://:hunter2@[h:1/0",
+            "redis://:hunter2@:1/0",
+        ] {
+            let error = RedisUrl::parse(url).expect_err(url);
+            assert!(!error.contains("hunter2"), "{url}: {error}");
+        }
+        let url = RedisUrl::parse("redis://u:hunter2@h").expect("valid");
+        assert!(!format!("{url:?}").contains("hunter2"), "{url:?}");
     }
 }

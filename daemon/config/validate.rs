@@ -10,13 +10,17 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::limits::{
+    MAX_BATCH_SIZE, MAX_CONNECTIONS, MAX_ENTRIES, MAX_EVENT_STREAMS, MAX_READ_QUEUE, MAX_READERS,
+    MAX_WAIT, MAX_WORKERS, count, duration, positive, ttl,
+};
 use super::parse::{
     Problems, RawCache, RawConfig, RawFamily, RawHttp, RawRule, RawTail, RawWriteBehind,
 };
 use super::template::Template;
 use super::{
     AllowedHost, Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl,
-    Rule, TailSettings, WriteBehindSettings,
+    Rule, Secret, TailSettings, WriteBehindSettings,
 };
 use crate::types::{Op, Strategy};
 
@@ -45,6 +49,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>)
             raw.fresh_timeout.as_ref(),
             "fresh_timeout",
             Duration::from_secs(5),
+            MAX_WAIT,
             problems,
         ),
         admin_token: admin_token(raw.admin_token.as_ref(), problems),
@@ -96,9 +101,9 @@ fn listen(raw: Option<&Spanned<String>>, problems: &mut Problems<'_>) -> SocketA
     })
 }
 
-fn admin_token(raw: Option<&Spanned<String>>, problems: &mut Problems<'_>) -> Option<String> {
+fn admin_token(raw: Option<&Spanned<Secret>>, problems: &mut Problems<'_>) -> Option<Secret> {
     let token = raw?;
-    let text = token.get_ref().trim();
+    let text = token.get_ref().expose().trim();
     if text.len() < 16 {
         problems.at(
             token.span(),
@@ -106,7 +111,7 @@ fn admin_token(raw: Option<&Spanned<String>>, problems: &mut Problems<'_>) -> Op
         );
         return None;
     }
-    Some(text.to_owned())
+    Some(Secret::new(text))
 }
 
 /// `[cache]`.
@@ -117,9 +122,10 @@ fn cache_settings(raw: &RawCache, problems: &mut Problems<'_>) -> CacheSettings 
             raw.max_entries.as_ref(),
             "cache.max_entries",
             100_000,
+            MAX_ENTRIES,
             problems,
         ),
-        ttl: duration(
+        ttl: ttl(
             raw.ttl.as_ref(),
             "cache.ttl",
             Duration::from_secs(600),
@@ -135,46 +141,62 @@ fn write_behind_settings(raw: &RawWriteBehind, problems: &mut Problems<'_>) -> W
             raw.delay.as_ref(),
             "write_behind.delay",
             Duration::from_millis(50),
+            MAX_WAIT,
             problems,
         ),
-        workers: positive(raw.workers.as_ref(), "write_behind.workers", 4, problems) as usize,
+        workers: count(
+            raw.workers.as_ref(),
+            "write_behind.workers",
+            4,
+            MAX_WORKERS,
+            problems,
+        ),
     }
 }
 
 /// `[http]`.
 fn http_settings(raw: &RawHttp, problems: &mut Problems<'_>) -> HttpSettings {
     let settings = HttpSettings {
-        max_connections: positive(
+        max_connections: count(
             raw.max_connections.as_ref(),
             "http.max_connections",
             1024,
+            MAX_CONNECTIONS,
             problems,
-        ) as usize,
+        ),
         request_timeout: duration(
             raw.request_timeout.as_ref(),
             "http.request_timeout",
             Duration::from_secs(30),
+            MAX_WAIT,
             problems,
         ),
         header_timeout: duration(
             raw.header_timeout.as_ref(),
             "http.header_timeout",
             Duration::from_secs(10),
+            MAX_WAIT,
             problems,
         ),
-        max_event_streams: at_most(
+        max_event_streams: count(
             raw.max_event_streams.as_ref(),
-            ("http.max_event_streams", 16, MAX_EVENT_STREAMS),
+            "http.max_event_streams",
+            16,
+            MAX_EVENT_STREAMS,
             problems,
         ),
-        readers: at_most(
+        readers: count(
             raw.readers.as_ref(),
-            ("http.readers", HttpSettings::default_readers(), MAX_READERS),
+            "http.readers",
+            HttpSettings::default_readers(),
+            MAX_READERS,
             problems,
         ),
-        read_queue: at_most(
+        read_queue: count(
             raw.read_queue.as_ref(),
-            ("http.read_queue", 1024, MAX_READ_QUEUE),
+            "http.read_queue",
+            1024,
+            MAX_READ_QUEUE,
             problems,
         ),
         allowed_hosts: allowed_hosts(raw.allowed_hosts.as_deref(), problems),
@@ -200,32 +222,6 @@ fn http_settings(raw: &RawHttp, problems: &mut Problems<'_>) -> HttpSettings {
     settings
 }
 
-/// The most `http.max_event_streams`, `http.readers` and `http.read_queue` may be: far beyond
-/// any use, and within what the runtime's semaphores take.
-const MAX_EVENT_STREAMS: usize = 100_000;
-const MAX_READERS: usize = 1024;
-const MAX_READ_QUEUE: usize = 1_000_000;
-
-/// A whole number above zero and at most `max`, or `default` when not set.
-fn at_most(
-    value: Option<&Spanned<i64>>,
-    (name, default, max): (&str, usize, usize),
-    problems: &mut Problems<'_>,
-) -> usize {
-    let Some(number) = value else { return default };
-    let n = positive(Some(number), name, default as u64, problems);
-    match usize::try_from(n) {
-        Ok(n) if n <= max => n,
-        _ => {
-            problems.at(
-                number.span(),
-                format!("`{name}` must be at most {max}, not {n}"),
-            );
-            default
-        }
-    }
-}
-
 /// `http.allowed_hosts`: each entry a host with an optional port, or `"*"`.
 fn allowed_hosts(raw: Option<&[Spanned<String>]>, problems: &mut Problems<'_>) -> Vec<AllowedHost> {
     let mut hosts = Vec::new();
@@ -245,13 +241,21 @@ fn tail_settings(raw: &RawTail, problems: &mut Problems<'_>) -> TailSettings {
             raw.poll_interval.as_ref(),
             "tail.poll_interval",
             Duration::from_millis(250),
+            MAX_WAIT,
             problems,
         ),
-        batch_size: positive(raw.batch_size.as_ref(), "tail.batch_size", 10_000, problems) as usize,
+        batch_size: count(
+            raw.batch_size.as_ref(),
+            "tail.batch_size",
+            10_000,
+            MAX_BATCH_SIZE,
+            problems,
+        ),
         lease: duration(
             raw.lease.as_ref(),
             "tail.lease",
             Duration::from_secs(5),
+            MAX_WAIT,
             problems,
         ),
     };
@@ -435,7 +439,7 @@ fn validate_family(
             format!("key family `{pattern_text}`: `query` is empty"),
         );
     }
-    let ttl = duration(
+    let ttl = ttl(
         raw.ttl.as_ref(),
         &format!("keys.\"{pattern_text}\".ttl"),
         default_ttl,
@@ -522,7 +526,7 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
         "redis" => {
             let url = match &raw.url {
                 None => RedisUrl::local(),
-                Some(text) => RedisUrl::parse(text.get_ref()).unwrap_or_else(|e| {
+                Some(text) => RedisUrl::parse(text.get_ref().expose()).unwrap_or_else(|e| {
                     problems.at(text.span(), format!("`cache.url`: {e}"));
                     RedisUrl::local()
                 }),
@@ -609,45 +613,4 @@ fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
         key_spans,
         derived_from: None,
     })
-}
-
-fn duration(
-    value: Option<&Spanned<String>>,
-    name: &str,
-    default: Duration,
-    problems: &mut Problems<'_>,
-) -> Duration {
-    let Some(text) = value else { return default };
-    humantime::parse_duration(text.get_ref().trim()).unwrap_or_else(|e| {
-        problems.at(
-            text.span(),
-            format!(
-                "`{name}` = {:?} is not a duration like \"50ms\", \"10s\" or \"10m\": {e}",
-                text.get_ref()
-            ),
-        );
-        default
-    })
-}
-
-fn positive(
-    value: Option<&Spanned<i64>>,
-    name: &str,
-    default: u64,
-    problems: &mut Problems<'_>,
-) -> u64 {
-    let Some(number) = value else { return default };
-    match u64::try_from(*number.get_ref()) {
-        Ok(n) if n > 0 => n,
-        _ => {
-            problems.at(
-                number.span(),
-                format!(
-                    "`{name}` must be a whole number above zero, not {}",
-                    number.get_ref()
-                ),
-            );
-            default
-        }
-    }
 }

@@ -86,7 +86,7 @@ pub fn authorize(config: &Config, headers: &HeaderMap) -> Result<(), (StatusCode
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(given) if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) => Ok(()),
         Some(_) => Err((StatusCode::UNAUTHORIZED, "wrong admin token".into())),
         None => Err((
             StatusCode::UNAUTHORIZED,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use super::Sources;
 use crate::api::VerifyReport;
 use crate::db::{compute, read_head};
+use crate::escape::Escaped;
 
 /// Attempts per key: the database may change between the applied point and the recompute.
 const ATTEMPTS: usize = 5;
@@ -21,7 +22,7 @@ const ATTEMPTS: usize = 5;
 pub fn verify(sources: &Sources, sample: usize, wait: Duration, stop: &AtomicBool) -> VerifyReport {
     let mut report = VerifyReport::default();
     let keys = sources.cache.sample(sample).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "verify cannot list the cached keys");
+        tracing::warn!(error = %Escaped(&e), "verify cannot list the cached keys");
         Vec::new()
     });
     for key in keys {
@@ -36,7 +37,7 @@ pub fn verify(sources: &Sources, sample: usize, wait: Duration, stop: &AtomicBoo
                 if report.stale_keys.len() < 20 {
                     report.stale_keys.push(key.to_string());
                 }
-                tracing::error!(key = %key, "verify found a stale cached value");
+                tracing::error!(key = %Escaped(&key), "verify found a stale cached value");
             }
             Outcome::Gone => report.gone += 1,
             Outcome::Unverified => report.unverified += 1,

@@ -17,6 +17,7 @@ use crate::apply::Applier;
 use crate::cache::{BeforeBatchError, StoreError};
 use crate::capture::{self, CaptureError, InstallReport};
 use crate::counters::{Counter, Latency, now_ms, unix_ms};
+use crate::escape::Escaped;
 use crate::progress::ProgressWriter;
 use crate::registry::{Live, Registry};
 use crate::rules;
@@ -203,7 +204,7 @@ impl Tail {
             Err(e) if lost(&e) => self.stand_by(outbox),
             Err(e) => {
                 self.counters.apply_errors.inc();
-                tracing::warn!(error = %e, retry_in = ?pace.backoff, "applying the outbox failed; the cursor stays, the batch will be retried");
+                tracing::warn!(error = %Escaped(&e), retry_in = ?pace.backoff, "applying the outbox failed; the cursor stays, the batch will be retried");
                 doorbell.wait(pace.backoff);
                 pace.backoff = (pace.backoff * 2).min(Duration::from_secs(2));
             }
@@ -352,7 +353,7 @@ impl Tail {
         for (table, reason) in &report.failed {
             tracing::error!(
                 table,
-                reason,
+                reason = %Escaped(reason),
                 "cannot capture this table: its values are not cached until the config or the schema is fixed"
             );
         }

@@ -1,6 +1,7 @@
 //! The dashboard in a real browser: Debian's headless Chromium, driven through chromedriver's
-//! WebDriver protocol over loopback. `.ci/run` installs both (`apt-get install chromium
-//! chromium-driver`). Screenshots are saved under the target folder as test artifacts.
+//! WebDriver protocol over loopback. `bash tests/run.sh` installs both (`apt-get install chromium
+//! chromium-driver`; on Ubuntu `chromium-browser chromium-chromedriver`). Screenshots are saved
+//! under the target folder as test artifacts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,7 +10,13 @@ use serde_json::{Value, json};
 
 use crate::common::{Catalog, Client, Daemon, Reply, eventually, free_port, reference_config};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+/// Debian's Chromium, or Ubuntu's (a snap behind `chromium-browser`).
+fn chromium() -> &'static str {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .unwrap_or("/usr/bin/chromium")
+}
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const TOKEN: &str = "dashboard-test-token-0123456789";
 
@@ -23,10 +30,10 @@ struct Browser {
 
 impl Browser {
     fn start() -> Browser {
-        for program in [CHROMIUM, CHROMEDRIVER] {
+        for program in [chromium(), CHROMEDRIVER] {
             assert!(
                 Path::new(program).exists(),
-                "{program} is missing: apt-get install -y chromium chromium-driver (.ci/run does)"
+                "{program} is missing: apt-get install -y chromium chromium-driver (bash tests/run.sh does)"
             );
         }
         let port = free_port();
@@ -71,7 +78,7 @@ impl Browser {
             "/session",
             &json!({"capabilities": {"alwaysMatch": {
                 "browserName": "chrome",
-                "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+                "goog:chromeOptions": {"binary": chromium(), "args": args},
             }}}),
         );
         browser.session = created["sessionId"]

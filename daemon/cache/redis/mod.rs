@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::config::RedisUrl;
+use crate::escape::Escaped;
 
 mod batches;
 pub mod resp;
@@ -117,7 +118,7 @@ impl RedisStore {
                 if health.down_since.is_none() {
                     health.down_since = Some(SystemTime::now());
                     health.outages += 1;
-                    tracing::warn!(address = %self.address(), error = %e, "redis is unavailable: reads answer from the database, the cursor waits");
+                    tracing::warn!(address = %self.address(), error = %Escaped(e), "redis is unavailable: reads answer from the database, the cursor waits");
                 }
                 health.last_error = Some(e.to_string());
             }
@@ -344,7 +345,7 @@ impl RedisStore {
         match self.store(key, entry.version, ttl, body, &groups) {
             Ok(stored) => stored,
             Err(e) => {
-                tracing::debug!(key, error = %e, "not stored in redis");
+                tracing::debug!(key = %Escaped(key), error = %Escaped(&e), "not stored in redis");
                 false
             }
         }

@@ -62,7 +62,7 @@ fn handshake(url: &RedisUrl) -> Vec<Vec<Vec<u8>>> {
         if let Some(user) = &url.username {
             auth.push(user.clone().into_bytes());
         }
-        auth.push(password.clone().into_bytes());
+        auth.push(password.expose().as_bytes().to_vec());
         commands.push(auth);
     }
     if url.db != 0 {
@@ -70,6 +70,18 @@ fn handshake(url: &RedisUrl) -> Vec<Vec<Vec<u8>>> {
     }
     commands
 }
+
+/// A handshake's error with the password (should a server quote the AUTH it refused, as some
+/// proxies do) replaced by `***`.
+fn hide_password(error: RedisError, url: &RedisUrl) -> RedisError {
+    match (error, &url.password) {
+        (RedisError::Server(text), Some(password)) if !password.expose().is_empty() => {
+            RedisError::Server(text.replace(password.expose(), "***"))
+        }
+        (error, _) => error,
+    }
+}
+
 /// Appends one command (an array of bulk strings) to `out`.
 pub fn encode<A: AsRef<[u8]>>(out: &mut Vec<u8>, args: &[A]) {
     out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
@@ -179,7 +191,7 @@ impl Conn {
             buf: Vec::with_capacity(4096),
         };
         for command in handshake(url) {
-            conn.cmd(&command)?;
+            conn.cmd(&command).map_err(|e| hide_password(e, url))?;
         }
         Ok(conn)
     }
@@ -232,7 +244,7 @@ impl AsyncConn {
         for command in handshake(url) {
             let replies = conn.pipeline(&[command]).await?;
             if let Some(Reply::Error(e)) = replies.into_iter().next() {
-                return Err(RedisError::Server(e));
+                return Err(hide_password(RedisError::Server(e), url));
             }
         }
         Ok(conn)
