@@ -26,9 +26,6 @@ use crate::registry::Registry;
 use crate::tail::{Doorbell, Feed, Outbox, Tail, TailCounters, files};
 use crate::{Prepared, reload};
 
-/// Idle read connections kept for fills.
-const READ_POOL_IDLE: usize = 8;
-
 /// Everything the running daemon is made of: the stages' state (behind `sources`, read by
 /// the endpoint and the reports), the live feed, and the tail that alone writes its progress.
 pub(crate) struct Parts {
@@ -40,7 +37,10 @@ pub(crate) struct Parts {
 /// Builds the stages for `config`, whose queries read what `reads` says, from the durable
 /// `cursor`.
 pub(crate) fn build(config: Config, reads: Reads, cursor: u64) -> Parts {
-    let pool = Arc::new(ReadPool::new(config.database.clone(), READ_POOL_IDLE));
+    let pool = Arc::new(
+        ReadPool::new(config.database.clone(), config.http.readers)
+            .with_queue(config.http.read_queue),
+    );
     let queue = Arc::new(WriteBehindQueue::new(config.write_behind.delay));
     let (writer, progress) = progress::channel(cursor);
     let registry = Arc::new(Registry::new(config, reads));

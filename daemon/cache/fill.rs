@@ -1,6 +1,7 @@
 //! Fills: computing a missed key's value once however many requests want it, and storing it
 //! only if nothing made it stale meanwhile; and the write-through recompute, which supersedes
-//! any fill in flight.
+//! any fill in flight. A fill waits for one of the pool's readers; it is given up when too many
+//! reads wait already, and stopped when no request waits for it any more.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,7 +11,7 @@ use rusqlite::Connection;
 use super::flights::{Begin, FillTicket, Filled};
 use super::{Cache, Entry, FillError, FillOutcome, Store, query_failed};
 use crate::counters::now_ms;
-use crate::db::{Computed, compute};
+use crate::db::{Computed, compute, is_interrupted};
 use crate::escape::Escaped;
 use crate::registry::FamilyState;
 use crate::types::Params;
@@ -65,18 +66,9 @@ impl Cache {
             Begin::Cached(entry) => return Ok(entry),
             Begin::Join(waiter) => waiter,
             Begin::Lead(ticket, waiter) => {
-                let cache = Arc::clone(self);
                 // Its own task: the fill completes (and serves the joiners) even if the request
-                // that started it goes away.
-                tokio::spawn(async move {
-                    let _ = tokio::task::spawn_blocking(move || {
-                        let pool = Arc::clone(&cache.pool);
-                        let outcome =
-                            pool.with(|conn| cache.timed_compute(conn, ticket.family(), &params));
-                        cache.finish(ticket, &params, outcome);
-                    })
-                    .await;
-                });
+                // that started it goes away, as long as one request still waits for it.
+                tokio::spawn(Arc::clone(self).lead(ticket, params));
                 waiter
             }
         };
@@ -88,6 +80,29 @@ impl Cache {
         }
     }
 
+    /// Leads a fill: waits for a reader, runs the query and stores what it read if the guard
+    /// allows. Given up (`Busy`) when too many reads wait for a reader already; stopped (the
+    /// query interrupted, or never started) once no request waits for it.
+    async fn lead(self: Arc<Self>, ticket: FillTicket, params: Params) {
+        let reader = match self.pool.reader(ticket.abandoned()).await {
+            Ok(reader) => reader,
+            Err(e) => return self.flights.give_up(ticket, FillError::from(e)),
+        };
+        let abandoned = ticket.abandoned();
+        let cache = Arc::clone(&self);
+        let work = move |conn: rusqlite::Result<&Connection>| {
+            let outcome = conn.and_then(|conn| cache.timed_compute(conn, ticket.family(), &params));
+            match outcome {
+                Err(e) if is_interrupted(&e) => {
+                    cache.flights.give_up(ticket, FillError::Superseded);
+                }
+                outcome => cache.finish(ticket, &params, outcome),
+            }
+        };
+        // A panic drops the ticket, which wakes the requests waiting with an error.
+        let _ = reader.run(work, abandoned).await;
+    }
+
     /// The last try answers with what it read, stored if it may be (a superseding recompute in
     /// memory; Redis's guard), so that no older read lands after this answer; never stored if it
     /// was read while capture was paused.
@@ -97,12 +112,21 @@ impl Cache {
         family: Arc<FamilyState>,
         params: Params,
     ) -> FillOutcome {
+        let reader = self
+            .pool
+            .reader(std::future::pending())
+            .await
+            .map_err(FillError::from)?;
         let cache = Arc::clone(self);
-        let computed = tokio::task::spawn_blocking(move || {
+        let work = move |conn: rusqlite::Result<&Connection>| {
             let ticket = cache.flights.begin_refresh(Arc::clone(&key), &family);
-            let pool = Arc::clone(&cache.pool);
             let computed =
-                pool.with(|conn| compute(conn, &family.def.query, family.def.many, &params));
+                conn.and_then(|conn| compute(conn, &family.def.query, family.def.many, &params));
+            if computed.as_ref().is_err_and(is_interrupted) {
+                // The request went away (it was dropped): nobody reads this answer.
+                cache.flights.give_up(ticket, FillError::Superseded);
+                return Err(FillError::Superseded);
+            }
             let answer = match &computed {
                 Ok(c) => Ok(Arc::new(Entry {
                     version: c.version,
@@ -116,9 +140,10 @@ impl Cache {
             // Finished either way, so the flight leaves the map and its joiners wake.
             cache.finish(ticket, &params, computed);
             answer
-        })
-        .await;
-        computed.unwrap_or_else(|e| Err(FillError::Failed(Arc::from(e.to_string()))))
+        };
+        // Dropping this future (the request went away) stops the query.
+        let answered = reader.run(work, std::future::pending()).await;
+        answered.unwrap_or_else(|e| Err(FillError::from(e)))
     }
 
     /// Recomputes a key now and stores it, superseding any fill in flight (write-through).

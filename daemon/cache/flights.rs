@@ -1,7 +1,8 @@
 //! Fills in flight, for both backends: at most one fill per key; concurrent misses join it (a
 //! stampede runs one query). A flight can be superseded (an invalidation of its key, or a
 //! write-through recompute starting): a superseded fill never stores, and the requests that
-//! joined it are not handed its value (they fill again). The shard lock a key's flight lives
+//! joined it are not handed its value (they fill again). A flight knows when nobody waits for it
+//! any more (its fill is then abandoned: the query stops). The shard lock a key's flight lives
 //! under is also the lock its in-memory value is stored and invalidated under.
 
 use std::collections::HashMap;
@@ -22,7 +23,9 @@ pub type FillWaiter = watch::Receiver<Option<FillOutcome>>;
 struct Flight {
     id: u64,
     family: Arc<FamilyState>,
-    done: FillWaiter,
+    /// Joiners subscribe to it; held as a sender, so that the requests waiting are the only
+    /// receivers, and their count tells when nobody waits any more.
+    done: watch::Sender<Option<FillOutcome>>,
 }
 
 /// The right to store one fill's result, if nothing supersedes it first.
@@ -40,6 +43,24 @@ impl FillTicket {
 
     pub fn key(&self) -> &Arc<str> {
         &self.key
+    }
+
+    /// Resolves once no request waits for this fill any more (all gave up or timed out).
+    pub fn abandoned(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let done = self.done.clone();
+        async move { done.closed().await }
+    }
+}
+
+/// A ticket dropped unfinished (its fill panicked) still wakes the requests waiting on it, with
+/// an error; its flight, left resolved in the map, is replaced by the next miss.
+impl Drop for FillTicket {
+    fn drop(&mut self) {
+        if self.done.borrow().is_none() {
+            self.done.send_replace(Some(Err(FillError::Failed(Arc::from(
+                "the fill was abandoned",
+            )))));
+        }
     }
 }
 
@@ -94,8 +115,9 @@ impl Flights {
         let mut flights = self.shard(&key);
         if let Some(flight) = flights.get(&key)
             && Arc::ptr_eq(&flight.family, family)
+            && flight.done.borrow().is_none()
         {
-            return Begin::Join(flight.done.clone());
+            return Begin::Join(flight.done.subscribe());
         }
         if let Some(entry) = cached(&key).filter(|e| Arc::ptr_eq(&e.family, family)) {
             return Begin::Cached(entry);
@@ -122,7 +144,7 @@ impl Flights {
         let flight = Flight {
             id,
             family: Arc::clone(family),
-            done: waiter.clone(),
+            done: done.clone(),
         };
         flights.insert(Arc::clone(&key), flight);
         let ticket = FillTicket {
@@ -151,17 +173,31 @@ impl Flights {
         computed: Result<Filled, Arc<str>>,
         store: impl FnOnce(&Arc<str>, &Arc<Entry>) -> bool,
     ) -> bool {
-        let (key, id, done, outcome) = resolve(ticket, computed);
+        let outcome = resolve(&ticket, computed);
+        let key = &ticket.key;
         let stored = {
-            let mut flights = self.shard(&key);
-            let current = flights.get(&key).is_some_and(|f| f.id == id);
-            if current {
-                flights.remove(&key);
-            }
-            current && outcome.as_ref().is_ok_and(|entry| store(&key, entry))
+            let mut flights = self.shard(key);
+            let current = self.leave(&mut flights, &ticket);
+            current && outcome.as_ref().is_ok_and(|entry| store(key, entry))
         };
-        wake(done, outcome, stored);
+        wake(&ticket.done, outcome, stored);
         stored
+    }
+
+    /// Ends a fill that read nothing to store (too many reads waiting, or abandoned): its flight
+    /// leaves the map, and whoever still waits gets `error` (`Superseded`: fill again).
+    pub fn give_up(&self, ticket: FillTicket, error: FillError) {
+        self.leave(&mut self.shard(&ticket.key), &ticket);
+        ticket.done.send_replace(Some(Err(error)));
+    }
+
+    /// Removes the ticket's flight, if it is still the key's current one. Returns whether it was.
+    fn leave(&self, flights: &mut Shard, ticket: &FillTicket) -> bool {
+        let current = flights.get(&ticket.key).is_some_and(|f| f.id == ticket.id);
+        if current {
+            flights.remove(&ticket.key);
+        }
+        current
     }
 
     /// Finishes a fill whose value is kept elsewhere (Redis, which guards it by version): the
@@ -174,50 +210,34 @@ impl Flights {
         computed: Result<Filled, Arc<str>>,
         store: impl FnOnce(&str, &Entry) -> bool,
     ) -> bool {
-        let (key, id, done, outcome) = resolve(ticket, computed);
-        {
-            let mut flights = self.shard(&key);
-            if flights.get(&key).is_some_and(|f| f.id == id) {
-                flights.remove(&key);
-            }
-        }
-        let stored = outcome.as_ref().is_ok_and(|entry| store(&key, entry));
-        wake(done, outcome, stored);
+        let outcome = resolve(&ticket, computed);
+        self.leave(&mut self.shard(&ticket.key), &ticket);
+        let stored = outcome
+            .as_ref()
+            .is_ok_and(|entry| store(&ticket.key, entry));
+        wake(&ticket.done, outcome, stored);
         stored
     }
 }
 
-type Resolved = (
-    Arc<str>,
-    u64,
-    watch::Sender<Option<FillOutcome>>,
-    FillOutcome,
-);
-
-fn resolve(ticket: FillTicket, computed: Result<Filled, Arc<str>>) -> Resolved {
-    let FillTicket {
-        key,
-        id,
-        family,
-        done,
-    } = ticket;
-    let outcome = computed.map_err(FillError::Failed).map(|filled| {
+/// What a fill read, as the entry it would store.
+fn resolve(ticket: &FillTicket, computed: Result<Filled, Arc<str>>) -> FillOutcome {
+    computed.map_err(FillError::Failed).map(|filled| {
         Arc::new(Entry {
             version: filled.version,
             body: filled.body,
-            family,
+            family: Arc::clone(&ticket.family),
             tags: filled.tags,
             stored_at: Instant::now(),
         })
-    });
-    (key, id, done, outcome)
+    })
 }
 
 /// A value that was not stored (its flight was superseded, a mark came after its read, or a
 /// newer one is cached) is not handed out either: it may be newer than what the superseding
 /// flight will store, or older than what is cached, and either way a later read could go
 /// backwards. The waiters fill again (joining the superseding flight, or hitting the newer one).
-fn wake(done: watch::Sender<Option<FillOutcome>>, outcome: FillOutcome, stored: bool) {
+fn wake(done: &watch::Sender<Option<FillOutcome>>, outcome: FillOutcome, stored: bool) {
     let outcome = match outcome {
         Ok(_) if !stored => Err(FillError::Superseded),
         other => other,

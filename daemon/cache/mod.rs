@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 mod apply;
+mod bypass;
 mod fill;
 mod flights;
 mod memory;
@@ -27,7 +28,7 @@ pub use redis::resp::RedisError as StoreError;
 
 use crate::config::{Backend, Config};
 use crate::counters::{Counter, Latency};
-use crate::db::ReadPool;
+use crate::db::{ReadError, ReadPool};
 use crate::progress::Progress;
 use crate::registry::{FamilyState, Registry};
 use crate::types::Params;
@@ -68,9 +69,22 @@ pub enum FillError {
     #[error("{0}")]
     Failed(Arc<str>),
     /// The value was not stored (an invalidation came after its read: a request that joined
-    /// this fill late must not get it). Fill again.
+    /// this fill late must not get it), or the read was abandoned. Fill again.
     #[error("the value changed while it was computed")]
     Superseded,
+    /// Too many reads wait for a reader already: come back in a moment.
+    #[error("{0}")]
+    Busy(Arc<str>),
+}
+
+impl From<ReadError> for FillError {
+    fn from(error: ReadError) -> FillError {
+        match error {
+            ReadError::Busy { .. } => FillError::Busy(Arc::from(error.to_string())),
+            ReadError::Abandoned => FillError::Superseded,
+            other => FillError::Failed(Arc::from(other.to_string())),
+        }
+    }
 }
 
 /// Where an answer came from.
@@ -91,6 +105,18 @@ pub enum Lookup {
     NotCached,
     /// The family's query failed.
     Failed(String),
+    /// Too many reads wait for a reader: come back in a moment.
+    Busy(String),
+}
+
+impl Lookup {
+    fn of(outcome: FillOutcome, source: Source) -> Lookup {
+        match outcome {
+            Ok(entry) => Lookup::Value(entry, source),
+            Err(FillError::Busy(message)) => Lookup::Busy(message.to_string()),
+            Err(e) => Lookup::Failed(e.to_string()),
+        }
+    }
 }
 
 /// How a request wants its key.
@@ -125,6 +151,7 @@ enum Store {
 pub struct Cache {
     store: Store,
     flights: Flights,
+    bypasses: bypass::Bypasses,
     pool: Arc<ReadPool>,
     registry: Arc<Registry>,
     progress: Progress,
@@ -157,6 +184,7 @@ impl Cache {
         Cache {
             store,
             flights: Flights::new(),
+            bypasses: bypass::Bypasses::default(),
             pool,
             registry,
             progress,
@@ -227,7 +255,7 @@ impl Cache {
             self.bypass_reason()
         };
         if let Some(reason) = bypass {
-            return self.database_answer(family, params, reason).await;
+            return self.database_answer(key, family, params, reason).await;
         }
         let cached = match &self.store {
             Store::Memory(memory) => memory.get(key),
@@ -235,7 +263,7 @@ impl Cache {
                 Ok(found) => found.map(|(body, remaining)| redis_entry(body, remaining, family)),
                 Err(_) => {
                     return self
-                        .database_answer(family, params, "redis-unavailable")
+                        .database_answer(key, family, params, "redis-unavailable")
                         .await;
                 }
             },
@@ -250,41 +278,30 @@ impl Cache {
         }
         self.counters.misses.inc();
         family.counters.misses.inc();
-        match self.fill(Arc::from(key), family, params).await {
-            Ok(entry) => Lookup::Value(entry, Source::Miss),
-            Err(e) => Lookup::Failed(e.to_string()),
-        }
+        Lookup::of(
+            self.fill(Arc::from(key), family, params).await,
+            Source::Miss,
+        )
     }
 
-    /// The value computed from the database now, stored nowhere.
+    /// The value computed from the database now (a query that starts after this call, shared
+    /// with the concurrent bypass reads of the key), stored nowhere.
     async fn database_answer(
-        &self,
+        self: &Arc<Self>,
+        key: &str,
         family: &Arc<FamilyState>,
         params: Params,
         reason: &'static str,
     ) -> Lookup {
-        let pool = Arc::clone(&self.pool);
-        let query_of = Arc::clone(family);
-        let computed = tokio::task::spawn_blocking(move || {
-            pool.with(|conn| {
-                crate::db::compute(conn, &query_of.def.query, query_of.def.many, &params)
-            })
-        })
-        .await;
-        match computed {
-            Ok(Ok(computed)) => Lookup::Value(
-                Arc::new(Entry {
-                    version: computed.version,
-                    body: computed.body,
-                    family: Arc::clone(family),
-                    tags: Box::new([]),
-                    stored_at: Instant::now(),
-                }),
-                Source::Bypass(reason),
-            ),
-            Ok(Err(e)) => Lookup::Failed(query_failed(family, &e)),
-            Err(e) => Lookup::Failed(e.to_string()),
+        let mut outcome = Err(FillError::Superseded);
+        // Superseded: everyone waiting for that query left just as this request joined it.
+        for _ in 0..3 {
+            outcome = self.read_through(key, family, params.clone()).await;
+            if !matches!(outcome, Err(FillError::Superseded)) {
+                break;
+            }
         }
+        Lookup::of(outcome, Source::Bypass(reason))
     }
 
     /// Whether a write-behind recompute of `key` is still needed: not when a reader's miss has

@@ -30,7 +30,10 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client of the daemon listening on `address`. A daemon listening on every interface
+    /// (`0.0.0.0`, `[::]`) is reached on loopback, so the `Host` sent is an address it answers to.
     pub fn new(address: SocketAddr) -> Client {
+        let address = reachable(address);
         Client {
             base: format!("http://{address}"),
             agent: agent(Duration::from_secs(30)),
@@ -86,6 +89,20 @@ impl Client {
             .read_to_vec()
             .map_err(into_io)?;
         Ok(Reply { status, body })
+    }
+}
+
+/// Where to connect to reach a daemon listening on `address`: the address itself, or loopback
+/// for an unspecified one.
+pub fn reachable(address: SocketAddr) -> SocketAddr {
+    match address.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, address.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, address.port()))
+        }
+        _ => address,
     }
 }
 

@@ -28,7 +28,8 @@ pub fn run(config: Option<&Path>, url: Option<&str>) -> anyhow::Result<ExitCode>
         (Some(config), None) => Config::load(config)?.listen,
         (None, None) => Config::load(Path::new("config.toml"))?.listen,
     };
-    follow(address, &mut io::stdout().lock())?;
+    // A daemon listening on every interface is followed on loopback (a `Host` it answers to).
+    follow(crate::client::reachable(address), &mut io::stdout().lock())?;
     Ok(ExitCode::SUCCESS)
 }
 

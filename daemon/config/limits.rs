@@ -27,6 +27,12 @@ pub const MAX_WORKERS: u64 = 1024;
 pub const MAX_BATCH_SIZE: u64 = 1_000_000;
 /// `http.max_connections`.
 pub const MAX_CONNECTIONS: u64 = 1_000_000;
+/// `http.max_event_streams`.
+pub const MAX_EVENT_STREAMS: u64 = 100_000;
+/// `http.readers`: SQLite connections, each a file descriptor and its page cache.
+pub const MAX_READERS: u64 = 1024;
+/// `http.read_queue`.
+pub const MAX_READ_QUEUE: u64 = 1_000_000;
 
 /// A duration setting, at most `max` (the default when absent or wrong).
 pub(super) fn duration(

@@ -21,6 +21,7 @@ use std::time::Duration;
 mod auto;
 pub mod check;
 pub mod diff;
+mod hosts;
 mod limits;
 mod parse;
 mod redis_url;
@@ -30,6 +31,7 @@ mod validate;
 
 pub use check::{Reads, check_database, tracking_gaps};
 pub use diff::ConfigDiff;
+pub use hosts::{AllowedHost, split_host};
 pub(crate) use parse::Problems;
 pub use parse::{ConfigError, Problem};
 pub use redis_url::RedisUrl;
@@ -103,6 +105,25 @@ pub struct HttpSettings {
     pub request_timeout: Duration,
     /// A client has this long to send a request's headers, else the connection is closed.
     pub header_timeout: Duration,
+    /// Live feeds (`GET /v1/events`) open at once, beside `max_connections` (a stream gives
+    /// its connection's slot back); more are answered 503.
+    pub max_event_streams: usize,
+    /// SQLite connections reading for requests at once (fills, `no-cache`, the outbox head of
+    /// `?fresh=1`, status): the read pool's size.
+    pub readers: usize,
+    /// Reads that may wait for a free reader; more are answered 503 at once.
+    pub read_queue: usize,
+    /// Names a request's `Host` may give besides the listen address's own.
+    pub allowed_hosts: Vec<AllowedHost>,
+}
+
+impl HttpSettings {
+    /// `readers` when the config says nothing: twice the machine's cores, at least 4 (SQLite
+    /// reads are mostly CPU; a few more than the cores cover the ones waiting on the disk).
+    pub fn default_readers() -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        (2 * cores).clamp(4, limits::MAX_READERS as usize)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -308,6 +329,11 @@ mod tests {
         assert_eq!(config.http.max_connections, 1024);
         assert_eq!(config.http.request_timeout, Duration::from_secs(30));
         assert_eq!(config.http.header_timeout, Duration::from_secs(10));
+        assert_eq!(config.http.max_event_streams, 16);
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        assert_eq!(config.http.readers, (2 * cores).clamp(4, 1024));
+        assert_eq!(config.http.read_queue, 1024);
+        assert_eq!(config.http.allowed_hosts, Vec::new());
         let redis = parse("database = \"x.db\"\n[cache]\nbackend = \"redis\"\n").expect("valid");
         let Backend::Redis {
             url,

@@ -63,6 +63,10 @@ pub(super) struct RawHttp {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) request_timeout: Option<Spanned<String>>,
     pub(super) header_timeout: Option<Spanned<String>>,
+    pub(super) max_event_streams: Option<Spanned<i64>>,
+    pub(super) readers: Option<Spanned<i64>>,
+    pub(super) read_queue: Option<Spanned<i64>>,
+    pub(super) allowed_hosts: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -11,16 +11,16 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::limits::{
-    MAX_BATCH_SIZE, MAX_CONNECTIONS, MAX_ENTRIES, MAX_WAIT, MAX_WORKERS, count, duration, positive,
-    ttl,
+    MAX_BATCH_SIZE, MAX_CONNECTIONS, MAX_ENTRIES, MAX_EVENT_STREAMS, MAX_READ_QUEUE, MAX_READERS,
+    MAX_WAIT, MAX_WORKERS, count, duration, positive, ttl,
 };
 use super::parse::{
     Problems, RawCache, RawConfig, RawFamily, RawHttp, RawRule, RawTail, RawWriteBehind,
 };
 use super::template::Template;
 use super::{
-    Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl, Rule, Secret,
-    TailSettings, WriteBehindSettings,
+    AllowedHost, Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl,
+    Rule, Secret, TailSettings, WriteBehindSettings,
 };
 use crate::types::{Op, Strategy};
 
@@ -178,6 +178,28 @@ fn http_settings(raw: &RawHttp, problems: &mut Problems<'_>) -> HttpSettings {
             MAX_WAIT,
             problems,
         ),
+        max_event_streams: count(
+            raw.max_event_streams.as_ref(),
+            "http.max_event_streams",
+            16,
+            MAX_EVENT_STREAMS,
+            problems,
+        ),
+        readers: count(
+            raw.readers.as_ref(),
+            "http.readers",
+            HttpSettings::default_readers(),
+            MAX_READERS,
+            problems,
+        ),
+        read_queue: count(
+            raw.read_queue.as_ref(),
+            "http.read_queue",
+            1024,
+            MAX_READ_QUEUE,
+            problems,
+        ),
+        allowed_hosts: allowed_hosts(raw.allowed_hosts.as_deref(), problems),
     };
     for (value, name, raw_value) in [
         (
@@ -198,6 +220,18 @@ fn http_settings(raw: &RawHttp, problems: &mut Problems<'_>) -> HttpSettings {
         }
     }
     settings
+}
+
+/// `http.allowed_hosts`: each entry a host with an optional port, or `"*"`.
+fn allowed_hosts(raw: Option<&[Spanned<String>]>, problems: &mut Problems<'_>) -> Vec<AllowedHost> {
+    let mut hosts = Vec::new();
+    for entry in raw.unwrap_or_default() {
+        match AllowedHost::parse(entry.get_ref()) {
+            Ok(host) => hosts.push(host),
+            Err(problem) => problems.at(entry.span(), format!("`http.allowed_hosts`: {problem}")),
+        }
+    }
+    hosts
 }
 
 /// `[tail]`.

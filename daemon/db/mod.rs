@@ -1,5 +1,5 @@
-//! The app's database, as cachetail touches it: connections set up in one place, the pool of
-//! read connections fills use, and running a family's query into its JSON value.
+//! The app's database, as cachetail touches it: connections set up in one place, the capped pool
+//! of read connections requests use, and running a family's query into its JSON value.
 //!
 //! cachetail shares the app's database file, so its connections are chosen to never hurt the app:
 //! a busy timeout (it waits for the app, never the other way round for long), WAL so its reads do
@@ -13,7 +13,7 @@ use rusqlite::{Connection, OpenFlags};
 mod pool;
 mod query;
 
-pub use pool::ReadPool;
+pub use pool::{ReadError, ReadPool, is_interrupted};
 pub use query::{Computed, compute, read_head};
 
 /// How long the daemon's statements wait for a lock held by the app before giving up.

@@ -8,15 +8,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::Frame;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 
 use super::Http;
 use crate::api::FeedEvent;
 
 /// The body of `GET /v1/events`: fed by a task that ends when the client goes or the daemon
-/// stops.
+/// stops. It holds the stream's place among `max_event_streams` until hyper drops it.
 pub struct EventBody {
     rx: mpsc::Receiver<Bytes>,
+    _place: OwnedSemaphorePermit,
 }
 
 impl hyper::body::Body for EventBody {
@@ -34,7 +35,7 @@ impl hyper::body::Body for EventBody {
 }
 
 /// Starts a subscriber's stream: a status at once and every second, each change as applied.
-pub fn subscribe(http: &Http) -> EventBody {
+pub fn subscribe(http: &Http, place: OwnedSemaphorePermit) -> EventBody {
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let mut changes = http.feed.subscribe();
     let http = http.clone();
@@ -72,7 +73,7 @@ pub fn subscribe(http: &Http) -> EventBody {
             }
         }
     });
-    EventBody { rx }
+    EventBody { rx, _place: place }
 }
 
 fn to_text(event: &FeedEvent) -> String {

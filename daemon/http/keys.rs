@@ -1,7 +1,10 @@
 //! The key routes: `GET /v1/keys/{key}` and the multi-get `POST /v1/keys`. Both build on one
 //! lookup (`answer`), which returns what the cache found for a key; GET writes it as an HTTP
-//! answer, the multi-get embeds it (the value byte for byte) in its list.
+//! answer, the multi-get embeds it (the value byte for byte) in its list. A multi-get looks each
+//! distinct key up once, serves what is in memory at once, and looks the rest up a few at a
+//! time (as many as there are readers), so that one request cannot fill the readers' line.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +18,7 @@ use serde_json::value::RawValue;
 use super::Http;
 use super::reply::{self, Body};
 use crate::cache::{Entry, Lookup, Source, Want};
-use crate::db::read_head;
+use crate::db::{ReadError, read_head};
 
 /// Keys longer than this are refused (400): no family needs them, and they cost memory.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -25,6 +28,7 @@ const MAX_MULTI_KEYS: usize = 1_000;
 const MAX_MULTI_BODY: usize = 1 << 20;
 
 /// What a request for one key comes to.
+#[derive(Clone)]
 pub enum Answer {
     Value(Arc<Entry>, Source),
     /// No family's pattern matches the key.
@@ -35,6 +39,8 @@ pub enum Answer {
     NotFresh(String),
     /// The family's query failed.
     Failed(String),
+    /// Too many reads wait for a reader: 503 with `Retry-After`.
+    Busy(String),
 }
 
 /// Looks one key up: the hot path first (a value in memory needs no pattern matching), else
@@ -52,13 +58,14 @@ pub async fn answer(http: &Http, key: &str, fresh: bool, want: Want) -> Answer {
     let Some((family, params)) = live.match_key(key) else {
         return Answer::NoFamily;
     };
-    if fresh && let Err(message) = wait_until_applied(http, live.config.fresh_timeout).await {
-        return Answer::NotFresh(message);
+    if fresh && let Err(answer) = wait_until_applied(http, live.config.fresh_timeout).await {
+        return answer;
     }
     match cache.lookup(key, family, params, want).await {
         Lookup::Value(entry, source) => Answer::Value(entry, source),
         Lookup::NotCached => Answer::NotCached,
         Lookup::Failed(message) => Answer::Failed(message),
+        Lookup::Busy(message) => Answer::Busy(message),
     }
 }
 
@@ -77,7 +84,9 @@ fn failure(key: &str, answer: &Answer) -> (StatusCode, String) {
             StatusCode::GATEWAY_TIMEOUT,
             format!("the key {key:?} is not cached (only-if-cached)"),
         ),
-        Answer::NotFresh(message) => (StatusCode::SERVICE_UNAVAILABLE, message.clone()),
+        Answer::NotFresh(message) | Answer::Busy(message) => {
+            (StatusCode::SERVICE_UNAVAILABLE, message.clone())
+        }
         Answer::Failed(message) => (StatusCode::INTERNAL_SERVER_ERROR, message.clone()),
     }
 }
@@ -94,6 +103,7 @@ pub async fn get(http: &Http, raw_key: &str, request: &Request<Incoming>) -> Res
     let answered = answer(http, &key, fresh, want(request.headers())).await;
     let response = match &answered {
         Answer::Value(entry, source) => reply::value(&key, entry, *source),
+        Answer::Busy(message) => reply::busy(message.clone()),
         other => {
             let (status, message) = failure(&key, other);
             reply::error(status, message)
@@ -131,42 +141,84 @@ struct KeyResult<'a> {
 }
 
 /// `POST /v1/keys` with a JSON list of keys (or `{"keys": [...]}`): each key answered as
-/// `GET /v1/keys/{key}` would, in order, each with its own status.
+/// `GET /v1/keys/{key}` would, in order, each with its own status. A key listed twice is looked
+/// up once, and answered at each of its positions.
 pub async fn multi_get(http: &Http, request: Request<Incoming>) -> Response<Body> {
     let fresh = wants_fresh(request.uri().query());
     let keys = match read_keys(request).await {
         Ok(keys) => keys,
         Err(response) => return response,
     };
-    let mut lookups = tokio::task::JoinSet::new();
-    for (index, key) in keys.iter().cloned().enumerate() {
-        let http = http.clone();
-        lookups.spawn(async move {
-            let answered = match check_key(key) {
-                Ok(key) => Ok(answer(&http, &key, fresh, Want::default()).await),
-                Err(problem) => Err(problem),
-            };
-            (index, answered)
-        });
-    }
-    let mut answers: Vec<Option<Result<Answer, String>>> = (0..keys.len()).map(|_| None).collect();
-    while let Some(joined) = lookups.join_next().await {
-        if let Ok((index, answered)) = joined
-            && let Some(slot) = answers.get_mut(index)
-        {
-            *slot = Some(answered);
+    // `?fresh=1`: one wait for the apply, for every key; after it, what is cached is as fresh.
+    let not_fresh = match fresh {
+        true => wait_until_applied(http, http.sources.registry.config().fresh_timeout)
+            .await
+            .err(),
+        false => None,
+    };
+    let mut answers: HashMap<&str, Result<Answer, String>> = HashMap::with_capacity(keys.len());
+    let mut seen = HashSet::with_capacity(keys.len());
+    let mut to_look_up = Vec::new();
+    for key in &keys {
+        if !seen.insert(key.as_str()) {
+            continue;
         }
+        let answered = match (check_key(key.clone()), &not_fresh) {
+            (Err(problem), _) => Err(problem),
+            (Ok(_), Some(not_fresh)) => Ok(not_fresh.clone()),
+            // In memory: served now, without waiting behind the misses.
+            (Ok(checked), None) => match http.sources.cache.hot(&checked) {
+                Some(entry) => Ok(Answer::Value(entry, Source::Hit)),
+                None => {
+                    to_look_up.push(checked);
+                    continue;
+                }
+            },
+        };
+        answers.insert(key, answered);
+    }
+    let looked_up = look_up(http, to_look_up).await;
+    for (key, answer) in &looked_up {
+        answers.insert(key, Ok(answer.clone()));
     }
     let results: Vec<KeyResult<'_>> = keys
         .iter()
-        .zip(answers)
-        .map(|(key, answered)| entry_of(key, answered))
+        .map(|key| entry_of(key, answers.get(key.as_str())))
         .collect();
     #[derive(serde::Serialize)]
     struct Answers<'a> {
         results: Vec<KeyResult<'a>>,
     }
     reply::json(StatusCode::OK, &Answers { results })
+}
+
+/// Looks `keys` (distinct, checked) up, at most as many at once as there are readers: a miss
+/// waits for one anyway, and a thousand at once would only fill the line other requests wait in.
+/// Dropping the future (the request timed out) stops the lookups and their queries.
+async fn look_up(http: &Http, keys: Vec<String>) -> Vec<(String, Answer)> {
+    let at_once = http.sources.pool.size();
+    let mut pending = keys.into_iter();
+    let mut lookups = tokio::task::JoinSet::new();
+    let mut answered = Vec::new();
+    let start = |lookups: &mut tokio::task::JoinSet<_>, key: String| {
+        let http = http.clone();
+        lookups.spawn(async move {
+            let answer = answer(&http, &key, false, Want::default()).await;
+            (key, answer)
+        });
+    };
+    for key in pending.by_ref().take(at_once) {
+        start(&mut lookups, key);
+    }
+    while let Some(joined) = lookups.join_next().await {
+        if let Ok(done) = joined {
+            answered.push(done);
+        }
+        if let Some(key) = pending.next() {
+            start(&mut lookups, key);
+        }
+    }
+    answered
 }
 
 /// The keys a multi-get's body lists, or the answer refusing it.
@@ -211,7 +263,7 @@ async fn read_keys(request: Request<Incoming>) -> Result<Vec<String>, Response<B
 }
 
 /// One key's entry in a multi-get's answer.
-fn entry_of(key: &str, answered: Option<Result<Answer, String>>) -> KeyResult<'_> {
+fn entry_of<'a>(key: &'a str, answered: Option<&Result<Answer, String>>) -> KeyResult<'a> {
     let refused = |status: StatusCode, message: String| KeyResult {
         key,
         status: status.as_u16(),
@@ -228,12 +280,12 @@ fn entry_of(key: &str, answered: Option<Result<Answer, String>>) -> KeyResult<'_
         Some(Ok(Answer::Value(entry, source))) if entry.body.is_some() => KeyResult {
             key,
             status: 200,
-            cache: Some(reply::cache_header(source)),
+            cache: Some(reply::cache_header(*source)),
             value: entry.body.as_ref().and_then(raw_json),
             error: None,
         },
         Some(Ok(other)) => {
-            let (status, message) = failure(key, &other);
+            let (status, message) = failure(key, other);
             refused(status, message)
         }
     }
@@ -246,21 +298,24 @@ fn raw_json(body: &Bytes) -> Option<Box<RawValue>> {
 }
 
 /// Waits until the daemon has applied every change committed before now (read-your-writes).
-async fn wait_until_applied(http: &Http, timeout: Duration) -> Result<(), String> {
-    let head = http
-        .sources
-        .pool
-        .read(read_head)
-        .await
-        .map_err(|e| format!("cannot read the outbox head: {e}"))?;
+async fn wait_until_applied(http: &Http, timeout: Duration) -> Result<(), Answer> {
+    let head = match http.sources.pool.read(read_head).await {
+        Ok(head) => head,
+        Err(e @ ReadError::Busy { .. }) => return Err(Answer::Busy(e.to_string())),
+        Err(e) => {
+            return Err(Answer::NotFresh(format!(
+                "cannot read the outbox head: {e}"
+            )));
+        }
+    };
     let progress = &http.sources.progress;
     let mut applied = progress.subscribe();
     match tokio::time::timeout(timeout, applied.wait_for(|&position| position >= head)).await {
         Ok(Ok(_)) => Ok(()),
-        _ => Err(format!(
+        _ => Err(Answer::NotFresh(format!(
             "not fresh within {timeout:?}: the daemon has applied changes up to {} of {head}; retry, or read without ?fresh=1",
             progress.applied()
-        )),
+        ))),
     }
 }
 

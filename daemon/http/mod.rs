@@ -2,12 +2,14 @@
 //!
 //! `keys` answers `GET /v1/keys/{key}` and the multi-get from the cache; `admin` carries out
 //! operators' invalidations behind the token; `events` streams the live feed; `report` serves
-//! status, metrics and verify; `ui` the dashboard; `routes` maps paths to all of them. A
-//! client's mistake gets a 4xx with a JSON error, never a 5xx; no client can hold the endpoint
-//! (connections, header and request timeouts, a bound on request heads).
+//! status, metrics and verify; `ui` the dashboard; `routes` maps paths to all of them; `guard`
+//! refuses what a web page could send (a `Host` that is not the daemon's, a cross-site write).
+//! A client's mistake gets a 4xx with a JSON error, never a 5xx; no client can hold the endpoint
+//! (connections, header and request timeouts, a bound on request heads, live feeds on slots of
+//! their own).
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::HttpSettings;
 use crate::ops::Sources;
@@ -29,6 +31,7 @@ use crate::tail::Feed;
 
 mod admin;
 mod events;
+mod guard;
 mod keys;
 mod reply;
 mod report;
@@ -50,11 +53,36 @@ pub struct Http {
     pub stopping: watch::Receiver<bool>,
 }
 
+/// What every connection shares: the limits read at start, the live feeds' places, and the
+/// names the daemon answers to.
+struct Limits {
+    request_timeout: Duration,
+    header_timeout: Duration,
+    max_event_streams: usize,
+    streams: Arc<Semaphore>,
+    names: guard::Names,
+}
+
+/// A connection's place among `max_connections`: given back when the connection ends, or as
+/// soon as it turns into a live feed (which never ends, and has a place of its own).
+type Slot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+
 /// Accepts connections until `stopping` turns true, then lets in-flight requests finish.
 pub async fn serve(http: Http, listener: TcpListener, settings: HttpSettings) {
     let graceful = GracefulShutdown::new();
     // At most `max_connections` served at once: past it, new ones wait in the listen backlog.
-    let connections = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    let connections = Arc::new(Semaphore::new(settings.max_connections));
+    // The address bound, not the config's: a `listen` on port 0 serves on a port of its own.
+    let bound = listener
+        .local_addr()
+        .unwrap_or(http.sources.registry.config().listen);
+    let limits = Arc::new(Limits {
+        request_timeout: settings.request_timeout,
+        header_timeout: settings.header_timeout,
+        max_event_streams: settings.max_event_streams,
+        streams: Arc::new(Semaphore::new(settings.max_event_streams)),
+        names: guard::Names::new(bound, settings.allowed_hosts.clone()),
+    });
     let mut stopping = http.stopping.clone();
     let stop = async move {
         // The guard `wait_for` answers with is dropped at once (it is not `Send`).
@@ -81,10 +109,10 @@ pub async fn serve(http: Http, listener: TcpListener, settings: HttpSettings) {
             },
             _ = &mut stop => break,
         };
-        let connection = graceful.watch(connection(&http, stream, &settings));
+        let slot: Slot = Arc::new(Mutex::new(Some(permit)));
+        let connection = graceful.watch(connection(&http, stream, &limits, slot));
         tokio::spawn(async move {
             let _ = connection.await;
-            drop(permit);
         });
     }
     drop(listener);
@@ -96,34 +124,38 @@ pub async fn serve(http: Http, listener: TcpListener, settings: HttpSettings) {
     }
 }
 
-/// One client connection: its requests answered in turn, within the limits.
+/// One client connection: its requests answered in turn, within the limits. Its slot is held
+/// by the service, so it goes back when the connection ends (or earlier, for a live feed).
 fn connection(
     http: &Http,
     stream: TcpStream,
-    settings: &HttpSettings,
+    limits: &Arc<Limits>,
+    slot: Slot,
 ) -> impl hyper_util::server::graceful::GracefulConnection + use<> {
     let _ = stream.set_nodelay(true);
-    let (http, request_timeout) = (http.clone(), settings.request_timeout);
+    let (http, service_limits) = (http.clone(), Arc::clone(limits));
     let service = service_fn(move |request| {
-        let http = http.clone();
-        async move { Ok::<_, Infallible>(answer(&http, request, request_timeout).await) }
+        let (http, limits, slot) = (http.clone(), Arc::clone(&service_limits), Arc::clone(&slot));
+        async move { Ok::<_, Infallible>(answer(&http, request, &limits, &slot).await) }
     });
     // hyper refuses a head that fills its buffer before it ends (its own 431), but a head that
     // arrives in one large read can be parsed past it: `head_bytes` holds every request to the
     // limit, whatever the reads were.
     http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
+        .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service)
 }
 
 /// One request's answer. A request (its fill included) that takes too long gets a 503, and its
-/// connection is free again; the fill itself finishes on its own. The live feed streams.
+/// connection is free again; the work it started stops with it (a query nobody waits for is
+/// interrupted). The live feed streams.
 async fn answer(
     http: &Http,
     request: Request<Incoming>,
-    timeout: Duration,
+    limits: &Limits,
+    slot: &Slot,
 ) -> Response<BoxBody<Bytes, Infallible>> {
     if head_bytes(&request) > MAX_HEAD_BYTES {
         return reply::error(
@@ -132,9 +164,13 @@ async fn answer(
         )
         .map(BodyExt::boxed);
     }
-    if routes::route(request.uri().path()) == Some(routes::Route::Events) {
-        return events_stream(http, &request);
+    if let Err((status, message)) = guard::check(&limits.names, &request) {
+        return reply::error(status, message).map(BodyExt::boxed);
     }
+    if routes::route(request.uri().path()) == Some(routes::Route::Events) {
+        return events_stream(http, &request, limits, slot);
+    }
+    let timeout = limits.request_timeout;
     tokio::time::timeout(timeout, routes::dispatch(http, request))
         .await
         .unwrap_or_else(|_| {
@@ -146,18 +182,35 @@ async fn answer(
         .map(BodyExt::boxed)
 }
 
-/// `GET /v1/events`: the live feed, as Server-Sent Events.
-fn events_stream(http: &Http, request: &Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+/// `GET /v1/events`: the live feed, as Server-Sent Events, on a place of its own among
+/// `max_event_streams` (503 past it). The connection gives its own slot back: a feed never
+/// ends, and must not keep key reads, health checks or admin calls waiting. It closes when the
+/// feed ends, so it never serves a request again without a slot.
+fn events_stream(
+    http: &Http,
+    request: &Request<Incoming>,
+    limits: &Limits,
+    slot: &Slot,
+) -> Response<BoxBody<Bytes, Infallible>> {
     if request.method() != Method::GET {
         return reply::method_not_allowed("GET").map(BodyExt::boxed);
     }
-    let mut response = Response::new(BodyExt::boxed(events::subscribe(http)));
+    let Ok(place) = Arc::clone(&limits.streams).try_acquire_owned() else {
+        let max = limits.max_event_streams;
+        return reply::busy(format!(
+            "{max} live feeds are open already, the most `http.max_event_streams` allows: close one (a dashboard tab, a `cachetail watch`) or raise the setting"
+        ))
+        .map(BodyExt::boxed);
+    };
+    drop(slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let mut response = Response::new(BodyExt::boxed(events::subscribe(http, place)));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(
         hyper::header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache"),
     );
+    headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

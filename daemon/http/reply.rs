@@ -29,6 +29,15 @@ pub fn error(status: StatusCode, message: String) -> Response<Body> {
     json(status, &json!({ "error": message }))
 }
 
+/// 503 with `Retry-After: 1`: a limit is reached for now (readers, live feeds), not broken.
+pub fn busy(message: String) -> Response<Body> {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 pub fn malformed_key(problem: &str) -> Response<Body> {
     error(StatusCode::BAD_REQUEST, format!("malformed key: {problem}"))
 }

@@ -2,6 +2,7 @@
 //! `POST /v1/verify?sample=N` (with an admin token set, verify needs it too).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -23,7 +24,12 @@ pub async fn metrics(http: &Http) -> Response<Body> {
     }
 }
 
-/// Recompute up to N cached values (default 1000, at most 100000) and report the stale ones.
+/// Values one verify recomputes at most, whatever `sample` asks: a verify reads the database twice
+/// per value (the head and the value), one value at a time.
+pub const MAX_VERIFY_SAMPLE: usize = 10_000;
+
+/// Recompute up to N cached values (default 1000, at most `MAX_VERIFY_SAMPLE`) and report the
+/// stale ones. One verify runs at a time (429 meanwhile).
 pub async fn verify(http: &Http, request: &Request<Incoming>) -> Response<Body> {
     let config = http.sources.registry.config();
     if config.admin_token.is_some()
@@ -40,7 +46,7 @@ pub async fn verify(http: &Http, request: &Request<Incoming>) -> Response<Body> 
         .map(str::parse::<usize>);
     let sample = match sample {
         None => 1000,
-        Some(Ok(n)) if n > 0 => n.min(100_000),
+        Some(Ok(n)) if n > 0 => n.min(MAX_VERIFY_SAMPLE),
         Some(_) => {
             return reply::error(
                 StatusCode::BAD_REQUEST,
@@ -48,13 +54,40 @@ pub async fn verify(http: &Http, request: &Request<Incoming>) -> Response<Body> 
             );
         }
     };
+    let Some(running) = http.sources.verify.start() else {
+        let mut answer = reply::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "a verify is running already: retry when it is done".to_owned(),
+        );
+        answer.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from_static("1"),
+        );
+        return answer;
+    };
     let sources = Arc::new(http.sources.clone());
     let wait = config.fresh_timeout;
-    match tokio::task::spawn_blocking(move || check::verify(&sources, sample, wait)).await {
+    // Set when this request goes away (a client gone, a timeout): the verify stops with it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_with_request = SetOnDrop(Arc::clone(&stop));
+    let verified = tokio::task::spawn_blocking(move || {
+        let _running = running;
+        check::verify(&sources, sample, wait, &stop)
+    });
+    match verified.await {
         Ok(report) => reply::json(StatusCode::OK, &report),
         Err(e) => reply::error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("verify failed: {e}"),
         ),
+    }
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }

@@ -4,6 +4,7 @@
 //! read by the status, the feed and the metrics alike.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::apply::{ApplyCounters, WarmProgress, WriteBehindQueue};
 use crate::cache::Cache;
@@ -31,12 +32,30 @@ pub struct Sources {
     pub verify: Arc<VerifyCounters>,
 }
 
-/// What `verify` found, in total.
+/// What `verify` found, in total, and whether one runs now.
 #[derive(Debug, Default)]
 pub struct VerifyCounters {
     /// Cached values compared with the database, and how many of them were stale.
     pub verified: Counter,
     pub stale_found: Counter,
+    running: Arc<AtomicBool>,
+}
+
+impl VerifyCounters {
+    /// Marks a verify as running, unless one is: None then. It ends when the guard goes.
+    pub fn start(&self) -> Option<VerifyRunning> {
+        let running = &self.running;
+        (!running.swap(true, Ordering::AcqRel)).then(|| VerifyRunning(Arc::clone(running)))
+    }
+}
+
+/// A verify under way.
+pub struct VerifyRunning(Arc<AtomicBool>);
+
+impl Drop for VerifyRunning {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// One counter: its name in `/v1/status` (and whether the feed's status carries it), its

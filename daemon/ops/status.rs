@@ -17,7 +17,11 @@ use crate::tail::{Backlog, backlog};
 /// The outbox's backlog behind the applied position (one read on the pool).
 pub async fn read_backlog(sources: &Sources) -> Result<Backlog, String> {
     let cursor = sources.progress.applied();
-    sources.pool.read(move |conn| backlog(conn, cursor)).await
+    sources
+        .pool
+        .read(move |conn| backlog(conn, cursor))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The body of `GET /v1/status`.

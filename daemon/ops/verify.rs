@@ -6,6 +6,7 @@
 //! operator proves the cache right in production (`cachetail verify`, `POST /v1/verify`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::Sources;
@@ -16,14 +17,18 @@ use crate::escape::Escaped;
 /// Attempts per key: the database may change between the applied point and the recompute.
 const ATTEMPTS: usize = 5;
 
-/// Verifies up to `sample` cached values. Blocking: run it on a blocking thread.
-pub fn verify(sources: &Sources, sample: usize, wait: Duration) -> VerifyReport {
+/// Verifies up to `sample` cached values, until `stop` is set (the request went away). Blocking:
+/// run it on a blocking thread.
+pub fn verify(sources: &Sources, sample: usize, wait: Duration, stop: &AtomicBool) -> VerifyReport {
     let mut report = VerifyReport::default();
     let keys = sources.cache.sample(sample).unwrap_or_else(|e| {
         tracing::warn!(error = %Escaped(&e), "verify cannot list the cached keys");
         Vec::new()
     });
     for key in keys {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         match verify_key(sources, &key, wait) {
             Outcome::Fresh => report.checked += 1,
             Outcome::Stale => {
@@ -56,7 +61,7 @@ fn verify_key(sources: &Sources, key: &Arc<str>, wait: Duration) -> Outcome {
         return Outcome::Gone;
     };
     for _ in 0..ATTEMPTS {
-        let Ok(head) = sources.pool.with(read_head) else {
+        let Ok(head) = sources.pool.read_blocking(read_head) else {
             return Outcome::Unverified;
         };
         if !wait_applied(sources, head, wait) {
@@ -67,10 +72,10 @@ fn verify_key(sources: &Sources, key: &Arc<str>, wait: Duration) -> Outcome {
             Ok(None) => return Outcome::Gone,
             Err(_) => return Outcome::Unverified,
         };
-        let def = &family.def;
+        let (def, params) = (Arc::clone(&family.def), params.clone());
         let Ok(fresh) = sources
             .pool
-            .with(|conn| compute(conn, &def.query, def.many, &params))
+            .read_blocking(move |conn| compute(conn, &def.query, def.many, &params))
         else {
             return Outcome::Unverified;
         };

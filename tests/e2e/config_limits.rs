@@ -149,6 +149,21 @@ fn refused_cases() -> Vec<Case> {
         ),
         case(
             Section("[http]"),
+            Some("http.max_event_streams"),
+            "max_event_streams",
+            "100001",
+        ),
+        case(Section("[http]"), Some("http.readers"), "readers", I64_MAX),
+        case(Section("[http]"), Some("http.readers"), "readers", "1025"),
+        case(Section("[http]"), Some("http.readers"), "readers", "0"),
+        case(
+            Section("[http]"),
+            Some("http.read_queue"),
+            "read_queue",
+            "1000001",
+        ),
+        case(
+            Section("[http]"),
             Some("http.request_timeout"),
             "request_timeout",
             CENTURIES,
@@ -295,6 +310,9 @@ lease = "1h"
 max_connections = 1000000
 request_timeout = "1h"
 header_timeout = "1h"
+max_event_streams = 100000
+readers = 1024
+read_queue = 1000000
 
 [keys."book:{id}"]
 query = "SELECT b.id, count(r.id) AS review_count FROM books b LEFT JOIN reviews r ON r.book_id = b.id WHERE b.id = :id GROUP BY b.id"

@@ -201,7 +201,7 @@ impl Feed {
             .set_read_timeout(Some(DEADLINE))
             .expect("read timeout");
         stream
-            .write_all(b"GET /v1/events HTTP/1.1\r\nHost: cachetail\r\n\r\n")
+            .write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes())
             .expect("send the request");
         let mut reader = BufReader::new(stream);
         let mut head = Vec::new();

@@ -51,7 +51,8 @@ impl Subscriber {
             .expect("read timeout");
         stream
             .write_all(
-                b"GET /v1/events HTTP/1.1\r\nHost: cachetail\r\nAccept: text/event-stream\r\n\r\n",
+                format!("GET /v1/events HTTP/1.1\r\nHost: {address}\r\nAccept: text/event-stream\r\n\r\n")
+                    .as_bytes(),
             )
             .expect("send the request");
         let mut reader = BufReader::new(stream);

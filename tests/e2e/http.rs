@@ -620,7 +620,10 @@ fn request_heads_over_64_kib_get_a_431() {
     let (_catalog, daemon) = catalog_daemon("delete", "50ms");
     // A GET whose head (request line, headers, blank line) is exactly `size` bytes.
     let head = |size: usize| {
-        let start = "GET /v1/keys/book:1 HTTP/1.1\r\nHost: x\r\nX-Padding: ";
+        let start = format!(
+            "GET /v1/keys/book:1 HTTP/1.1\r\nHost: {}\r\nX-Padding: ",
+            daemon.address
+        );
         let end = "\r\n\r\n";
         format!("{start}{}{end}", "a".repeat(size - start.len() - end.len())).into_bytes()
     };
@@ -656,9 +659,11 @@ fn a_multi_get_body_over_1_mib_gets_a_413() {
     assert_eq!(at_limit.status, 200, "{}", at_limit.text());
     assert_eq!(json(&at_limit)["results"][1]["value"]["name"], "user2");
     for size in [LIMIT + 1, 2 * LIMIT] {
-        let mut request =
-            format!("POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n")
-                .into_bytes();
+        let mut request = format!(
+            "POST /v1/keys HTTP/1.1\r\nHost: {}\r\nContent-Length: {size}\r\n\r\n",
+            daemon.address
+        )
+        .into_bytes();
         request.extend(body(size));
         let (status, error) = raw_answer(daemon.address, &request);
         assert_eq!(status, 413, "a {size}-byte body: {error}");
