@@ -124,6 +124,12 @@ impl Cache {
     /// Blocking: runs on the applying thread with its connection. Returns false (after removing
     /// the key, so nothing stale stays) when the query failed; a value read while capture was
     /// paused is not stored, and the key is removed likewise.
+    ///
+    /// The key kept its previous value while the recompute ran (no window of misses). A
+    /// recompute that read but was not stored — superseded by a later one (a reader's last
+    /// try), or refused — must not leave that previous value served once the change counts as
+    /// applied: every value read before the recompute is dropped (a newer one stays, and so
+    /// does the flight that superseded it, which stores when it lands).
     pub fn refresh_now(
         &self,
         conn: &Connection,
@@ -134,10 +140,15 @@ impl Cache {
         let ticket = self.flights.begin_refresh(Arc::from(key), family);
         let outcome = self.timed_compute(conn, family, params);
         let ok = outcome.is_ok();
-        let paused = outcome.as_ref().is_ok_and(|c| c.paused);
-        self.finish(ticket, params, outcome);
-        if !ok || paused {
-            self.invalidate_key(key);
+        let read = match &outcome {
+            Ok(computed) if !computed.paused => Some(computed.version),
+            _ => None,
+        };
+        let stored = self.finish(ticket, params, outcome);
+        match read {
+            None => self.invalidate_key(key),
+            Some(version) if !stored => self.drop_older(key, version),
+            Some(_) => {}
         }
         ok
     }
@@ -160,8 +171,14 @@ impl Cache {
         computed
     }
 
-    /// Ends a fill: counts it, and stores what it read if the guard allows.
-    fn finish(&self, ticket: FillTicket, params: &Params, outcome: rusqlite::Result<Computed>) {
+    /// Ends a fill: counts it, and stores what it read if the guard allows. Returns whether it
+    /// was stored.
+    fn finish(
+        &self,
+        ticket: FillTicket,
+        params: &Params,
+        outcome: rusqlite::Result<Computed>,
+    ) -> bool {
         let family = Arc::clone(ticket.family());
         family.counters.fills.inc();
         self.counters.fills.inc();
@@ -182,19 +199,15 @@ impl Cache {
             // Read while capture was paused: not stored, and not handed to the requests that
             // joined either (one may have joined after a change the read missed): they fill
             // again, and the last try answers from the database without storing.
-            _ if paused => {
-                self.flights
-                    .finish_elsewhere(ticket, computed, |_, _| false);
-            }
-            Store::Memory(memory) => {
-                self.flights.finish(ticket, computed, |key, entry| {
-                    memory.store_if_newer(key, entry)
-                });
-            }
-            Store::Redis(redis) => {
-                self.flights
-                    .finish_elsewhere(ticket, computed, |key, entry| redis.store_entry(key, entry));
-            }
+            _ if paused => self
+                .flights
+                .finish_elsewhere(ticket, computed, |_, _| false),
+            Store::Memory(memory) => self.flights.finish(ticket, computed, |key, entry| {
+                memory.store_if_newer(key, entry)
+            }),
+            Store::Redis(redis) => self
+                .flights
+                .finish_elsewhere(ticket, computed, |key, entry| redis.store_entry(key, entry)),
         }
     }
 }

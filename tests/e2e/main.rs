@@ -14,6 +14,7 @@ mod lifecycle;
 mod migrations;
 mod never_hurt;
 mod race;
+mod recompute;
 mod redis;
 mod redis_claims;
 mod reload;
