@@ -18,5 +18,6 @@ mod recompute;
 mod redis;
 mod redis_claims;
 mod reload;
+mod spellings;
 mod strategies;
 mod write_shapes;
