@@ -29,7 +29,8 @@ pub struct CheckReport {
     pub derived: Vec<String>,
     /// Tables a family reads that no rule refreshes it for.
     pub gaps: Vec<String>,
-    /// Things worth knowing now that are not config problems (Redis not answering).
+    /// Things worth knowing now that are not config problems (Redis not answering, keys a
+    /// collation keeps out of the cache).
     pub warnings: Vec<String>,
 }
 
@@ -45,6 +46,14 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
     report
         .warnings
         .extend(crate::cache::unreachable(&config.cache));
+    for family in &config.families {
+        let pattern = family.pattern.source();
+        for note in reads.spelling(pattern).notes() {
+            report
+                .warnings
+                .push(format!("key family `{pattern}`: {note}"));
+        }
+    }
     for rule in config.rules.iter().filter(|r| r.derived_from.is_some()) {
         let mut names: Vec<&str> = rule.keys.iter().map(|k| k.source()).collect();
         names.extend(rule.tags.iter().map(|t| t.source()));

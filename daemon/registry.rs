@@ -1,6 +1,6 @@
 //! What the running daemon keeps beside the config in force, which is plain data: per family its
 //! runtime state (the floor below which its values are not served, whether a reload retired it,
-//! its counters), per rule its counters, what each family's query reads (from `check`), and the
+//! how its query compares its placeholders under the schema last seen, its counters), per rule its counters, what each family's query reads (from `check`), and the
 //! outcome of the reloads so far.
 //!
 //! `Live` is one consistent view: a config with the state aligned to its families and rules. A
@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+use crate::config::spelling::FamilySpelling;
 use crate::config::{Config, ConfigDiff, Family, Reads};
 use crate::counters::Counter;
 use crate::types::Params;
@@ -22,6 +23,9 @@ pub struct FamilyState {
     pub def: Arc<Family>,
     floor: AtomicU64,
     retired: AtomicBool,
+    /// How its query compares its placeholders under the schema last seen: which spellings of
+    /// its keys may be cached.
+    spelling: RwLock<Arc<FamilySpelling>>,
     pub counters: FamilyCounters,
 }
 
@@ -45,13 +49,30 @@ pub struct RuleCounters {
 }
 
 impl FamilyState {
-    fn new(def: Arc<Family>) -> FamilyState {
+    fn new(def: Arc<Family>, spelling: Arc<FamilySpelling>) -> FamilyState {
         FamilyState {
             def,
             floor: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            spelling: RwLock::new(spelling),
             counters: FamilyCounters::default(),
         }
+    }
+
+    /// How its query compares its placeholders (see `config::spelling`).
+    pub fn spelling(&self) -> Arc<FamilySpelling> {
+        Arc::clone(&self.spelling.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Why `params` (a requested key's) are not spelled as rules render the rows they read, if
+    /// they are not: such a key is never cached.
+    pub fn spelling_problem(&self, params: &Params) -> Option<String> {
+        self.spelling().problem(params)
+    }
+
+    /// Records how its query compares its placeholders under a newer schema.
+    pub fn set_spelling(&self, spelling: Arc<FamilySpelling>) {
+        *self.spelling.write().unwrap_or_else(|e| e.into_inner()) = spelling;
     }
 
     /// Values computed before this outbox position are not served (a family flush).
@@ -86,7 +107,16 @@ impl Live {
             .families
             .iter()
             .enumerate()
-            .map(|(i, def)| keep(i).unwrap_or_else(|| Arc::new(FamilyState::new(Arc::clone(def)))))
+            .map(|(i, def)| {
+                let spelling = reads.spelling(def.pattern.source());
+                match keep(i) {
+                    Some(kept) => {
+                        kept.set_spelling(spelling);
+                        kept
+                    }
+                    None => Arc::new(FamilyState::new(Arc::clone(def), spelling)),
+                }
+            })
             .collect();
         let rules = config
             .rules

@@ -68,6 +68,17 @@ impl Cache {
         }
     }
 
+    /// Drops the key's value if it was read before `version` (under the key's flight lock; its
+    /// flight, if any, stays). In Redis there is nothing to drop: the batch that led to a
+    /// recompute removed the key there, and the store script never stores a value below one
+    /// read later.
+    pub(super) fn drop_older(&self, key: &str, version: u64) {
+        if let Store::Memory(memory) = &self.store {
+            self.flights
+                .locked(key, || memory.remove_older_than(key, version));
+        }
+    }
+
     /// An operator's action at its position marker's `position` (values read before it are
     /// dropped; the refills after it are fresh). Blocking.
     pub fn admin(

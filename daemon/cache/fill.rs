@@ -1,7 +1,8 @@
 //! Fills: computing a missed key's value once however many requests want it, and storing it
-//! only if nothing made it stale meanwhile; and the write-through recompute, which supersedes
-//! any fill in flight. A fill waits for one of the pool's readers; it is given up when too many
-//! reads wait already, and stopped when no request waits for it any more.
+//! only if nothing made it stale meanwhile and its key is one rules can reach; and the
+//! write-through recompute, which supersedes any fill in flight. A fill waits for one of the
+//! pool's readers; it is given up when too many reads wait already, and stopped when no request
+//! waits for it any more.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,12 +10,21 @@ use std::time::Instant;
 use rusqlite::Connection;
 
 use super::flights::{Begin, FillTicket, Filled};
-use super::{Cache, Entry, FillError, FillOutcome, Store, query_failed};
+use super::{Cache, Entry, FillError, FillOutcome, KEY_SPELLING, Lookup, Store, query_failed};
+use crate::config::spelling;
 use crate::counters::now_ms;
 use crate::db::{Computed, compute, is_interrupted};
 use crate::escape::Escaped;
 use crate::registry::FamilyState;
 use crate::types::Params;
+
+/// What a fill's query read, and whether it may be stored: not when it was read while capture
+/// was paused, nor when the key is not spelled as rules render the rows it read (under the
+/// schema the query read).
+struct Read {
+    computed: Computed,
+    storable: bool,
+}
 
 impl Cache {
     /// Fills a missed key: joins the fill in flight, or leads a new one on a blocking thread.
@@ -24,6 +34,19 @@ impl Cache {
         family: &Arc<FamilyState>,
         params: Params,
     ) -> FillOutcome {
+        // A key no rule renders (`book:042`) is answered, never stored (`lookup` answers such
+        // keys before filling; this is for write-behind and warm start).
+        if family.spelling_problem(&params).is_some() {
+            return match self
+                .database_answer(&key, family, params, KEY_SPELLING)
+                .await
+            {
+                Lookup::Value(entry, _) => Ok(entry),
+                Lookup::Failed(message) => Err(FillError::Failed(Arc::from(message))),
+                Lookup::NotCached => Err(FillError::Failed(Arc::from("not cached"))),
+                Lookup::Busy(message) => Err(FillError::Busy(Arc::from(message))),
+            };
+        }
         // The fill this request led or joined is not handed out when it was not stored: an
         // invalidation of the key superseded it, a mark raised while its query ran hides it
         // (this request may have joined after the mark), Redis refused it (perhaps another
@@ -91,12 +114,14 @@ impl Cache {
         let abandoned = ticket.abandoned();
         let cache = Arc::clone(&self);
         let work = move |conn: rusqlite::Result<&Connection>| {
-            let outcome = conn.and_then(|conn| cache.timed_compute(conn, ticket.family(), &params));
+            let outcome = conn.and_then(|conn| cache.timed_read(conn, ticket.family(), &params));
             match outcome {
                 Err(e) if is_interrupted(&e) => {
                     cache.flights.give_up(ticket, FillError::Superseded);
                 }
-                outcome => cache.finish(ticket, &params, outcome),
+                outcome => {
+                    cache.finish(ticket, &params, outcome);
+                }
             }
         };
         // A panic drops the ticket, which wakes the requests waiting with an error.
@@ -105,7 +130,7 @@ impl Cache {
 
     /// The last try answers with what it read, stored if it may be (a superseding recompute in
     /// memory; Redis's guard), so that no older read lands after this answer; never stored if it
-    /// was read while capture was paused.
+    /// was read while capture was paused (or its key is not one rules reach).
     async fn last_try(
         self: &Arc<Self>,
         key: Arc<str>,
@@ -120,15 +145,14 @@ impl Cache {
         let cache = Arc::clone(self);
         let work = move |conn: rusqlite::Result<&Connection>| {
             let ticket = cache.flights.begin_refresh(Arc::clone(&key), &family);
-            let computed =
-                conn.and_then(|conn| compute(conn, &family.def.query, family.def.many, &params));
+            let computed = conn.and_then(|conn| cache.read(conn, &family, &params));
             if computed.as_ref().is_err_and(is_interrupted) {
                 // The request went away (it was dropped): nobody reads this answer.
                 cache.flights.give_up(ticket, FillError::Superseded);
                 return Err(FillError::Superseded);
             }
             let answer = match &computed {
-                Ok(c) => Ok(Arc::new(Entry {
+                Ok(Read { computed: c, .. }) => Ok(Arc::new(Entry {
                     version: c.version,
                     body: c.body.clone(),
                     tags: family.def.render_tags(&params),
@@ -150,6 +174,12 @@ impl Cache {
     /// Blocking: runs on the applying thread with its connection. Returns false (after removing
     /// the key, so nothing stale stays) when the query failed; a value read while capture was
     /// paused is not stored, and the key is removed likewise.
+    ///
+    /// The key kept its previous value while the recompute ran (no window of misses). A
+    /// recompute that read but was not stored — superseded by a later one (a reader's last
+    /// try), or refused — must not leave that previous value served once the change counts as
+    /// applied: every value read before the recompute is dropped (a newer one stays, and so
+    /// does the flight that superseded it, which stores when it lands).
     pub fn refresh_now(
         &self,
         conn: &Connection,
@@ -157,43 +187,66 @@ impl Cache {
         family: &Arc<FamilyState>,
         params: &Params,
     ) -> bool {
-        let ticket = self.flights.begin_refresh(Arc::from(key), family);
-        let outcome = self.timed_compute(conn, family, params);
-        let ok = outcome.is_ok();
-        let paused = outcome.as_ref().is_ok_and(|c| c.paused);
-        self.finish(ticket, params, outcome);
-        if !ok || paused {
+        if family.spelling_problem(params).is_some() {
+            // A key no family would store (a rule rendered `book:042`): nothing to recompute.
             self.invalidate_key(key);
+            return true;
+        }
+        let ticket = self.flights.begin_refresh(Arc::from(key), family);
+        let outcome = self.timed_read(conn, family, params);
+        let ok = outcome.is_ok();
+        let read = match &outcome {
+            Ok(read) if read.storable => Some(read.computed.version),
+            _ => None,
+        };
+        let stored = self.finish(ticket, params, outcome);
+        match read {
+            None => self.invalidate_key(key),
+            Some(version) if !stored => self.drop_older(key, version),
+            Some(_) => {}
         }
         ok
     }
 
-    /// `compute`, its duration recorded.
-    fn timed_compute(
+    /// `read`, its duration recorded.
+    fn timed_read(
         &self,
         conn: &Connection,
         family: &FamilyState,
         params: &Params,
-    ) -> rusqlite::Result<Computed> {
+    ) -> rusqlite::Result<Read> {
         let started = Instant::now();
-        let computed = compute(conn, &family.def.query, family.def.many, params);
+        let read = self.read(conn, family, params);
         let took = started.elapsed();
         self.counters
             .fill_latency
             .record(now_ms(), &[took.as_secs_f64() * 1000.0]);
         family.counters.computes.inc();
         family.counters.compute_micros.add(took.as_micros() as u64);
-        computed
+        read
     }
 
-    /// Ends a fill: counts it, and stores what it read if the guard allows.
-    fn finish(&self, ticket: FillTicket, params: &Params, outcome: rusqlite::Result<Computed>) {
+    /// Runs the family's query for `params`, and tells whether what it read may be stored.
+    fn read(
+        &self,
+        conn: &Connection,
+        family: &FamilyState,
+        params: &Params,
+    ) -> rusqlite::Result<Read> {
+        let computed = compute(conn, &family.def.query, family.def.many, params)?;
+        let storable = !computed.paused && reachable(conn, family, params, computed.schema_version);
+        Ok(Read { computed, storable })
+    }
+
+    /// Ends a fill: counts it, and stores what it read if the guard allows. Returns whether it
+    /// was stored.
+    fn finish(&self, ticket: FillTicket, params: &Params, outcome: rusqlite::Result<Read>) -> bool {
         let family = Arc::clone(ticket.family());
         family.counters.fills.inc();
         self.counters.fills.inc();
-        let paused = outcome.as_ref().is_ok_and(|c| c.paused);
+        let unstorable = outcome.as_ref().is_ok_and(|read| !read.storable);
         let computed = match outcome {
-            Ok(c) => Ok(Filled {
+            Ok(Read { computed: c, .. }) => Ok(Filled {
                 version: c.version,
                 body: c.body,
                 tags: family.def.render_tags(params),
@@ -207,22 +260,45 @@ impl Cache {
         match &self.store {
             // Read while capture was paused: not stored, and not handed to the requests that
             // joined either (one may have joined after a change the read missed): they fill
-            // again, and the last try answers from the database without storing.
-            _ if paused => {
-                self.flights
-                    .finish_elsewhere(ticket, computed, |_, _| false);
-            }
-            Store::Memory(memory) => {
-                self.flights.finish(ticket, computed, |key, entry| {
-                    memory.store_if_newer(key, entry)
-                });
-            }
-            Store::Redis(redis) => {
-                self.flights
-                    .finish_elsewhere(ticket, computed, |key, entry| redis.store_entry(key, entry));
-            }
+            // again, and the last try answers from the database without storing. The same for
+            // a key the schema it read made a spelling no rule renders.
+            _ if unstorable => self
+                .flights
+                .finish_elsewhere(ticket, computed, |_, _| false),
+            Store::Memory(memory) => self.flights.finish(ticket, computed, |key, entry| {
+                memory.store_if_newer(key, entry)
+            }),
+            Store::Redis(redis) => self
+                .flights
+                .finish_elsewhere(ticket, computed, |key, entry| redis.store_entry(key, entry)),
         }
     }
+}
+
+/// Whether `params` spell their key as rules render the rows the family's query reads, under
+/// the schema the query read (`schema_version`). After a schema change the family's analysis is
+/// redone first (on this connection); a value read under another schema than the analysis is
+/// not stored.
+fn reachable(
+    conn: &Connection,
+    family: &FamilyState,
+    params: &Params,
+    schema_version: i64,
+) -> bool {
+    let mut known = family.spelling();
+    if known.schema_version != schema_version {
+        let now = Arc::new(spelling::analyse(
+            &family.def.pattern,
+            &family.def.query,
+            conn,
+        ));
+        if !now.same_uses(&known) && known.schema_version >= 0 {
+            tracing::info!(family = %family.def.pattern, "the schema changed how the family's query compares its placeholders");
+        }
+        family.set_spelling(Arc::clone(&now));
+        known = now;
+    }
+    known.schema_version == schema_version && known.problem(params).is_none()
 }
 
 #[cfg(test)]
@@ -262,10 +338,15 @@ mod tests {
             panic!("expected to join");
         };
         // Its read transaction found capture paused: writes since may have no outbox row.
-        let read = Computed {
+        let computed = Computed {
             version: 5,
             body: Some(Bytes::from_static(b"{\"id\":1}")),
             paused: true,
+            schema_version: 0,
+        };
+        let read = Read {
+            computed,
+            storable: false,
         };
         cache.finish(ticket, &params, Ok(read));
         assert!(cache.hot("k:1").is_none(), "not stored");

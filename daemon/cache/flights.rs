@@ -164,6 +164,12 @@ impl Flights {
         then();
     }
 
+    /// Runs `then` under the key's flight lock, leaving its flight as it is.
+    pub fn locked(&self, key: &str, then: impl FnOnce()) {
+        let _flights = self.shard(key);
+        then();
+    }
+
     /// Finishes a fill whose flight is current: `store` runs under the flight lock (no
     /// invalidation of the key runs in between). Then wakes every request waiting on it, with
     /// `Superseded` when it was not stored. Returns whether it was stored.

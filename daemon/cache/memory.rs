@@ -119,6 +119,13 @@ impl MemoryStore {
         self.entries.invalidate(key);
     }
 
+    /// Removes a key's value if it was read before `version` (under its flight lock).
+    pub fn remove_older_than(&self, key: &str, version: u64) {
+        if self.entries.get(key).is_some_and(|e| e.version < version) {
+            self.entries.invalidate(key);
+        }
+    }
+
     /// Drops every value carrying `tag` that was read before `position`.
     pub fn invalidate_tag(&self, tag: &str, position: u64) {
         let mut marks = self.tag_marks.write().unwrap_or_else(|e| e.into_inner());

@@ -87,13 +87,16 @@ impl From<ReadError> for FillError {
     }
 }
 
+/// The bypass reason of a key spelled otherwise than rules render the rows it reads.
+const KEY_SPELLING: &str = "key-spelling";
+
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Hit,
     Miss,
     /// Straight from the database, stored nowhere, with why: `paused`, `standby`,
-    /// `redis-unavailable`, `no-cache`.
+    /// `redis-unavailable`, `no-cache`, `key-spelling`.
     Bypass(&'static str),
 }
 
@@ -249,6 +252,17 @@ impl Cache {
         params: Params,
         want: Want,
     ) -> Lookup {
+        if let Some(problem) = family.spelling_problem(&params) {
+            // No rule renders this spelling (`book:042` reads book 42, whose changes refresh
+            // `book:42`): whatever is stored under it would never be refreshed.
+            tracing::debug!(key = %crate::escape::Escaped(key), %problem, "a key spelled otherwise than rules render it: answered from the database");
+            if want.only_if_cached {
+                return Lookup::NotCached;
+            }
+            return self
+                .database_answer(key, family, params, KEY_SPELLING)
+                .await;
+        }
         let bypass = if want.uncached {
             Some("no-cache")
         } else {
@@ -286,7 +300,7 @@ impl Cache {
 
     /// The value computed from the database now (a query that starts after this call, shared
     /// with the concurrent bypass reads of the key), stored nowhere.
-    async fn database_answer(
+    pub(super) async fn database_answer(
         self: &Arc<Self>,
         key: &str,
         family: &Arc<FamilyState>,

@@ -8,14 +8,17 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 
+use super::spelling::{self, FamilySpelling};
 use super::{Config, ConfigError, Problems};
 use crate::db::table_columns;
 
 /// What each family's query reads, as SQLite's authorizer reported it while `check` prepared
-/// the query (through views and subqueries too): what the family depends on.
+/// the query (through views and subqueries too): what the family depends on. And how each
+/// query compares its placeholders (`spelling`), which decides the keys that may be cached.
 #[derive(Debug, Clone, Default)]
 pub struct Reads {
     by_pattern: HashMap<String, FamilyReads>,
+    spellings: HashMap<String, Arc<FamilySpelling>>,
 }
 
 /// The tables one family's query reads, and the (table, column) pairs.
@@ -29,6 +32,15 @@ impl Reads {
     /// What the family written as `pattern` reads, if the authorizer told.
     pub fn of(&self, pattern: &str) -> Option<&FamilyReads> {
         self.by_pattern.get(pattern)
+    }
+
+    /// How the family written as `pattern` compares its placeholders (unanalysed when its
+    /// query did not prepare).
+    pub fn spelling(&self, pattern: &str) -> Arc<FamilySpelling> {
+        self.spellings
+            .get(pattern)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(FamilySpelling::unanalysed()))
     }
 }
 
@@ -162,6 +174,10 @@ fn check_queries(
             found
                 .by_pattern
                 .insert(name.to_owned(), FamilyReads { tables, columns });
+        }
+        if prepared.is_ok() {
+            let spelling = spelling::analyse(&family.pattern, &family.query, conn);
+            found.spellings.insert(name.to_owned(), Arc::new(spelling));
         }
         let stmt = match prepared {
             Ok(stmt) => stmt,

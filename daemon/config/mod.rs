@@ -9,6 +9,8 @@
 //! - `template`: `{name}` templates (key patterns, rule keys and tags);
 //! - `auto`: the rules `invalidate = "auto"` derives from a family's query;
 //! - `check`: the config against its database (tables, columns, queries, what each query reads);
+//! - `spelling`: which spellings of a key the rules can reach (how a query compares its
+//!   placeholders);
 //! - `diff`: what a reload changes.
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +28,7 @@ mod limits;
 mod parse;
 mod redis_url;
 mod secret;
+pub mod spelling;
 pub mod template;
 mod validate;
 

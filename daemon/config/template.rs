@@ -290,7 +290,7 @@ fn is_name(name: &str) -> bool {
 }
 
 /// Writes a column value as it appears inside a key. Integers and text as themselves, reals in
-/// their shortest exact form, blobs as lowercase hex. NULL names no key.
+/// their shortest exact form (`db::real_key_text`, which the binding of key parameters reads back), blobs as lowercase hex. NULL names no key.
 fn push_value(out: &mut String, value: &Value) -> Option<()> {
     use std::fmt::Write;
     match value {
@@ -298,9 +298,7 @@ fn push_value(out: &mut String, value: &Value) -> Option<()> {
         Value::Integer(i) => {
             let _ = write!(out, "{i}");
         }
-        Value::Real(r) => {
-            let _ = write!(out, "{r}");
-        }
+        Value::Real(r) => out.push_str(&crate::db::real_key_text(*r)),
         Value::Text(text) => out.push_str(text),
         Value::Blob(bytes) => {
             for b in bytes {

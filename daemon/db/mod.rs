@@ -14,7 +14,7 @@ mod pool;
 mod query;
 
 pub use pool::{ReadError, ReadPool, is_interrupted};
-pub use query::{Computed, compute, read_head};
+pub use query::{Bound, Computed, bound, compute, read_head, real_key_text};
 
 /// How long the daemon's statements wait for a lock held by the app before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -81,4 +81,15 @@ pub fn is_busy(error: &rusqlite::Error) -> bool {
 pub fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
     stmt.query_map([table], |row| row.get(0))?.collect()
+}
+
+/// A column's declared type and default collation, as SQLite describes it (`rowid` included);
+/// None when the table (or view) has no such column.
+pub fn column_semantics(conn: &Connection, table: &str, column: &str) -> Option<(String, String)> {
+    let (declared, collation, ..) = conn.column_metadata(None, table, column).ok()?;
+    let text = |c: Option<std::ffi::CString>| {
+        c.map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    Some((text(declared), text(collation)))
 }

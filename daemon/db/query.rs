@@ -16,6 +16,8 @@ pub struct Computed {
     /// nothing would ever mark this value stale. It may answer the request that read it, but
     /// it is never stored.
     pub paused: bool,
+    /// `PRAGMA schema_version` in its read: the schema the query's comparisons were made under.
+    pub schema_version: i64,
 }
 
 /// The newest outbox position (0 when nothing was ever captured).
@@ -27,7 +29,8 @@ pub fn read_head(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// Runs `query` (a one-row family unless `many`) with `params`, in one read transaction with
-/// the outbox head (and the pause flag, which says whether that head means anything).
+/// the outbox head (and the pause flag, which says whether that head means anything, and the
+/// schema version the query was read under).
 pub fn compute(
     conn: &Connection,
     query: &str,
@@ -35,12 +38,13 @@ pub fn compute(
     params: &[(String, String)],
 ) -> rusqlite::Result<Computed> {
     let tx = conn.unchecked_transaction()?;
-    let (version, paused): (i64, bool) = tx
+    let (version, paused, schema_version): (i64, bool, i64) = tx
         .prepare_cached(
             "SELECT (SELECT coalesce(max(id), 0) FROM cachetail_outbox), \
-                    EXISTS (SELECT 1 FROM cachetail_meta WHERE key = 'paused' AND value = '1')",
+                    EXISTS (SELECT 1 FROM cachetail_meta WHERE key = 'paused' AND value = '1'), \
+                    (SELECT schema_version FROM pragma_schema_version)",
         )?
-        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
     let body = {
         let mut stmt = tx.prepare_cached(query)?;
         bind_params(&mut stmt, params)?;
@@ -51,6 +55,7 @@ pub fn compute(
         version: u64::try_from(version).unwrap_or(0),
         body,
         paused,
+        schema_version,
     })
 }
 
@@ -64,26 +69,45 @@ fn bind_params(stmt: &mut Statement<'_>, params: &[(String, String)]) -> rusqlit
         let Some((_, value)) = params.iter().find(|(n, _)| n == bare) else {
             return Err(rusqlite::Error::InvalidParameterName(name.to_owned()));
         };
-        if let Some(i) = canonical_integer(value) {
-            stmt.raw_bind_parameter(index, i)?;
-        } else if let Some(r) = canonical_real(value) {
-            stmt.raw_bind_parameter(index, r)?;
-        } else {
-            stmt.raw_bind_parameter(index, value.as_str())?;
+        match bound(value) {
+            Bound::Integer(i) => stmt.raw_bind_parameter(index, i)?,
+            Bound::Real(r) => stmt.raw_bind_parameter(index, r)?,
+            Bound::Text(text) => stmt.raw_bind_parameter(index, text)?,
         }
     }
     Ok(())
 }
 
-fn canonical_integer(text: &str) -> Option<i64> {
-    let i: i64 = text.parse().ok()?;
-    (i.to_string() == text).then_some(i)
+/// How a key's parameter is bound to its family's query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bound<'a> {
+    /// Written exactly as a key renders an integer (`42`, not `042` or `+42`).
+    Integer(i64),
+    /// Written exactly as a key renders a real (`1.5`, not `1.50` or `1e0`).
+    Real(f64),
+    Text(&'a str),
 }
 
-/// A real written exactly as a key renders one (`1.5`, not `1.50` or `1e0`).
-fn canonical_real(text: &str) -> Option<f64> {
-    let r: f64 = text.parse().ok()?;
-    (r.is_finite() && r.to_string() == text).then_some(r)
+/// How `text`, a key's parameter, is bound: as the number a key writes that way, else as text.
+pub fn bound(text: &str) -> Bound<'_> {
+    if let Some(i) = text.parse::<i64>().ok().filter(|i| i.to_string() == text) {
+        return Bound::Integer(i);
+    }
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && real_key_text(r) == text => Bound::Real(r),
+        _ => Bound::Text(text),
+    }
+}
+
+/// A real as keys write it: its shortest exact decimal form, without an exponent (`1.5`,
+/// `100000000000000000000`); zero as `0` whatever its sign (`-0.0` equals `0` in SQLite, and an
+/// integer zero renders `0`).
+pub fn real_key_text(r: f64) -> String {
+    if r == 0.0 {
+        "0".to_owned()
+    } else {
+        r.to_string()
+    }
 }
 
 /// Encodes the rows as JSON: an array of objects when `many`, else the first row's object
