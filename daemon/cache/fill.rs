@@ -192,8 +192,11 @@ impl Cache {
                 });
             }
             Store::Redis(redis) => {
+                let known = self.progress.applied();
                 self.flights
-                    .finish_elsewhere(ticket, computed, |key, entry| redis.store_entry(key, entry));
+                    .finish_elsewhere(ticket, computed, |key, entry| {
+                        redis.store_entry(key, entry, known)
+                    });
             }
         }
     }

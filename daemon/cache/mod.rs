@@ -231,7 +231,7 @@ impl Cache {
         }
         let cached = match &self.store {
             Store::Memory(memory) => memory.get(key),
-            Store::Redis(redis) => match redis.get(key).await {
+            Store::Redis(redis) => match redis.get(key, self.progress.applied()).await {
                 Ok(found) => found.map(|(body, remaining)| redis_entry(body, remaining, family)),
                 Err(_) => {
                     return self

@@ -17,5 +17,6 @@ mod race;
 mod redis;
 mod redis_claims;
 mod reload;
+mod standby;
 mod strategies;
 mod write_shapes;

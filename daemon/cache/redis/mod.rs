@@ -40,6 +40,10 @@ const MARK_TTL: Duration = Duration::from_secs(600);
 /// The mark of a retired family generation: no fill of it is ever stored again.
 const RETIRED: u64 = 1 << 52;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the applying daemon checks, even with nothing to apply, that Redis still holds
+/// what it applied (a Redis restored from an older snapshot, or flushed, is rebuilt within it;
+/// until then every daemon answers from the database).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Idle connections kept: one per concurrent request at the loads we expect, so a busy endpoint
 /// never connects per request.
 const MAX_IDLE: usize = 256;
@@ -64,6 +68,8 @@ pub struct RedisStore {
     health: Mutex<Health>,
     /// Redis failed or showed lost state since the last reconcile: the tail checks it again.
     suspect: std::sync::atomic::AtomicBool,
+    /// When the applying daemon last checked Redis's applied position (`heal`).
+    probed_at: Mutex<Option<std::time::Instant>>,
     apply_script: Script,
     store_script: Script,
 }
@@ -85,6 +91,7 @@ impl RedisStore {
             seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             suspect: std::sync::atomic::AtomicBool::new(false),
+            probed_at: Mutex::new(None),
             apply_script: Script::new(APPLY),
             store_script: Script::new(STORE),
         }
@@ -130,7 +137,13 @@ impl RedisStore {
     /// is removed and the state starts at `cursor`. Blocking.
     pub fn reconcile(&self, cursor: u64, head: Option<u64>) -> Result<(), RedisError> {
         let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.reconcile_on(&mut guard, cursor, head);
+        let pooled = guard.is_some();
+        let mut result = self.reconcile_on(&mut guard, cursor, head);
+        if pooled && matches!(result, Err(RedisError::Io(_))) {
+            // The kept connection died with a Redis restart: one try on a new one.
+            *guard = None;
+            result = self.reconcile_on(&mut guard, cursor, head);
+        }
         self.note(&result);
         if result.is_err() {
             *guard = None;
@@ -216,12 +229,19 @@ impl RedisStore {
         }
     }
 
-    /// Reconciles again if Redis failed or lost state since the last look (called by the tail
-    /// between batches, so a restarted Redis is rebuilt even when no change comes).
+    /// Reconciles again if Redis failed or lost state since the last look, and at least every
+    /// `PROBE_EVERY` (called by the tail between batches, so a Redis restarted from an older
+    /// snapshot is rebuilt even when no change comes and nobody reads through this daemon: a
+    /// standby, or an app server reading Redis directly, may be reading it).
     pub fn heal(&self, cursor: u64) -> Result<(), RedisError> {
-        if !self.suspect.swap(false, Ordering::AcqRel) {
+        let suspect = self.suspect.swap(false, Ordering::AcqRel);
+        let mut probed_at = self.probed_at.lock().unwrap_or_else(|e| e.into_inner());
+        let due = probed_at.is_none_or(|at| at.elapsed() >= PROBE_EVERY);
+        if !suspect && !due {
             return Ok(());
         }
+        *probed_at = Some(std::time::Instant::now());
+        drop(probed_at);
         self.reconcile(cursor, None)
     }
 
@@ -298,11 +318,12 @@ impl RedisStore {
 
     /// Stores a computed value unless an invalidation it did not see came first. Blocking.
     /// Returns whether it was stored. With no `body` (the query found no row) nothing is stored:
-    /// it returns whether the result is still current.
+    /// it returns whether the result is still current. `known`: a position this daemon knows
+    /// Redis has applied (see `get`).
     pub fn store(
         &self,
         key: &str,
-        version: u64,
+        (version, known): (u64, u64),
         ttl: Duration,
         body: Option<&[u8]>,
         groups: &[String],
@@ -317,7 +338,7 @@ impl RedisStore {
             version.to_string().into_bytes(),
             ttl.as_millis().max(1).to_string().into_bytes(),
             body.unwrap_or_default().to_vec(),
-            self.seen.load(Ordering::Acquire).to_string().into_bytes(),
+            self.expected(known).to_string().into_bytes(),
             now.to_string().into_bytes(),
             groups.len().to_string().into_bytes(),
         ];
@@ -337,11 +358,11 @@ impl RedisStore {
 
     /// Stores a computed value (`store`, with its groups: its tags' and its family's).
     /// Blocking. A value refused (or Redis unreachable) is simply not stored.
-    pub fn store_entry(&self, key: &str, entry: &super::Entry) -> bool {
+    pub fn store_entry(&self, key: &str, entry: &super::Entry, known: u64) -> bool {
         let mut groups: Vec<String> = entry.tags.iter().map(|t| tag_group(t)).collect();
         groups.push(entry.family.def.group.clone());
         let (ttl, body) = (entry.family.def.ttl, entry.body.as_deref());
-        match self.store(key, entry.version, ttl, body, &groups) {
+        match self.store(key, (entry.version, known), ttl, body, &groups) {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::debug!(key, error = %e, "not stored in redis");
@@ -381,10 +402,24 @@ impl RedisStore {
         Ok(reply)
     }
 
+    /// What Redis must have applied, at least, for this daemon to trust it: the highest
+    /// `applied` it wrote or read, and `known`, a position it knows Redis has applied (the
+    /// tail's applied position: on the applying daemon, what it applied to Redis; on a standby,
+    /// the durable cursor, which the active daemon writes only after Redis applied up to it).
+    /// A standby that just started has read nothing from Redis yet: without `known` it would
+    /// trust a Redis restored from a snapshot older than the durable cursor.
+    fn expected(&self, known: u64) -> u64 {
+        self.seen.load(Ordering::Acquire).max(known)
+    }
+
     /// The cached value of `key` and the rest of its TTL, if Redis has one it may serve. An
     /// error means the endpoint must answer from the database (Redis is down, or lost state it
-    /// has not rebuilt yet).
-    pub async fn get(&self, key: &str) -> Result<Option<(Bytes, Duration)>, RedisError> {
+    /// has not rebuilt yet). `known`: a position this daemon knows Redis has applied.
+    pub async fn get(
+        &self,
+        key: &str,
+        known: u64,
+    ) -> Result<Option<(Bytes, Duration)>, RedisError> {
         let value = format!("{}{key}", self.prefix);
         let state = format!("{}#state", self.prefix);
         let commands = [
@@ -395,7 +430,7 @@ impl RedisStore {
         // What this daemon knew Redis had applied before asking: Redis answering less lost it.
         // (Compared with `seen` after the answer instead, an apply finishing meanwhile would
         // look like a loss.)
-        let known = self.seen.load(Ordering::Acquire);
+        let known = self.expected(known);
         let replies = self.with_read_conn(&commands).await?;
         let mut replies = replies.into_iter();
         let (value, applied, ttl) = (replies.next(), replies.next(), replies.next());

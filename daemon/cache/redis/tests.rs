@@ -118,7 +118,13 @@ fn a_batch_from_an_older_epoch_is_refused_whole_and_an_equal_or_newer_one_applie
         .expect("epoch 1 applies");
     assert!(
         first
-            .store("k", 10, ttl, Some(b"v10"), std::slice::from_ref(&group))
+            .store(
+                "k",
+                (10, 0),
+                ttl,
+                Some(b"v10"),
+                std::slice::from_ref(&group)
+            )
             .expect("store")
     );
 
@@ -251,7 +257,7 @@ fn redis_refuses_a_value_read_before_a_404_that_was_answered() {
     let (ttl, groups) = (Duration::from_secs(60), ["f:k".to_owned()]);
     let store = |version: u64, body: Option<&[u8]>| {
         cache
-            .store("k:1", version, ttl, body, &groups)
+            .store("k:1", (version, 0), ttl, body, &groups)
             .expect("the store script runs")
     };
     assert!(store(4, Some(br#"{"n":4}"#)), "a value read at 4 is stored");
