@@ -271,24 +271,12 @@ impl RedisStore {
         })();
         self.note(&result);
         match &result {
-            Ok(()) if batch.epoch > 0 => {
+            Ok(()) => {
                 self.seen.fetch_max(batch.position, Ordering::AcqRel);
             }
-            Ok(()) => {}
             Err(_) => *guard = None,
         }
         result
-    }
-
-    /// An operator's removal (admin API; `batch.epoch` must be 0), from any daemon: no
-    /// reconcile, no fencing; refused while Redis has lost state (the applier rebuilds it).
-    pub fn remove(&self, batch: &Invalidation) -> Result<(), RedisError> {
-        let args = self.apply_args(batch);
-        let outcome = self.with_store_conn(|conn| self.apply_script.run(conn, &args))?;
-        match outcome.as_int() {
-            Some(-1) => Err(RedisError::StateLost),
-            _ => Ok(()),
-        }
     }
 
     fn apply_args(&self, batch: &Invalidation) -> Vec<Vec<u8>> {

@@ -14,11 +14,9 @@ local ttl = tonumber(ARGV[3])
 local state = prefix .. '#state'
 local applied = redis.call('HGET', state, 'applied')
 if not applied or tonumber(applied) < tonumber(ARGV[4]) then return -1 end
--- Epoch 0: an operator's removal (admin API), from any daemon: it only removes values, so it
--- needs no fencing, and it applies no outbox position.
 local epoch = tonumber(ARGV[7])
 local known = tonumber(redis.call('HGET', state, 'epoch') or '0')
-if epoch > 0 and known > epoch then return -2 end
+if known > epoch then return -2 end
 if epoch > known then redis.call('HSET', state, 'epoch', epoch) end
 local i = 8
 local n = tonumber(ARGV[6])
@@ -47,7 +45,7 @@ for _ = 1, n do
 end
 local floor = tonumber(ARGV[i])
 if floor > tonumber(redis.call('HGET', state, 'floor') or '0') then redis.call('HSET', state, 'floor', floor) end
-if epoch > 0 and pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
+if pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
 if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[i + 1]) end
 return 1
 "#;

@@ -214,33 +214,27 @@ fn a_batch_from_an_older_epoch_is_refused_whole_and_an_equal_or_newer_one_applie
         Some("70")
     );
 
-    // An operator's removal (epoch 0, any daemon) is not fenced, and applies no position.
-    probe
-        .cmd(&["SET", &format!("{PREFIX}e"), "ve"])
-        .expect("SET");
-    first
-        .remove(&batch(0, 65, &["e"], "admin@65"))
-        .expect("an admin removal applies from any daemon");
-    assert_eq!(text(&mut probe, &["GET", &format!("{PREFIX}e")]), None);
-    assert_eq!(
-        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
-        Some("70")
-    );
+    // The first daemon's every batch stays refused, whatever it carries.
+    let refused = first.apply(&batch(1, 80, &["e"], "first@80"), 70);
+    assert!(matches!(refused, Err(RedisError::Fenced)), "{refused:?}");
     assert_eq!(
         text(&mut probe, &["HGET", &state, "epoch"]).as_deref(),
         Some("3")
     );
+    third
+        .apply(&batch(3, 90, &["e"], "third@90"), 70)
+        .expect("epoch 3 applies");
 
     // Nothing of a refused batch was published: app-local caches hear only the holders.
     assert_eq!(
-        messages_until(&mut subscriber, "admin@65"),
+        messages_until(&mut subscriber, "third@90"),
         [
             "first@10",
             "second@20",
             "second@40",
             "third@50",
             "third@70",
-            "admin@65"
+            "third@90"
         ]
     );
 }
