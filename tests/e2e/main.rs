@@ -16,6 +16,7 @@ mod never_hurt;
 mod race;
 mod redis;
 mod redis_claims;
+mod redis_limits;
 mod reload;
 mod standby;
 mod strategies;

@@ -33,13 +33,17 @@ mod scripts;
 
 pub use batches::{Invalidation, tag_group};
 use resp::{AsyncConn, Conn, RedisError, Reply};
-use scripts::{APPLY, STORE, Script};
+use scripts::{APPLY, FINISH, PURGE, STORE, Script};
 
 /// How long invalidation marks outlive the invalidation: longer than any fill can take.
 const MARK_TTL: Duration = Duration::from_secs(600);
 /// The mark of a retired family generation: no fill of it is ever stored again.
 const RETIRED: u64 = 1 << 52;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most keys of groups one script looks at: Redis serves nobody while a script runs, so a
+/// tag an attacker grew to millions of keys is emptied a page at a time (well under a
+/// millisecond each), other clients served in between.
+const PURGE_PAGE: usize = 100;
 /// How often the applying daemon checks, even with nothing to apply, that Redis still holds
 /// what it applied (a Redis restored from an older snapshot, or flushed, is rebuilt within it;
 /// until then every daemon answers from the database).
@@ -71,7 +75,16 @@ pub struct RedisStore {
     /// When the applying daemon last checked Redis's applied position (`heal`).
     probed_at: Mutex<Option<std::time::Instant>>,
     apply_script: Script,
+    purge_script: Script,
+    finish_script: Script,
     store_script: Script,
+}
+
+/// What `APPLY` did: all of the batch (its outcome), or all but emptying these groups (each
+/// with its mark), which `PURGE` does a page at a time before `FINISH`.
+enum Begun {
+    Done(Option<i64>),
+    Pending(Vec<(String, u64)>),
 }
 
 impl RedisStore {
@@ -93,6 +106,8 @@ impl RedisStore {
             suspect: std::sync::atomic::AtomicBool::new(false),
             probed_at: Mutex::new(None),
             apply_script: Script::new(APPLY),
+            purge_script: Script::new(PURGE),
+            finish_script: Script::new(FINISH),
             store_script: Script::new(STORE),
         }
     }
@@ -137,13 +152,7 @@ impl RedisStore {
     /// is removed and the state starts at `cursor`. Blocking.
     pub fn reconcile(&self, cursor: u64, head: Option<u64>) -> Result<(), RedisError> {
         let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
-        let pooled = guard.is_some();
-        let mut result = self.reconcile_on(&mut guard, cursor, head);
-        if pooled && matches!(result, Err(RedisError::Io(_))) {
-            // The kept connection died with a Redis restart: one try on a new one.
-            *guard = None;
-            result = self.reconcile_on(&mut guard, cursor, head);
-        }
+        let result = self.reconcile_on(&mut guard, cursor, head);
         self.note(&result);
         if result.is_err() {
             *guard = None;
@@ -254,14 +263,11 @@ impl RedisStore {
             if fresh {
                 self.reconcile_on(&mut guard, cursor, None)?;
             }
-            let args = self.apply_args(batch);
-            let conn = connected(&mut guard, &self.url)?;
-            let mut outcome = self.apply_script.run(conn, &args)?.as_int();
+            let mut outcome = self.run_batch(connected(&mut guard, &self.url)?, batch)?;
             if outcome == Some(-1) {
                 // Redis lost state since the last batch (a FLUSHALL, a restart): rebuild, retry.
                 self.reconcile_on(&mut guard, cursor, None)?;
-                let conn = connected(&mut guard, &self.url)?;
-                outcome = self.apply_script.run(conn, &args)?.as_int();
+                outcome = self.run_batch(connected(&mut guard, &self.url)?, batch)?;
             }
             match outcome {
                 Some(-2) => Err(RedisError::Fenced),
@@ -277,6 +283,86 @@ impl RedisStore {
             Err(_) => *guard = None,
         }
         result
+    }
+
+    /// One batch: `APPLY`, then, for each group too large for it, `PURGE` a page at a time
+    /// (Redis serves other clients between pages) and `FINISH`. The group's mark was raised
+    /// first, so no value read before it lands meanwhile. The outcome: 1, or -1 (Redis lost
+    /// state), -2 (fenced).
+    fn run_batch(&self, conn: &mut Conn, batch: &Invalidation) -> Result<Option<i64>, RedisError> {
+        let pending = match self.begin_batch(conn, batch)? {
+            Begun::Done(outcome) => return Ok(outcome),
+            Begun::Pending(groups) => groups,
+        };
+        for (group, mark) in &pending {
+            let mut cursor = b"0".to_vec();
+            loop {
+                cursor = self.purge_page(conn, group, *mark, &cursor)?;
+                if cursor == b"0" {
+                    break;
+                }
+            }
+        }
+        self.finish_batch(conn, batch)
+    }
+
+    fn begin_batch(&self, conn: &mut Conn, batch: &Invalidation) -> Result<Begun, RedisError> {
+        match self.apply_script.run(conn, &self.apply_args(batch))? {
+            Reply::Array(items) => {
+                let text = |item: Option<Reply>| match item {
+                    Some(Reply::Bulk(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
+                    other => Err(RedisError::Protocol(format!("APPLY listed {other:?}"))),
+                };
+                let mut items = items.into_iter();
+                let mut groups = Vec::new();
+                while let Some(group) = items.next() {
+                    let group = text(Some(group))?;
+                    let mark = text(items.next())?.parse().unwrap_or(u64::MAX);
+                    groups.push((group, mark));
+                }
+                Ok(Begun::Pending(groups))
+            }
+            other => Ok(Begun::Done(other.as_int())),
+        }
+    }
+
+    /// Removes one page of a group's values read before `mark`; returns the next cursor.
+    fn purge_page(
+        &self,
+        conn: &mut Conn,
+        group: &str,
+        mark: u64,
+        cursor: &[u8],
+    ) -> Result<Vec<u8>, RedisError> {
+        let args = [
+            self.prefix.as_bytes(),
+            group.as_bytes(),
+            mark.to_string().as_bytes(),
+            cursor,
+            PURGE_PAGE.to_string().as_bytes(),
+        ]
+        .map(<[u8]>::to_vec);
+        match self.purge_script.run(conn, &args)? {
+            Reply::Bulk(next) => Ok(next),
+            other => Err(RedisError::Protocol(format!("PURGE answered {other:?}"))),
+        }
+    }
+
+    fn finish_batch(
+        &self,
+        conn: &mut Conn,
+        batch: &Invalidation,
+    ) -> Result<Option<i64>, RedisError> {
+        let args = [
+            self.prefix.as_bytes(),
+            batch.position.to_string().as_bytes(),
+            self.seen.load(Ordering::Acquire).to_string().as_bytes(),
+            batch.epoch.to_string().as_bytes(),
+            self.channel.as_bytes(),
+            batch.message.as_bytes(),
+        ]
+        .map(<[u8]>::to_vec);
+        Ok(self.finish_script.run(conn, &args)?.as_int())
     }
 
     fn apply_args(&self, batch: &Invalidation) -> Vec<Vec<u8>> {
@@ -301,6 +387,7 @@ impl RedisStore {
         }
         args.push(batch.floor.to_string().into_bytes());
         args.push(batch.message.as_bytes().to_vec());
+        args.push(PURGE_PAGE.to_string().into_bytes());
         args
     }
 

@@ -270,3 +270,83 @@ fn redis_refuses_a_value_read_before_a_404_that_was_answered() {
     );
     assert_eq!(cache.get_blocking("k:1").expect("GET"), None);
 }
+
+/// A group too large for one script is emptied a page at a time behind its mark, raised first:
+/// between pages a value read before the mark is refused and one read after it is stored and
+/// kept; the batch counts as applied, and is published, only once the group is empty.
+#[test]
+fn a_large_group_is_emptied_a_page_at_a_time_behind_its_mark() {
+    let server = Server::start();
+    let mut subscriber = server.conn();
+    subscriber
+        .cmd(&["SUBSCRIBE", &format!("{PREFIX}invalidations")])
+        .expect("subscribe");
+    let mut probe = server.conn();
+    let cache = server.daemon();
+    cache.reconcile(0, None).expect("redis state");
+    cache
+        .apply(&batch(1, 5, &[], "start@5"), 0)
+        .expect("a first batch");
+    let (ttl, group) = (Duration::from_secs(60), tag_group("big"));
+    let groups = std::slice::from_ref(&group);
+    let keys = PURGE_PAGE * 5;
+    for i in 0..keys {
+        let stored = cache.store(&format!("k{i}"), (5, 5), ttl, Some(b"old"), groups);
+        assert!(stored.expect("store"), "k{i} read at 5");
+    }
+    let state = format!("{PREFIX}#state");
+    let big = Invalidation {
+        groups: vec![(group.clone(), 10)],
+        ..batch(1, 10, &[], "big@10")
+    };
+    let mut conn = server.conn();
+    let Begun::Pending(pending) = cache.begin_batch(&mut conn, &big).expect("APPLY") else {
+        panic!("a group of {keys} keys is too large for one script");
+    };
+    assert_eq!(pending, [(group.clone(), 10)]);
+    let store = |key: &str, version: u64, body: &[u8]| {
+        cache
+            .store(key, (version, 5), ttl, Some(body), groups)
+            .expect("store")
+    };
+    assert!(!store("k1", 7, b"read at 7"), "read before the mark");
+    assert!(store("k2", 12, b"read at 12"), "read after the mark");
+    let mut cursor = b"0".to_vec();
+    let mut pages = 0;
+    loop {
+        assert_eq!(
+            text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+            Some("5"),
+            "applied before the group is empty"
+        );
+        cursor = cache
+            .purge_page(&mut conn, &group, 10, &cursor)
+            .expect("PURGE");
+        pages += 1;
+        assert!(
+            !store("k3", 9, b"read at 9"),
+            "page {pages}: read before the mark"
+        );
+        if cursor == b"0" {
+            break;
+        }
+    }
+    assert!(pages >= 3, "{pages} pages for {keys} keys");
+    for i in 0..keys {
+        let value = text(&mut probe, &["GET", &format!("{PREFIX}k{i}")]);
+        let expected = (i == 2).then(|| "read at 12".to_owned());
+        assert_eq!(value, expected, "k{i}");
+    }
+    assert_eq!(
+        cache.finish_batch(&mut conn, &big).expect("FINISH"),
+        Some(1)
+    );
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+        Some("10")
+    );
+    assert_eq!(
+        messages_until(&mut subscriber, "big@10"),
+        ["start@5", "big@10"]
+    );
+}
