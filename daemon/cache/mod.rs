@@ -148,10 +148,12 @@ impl Cache {
                 url,
                 prefix,
                 publish,
+                max_connections,
             } => Store::Redis(Box::new(RedisStore::new(
                 url.clone(),
                 prefix.clone(),
                 *publish,
+                *max_connections,
             ))),
         };
         Cache {

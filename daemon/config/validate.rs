@@ -455,6 +455,10 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
             for (field, span) in [
                 ("url", raw.url.as_ref().map(Spanned::span)),
                 ("prefix", raw.prefix.as_ref().map(Spanned::span)),
+                (
+                    "max_connections",
+                    raw.max_connections.as_ref().map(Spanned::span),
+                ),
             ] {
                 if let Some(span) = span {
                     problems.at(
@@ -477,10 +481,19 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
                 .prefix
                 .as_ref()
                 .map_or_else(|| "cachetail:".to_owned(), |p| p.get_ref().clone());
+            if let Some(given) = &raw.prefix
+                && given.get_ref().is_empty()
+            {
+                problems.at(
+                    given.span(),
+                    "`cache.prefix` must not be empty: every key cachetail writes starts with it, and rebuilding Redis removes every key under it (with an empty prefix, the whole database)",
+                );
+            }
             Backend::Redis {
                 url,
                 prefix,
                 publish: raw.publish.unwrap_or(true),
+                max_connections: redis_connections(raw.max_connections.as_ref(), problems),
             }
         }
         other => {
@@ -494,6 +507,22 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
             }
             Backend::Memory
         }
+    }
+}
+
+/// `cache.max_connections`: at least 1, at most 10,000 (Redis's own default client limit).
+fn redis_connections(raw: Option<&Spanned<i64>>, problems: &mut Problems<'_>) -> usize {
+    const MOST: u64 = 10_000;
+    let n = positive(raw, "cache.max_connections", 64, problems);
+    match raw {
+        Some(given) if n > MOST => {
+            problems.at(
+                given.span(),
+                format!("`cache.max_connections` must be at most {MOST}, not {n}"),
+            );
+            64
+        }
+        _ => n as usize,
     }
 }
 

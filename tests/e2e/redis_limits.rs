@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -255,8 +256,10 @@ fn invalidating_a_tag_grown_to_200k_keys_never_blocks_redis_and_leaves_none_reac
         "tag of {members} keys invalidated in {took:?}; redis PING while it ran: p99 {:?}, worst {:?} ({} pings; quiet before: p99 {:?}, worst {:?}); {reads} reads of book:1 meanwhile",
         during.0, during.1, during.2, quiet.0, quiet.1
     );
+    // Measured on the shared 2-core machine: 5-15 ms at the 99th percentile (up to 75 ms with
+    // ten other processes running); 1.2 s and more with the tag emptied in one script.
     assert!(
-        during.0 < Duration::from_millis(50),
+        during.0 < Duration::from_millis(200),
         "redis was blocked while the tag was invalidated: PING p99 {:?}, worst {:?} over {} pings (quiet: p99 {:?})",
         during.0,
         during.1,
@@ -290,4 +293,387 @@ fn invalidating_a_tag_grown_to_200k_keys_never_blocks_redis_and_leaves_none_reac
     let some = daemon.get("titled:x12345");
     assert_eq!((x_cache(&some), some.text().as_str()), ("miss", "[]"));
     assert_ne!(title(&before), "Renamed");
+}
+
+// ---- the connection pool ----------------------------------------------------------------------
+
+/// Established TCP connections to `port` opened from this machine (their remote end is `port`).
+fn connections_to(port: u16) -> usize {
+    let remote = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    fields.get(2).is_some_and(|r| r.ends_with(&remote))
+                        && fields.get(3) == Some(&"01")
+                })
+                .count()
+        })
+        .sum()
+}
+
+/// Blocks Redis for `millis` with a busy script, on a thread of its own.
+fn block_redis(redis: &RedisServer, millis: u64) -> std::thread::JoinHandle<()> {
+    let port = redis.port.to_string();
+    std::thread::spawn(move || {
+        let busy = "local t0 = redis.call('TIME')
+repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) >= tonumber(ARGV[1]) * 1000
+return 1";
+        let out = Command::new("redis-cli")
+            .args(["-p", &port, "EVAL", busy, "0", &millis.to_string()])
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "{out:?}");
+    })
+}
+
+#[test]
+fn the_redis_connection_pool_is_capped_and_requests_beyond_it_answer_from_the_database() {
+    const CAP: usize = 64; // the default `[cache] max_connections`
+    const CLIENTS: usize = 200;
+    let redis = RedisServer::start();
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = start_active(&catalog, &redis_config(port, &redis, "delete"), port);
+    daemon.get("book:1");
+    assert_eq!(x_cache(&daemon.get("book:1")), "hit");
+
+    // 200 clients, each connected to the daemon already, read at once while Redis does not
+    // answer for 1.5 s.
+    let go = Arc::new(std::sync::Barrier::new(CLIENTS + 1));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (address, go) = (daemon.address, Arc::clone(&go));
+            std::thread::spawn(move || {
+                let mut client = Client::new(address);
+                assert_eq!(client.get("/healthz").expect("healthz").status, 200);
+                go.wait();
+                let started = Instant::now();
+                let reply = client.get("/v1/keys/book:1").expect("GET book:1");
+                let bypass = reply.header("x-cachetail-bypass").map(str::to_owned);
+                (
+                    reply.status,
+                    x_cache(&reply).to_owned(),
+                    bypass,
+                    started.elapsed(),
+                )
+            })
+        })
+        .collect();
+    let blocker = block_redis(&redis, 1500);
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    go.wait();
+    let mut most = 0;
+    while started.elapsed() < Duration::from_millis(1200) {
+        most = most.max(connections_to(redis.port));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answers: Vec<_> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    blocker.join().expect("blocker");
+    // The daemon's connections (the pool, the tail's one, the blocking redis-cli's).
+    eprintln!("connections to redis while it was blocked: at most {most} (cap {CAP})");
+    assert!(
+        most <= CAP + 2,
+        "{most} connections to redis for {CLIENTS} concurrent requests: the pool is not capped at {CAP}"
+    );
+    for (status, _, _, _) in &answers {
+        assert_eq!(*status, 200);
+    }
+    let bypassed: Vec<&Duration> = answers
+        .iter()
+        .filter(|(_, cache, why, _)| {
+            cache == "bypass" && why.as_deref() == Some("redis-unavailable")
+        })
+        .map(|(_, _, _, took)| took)
+        .collect();
+    assert!(
+        bypassed.len() >= CLIENTS - CAP,
+        "only {} of {CLIENTS} requests answered from the database",
+        bypassed.len()
+    );
+    let slowest = bypassed.iter().max().expect("some bypassed");
+    assert!(
+        **slowest < Duration::from_millis(1200),
+        "a request beyond the cap waited {slowest:?}, until Redis answered again"
+    );
+    // Redis answers again: reads are served from it, on the capped pool.
+    eventually("reads hit redis again", || {
+        (x_cache(&daemon.get("book:1")) == "hit").then_some(())
+    });
+    let status = daemon.status();
+    assert_eq!(
+        status["redis"]["ok"], true,
+        "a full pool is not an outage: {status}"
+    );
+    assert!(connections_to(redis.port) <= CAP + 1);
+}
+
+// ---- hostile keys ------------------------------------------------------------------------------
+
+const TOKEN: &str = "limits-admin-token-0123456789";
+
+/// Families of every shape a pattern may have on Redis (a placeholder right after the leading
+/// literal, a `#` after it, two placeholders), and rules rendering keys and tags from the
+/// columns of `books` an attacker controls (a title, an author).
+fn hostile_config(port: u16, redis: &RedisServer) -> String {
+    let base = redis_config(port, redis, "delete").replacen(
+        "\n[tail]",
+        &format!("\nadmin_token = \"{TOKEN}\"\n\n[tail]"),
+        1,
+    );
+    format!(
+        "{base}{TITLED}
+[keys.\"b#{{x}}\"]
+query = \"SELECT :x AS x\"
+
+[keys.\"pair:{{a}}:{{b}}\"]
+query = \"SELECT :a AS a, :b AS b\"
+tags = [\"{{a}}\", \"t:{{b}}\"]
+
+[[rules]]
+table = \"books\"
+keys = [\"{{title}}\", \"titled:{{title}}\", \"pair:{{title}}:{{author}}\", \"b#{{author}}\"]
+tags = [\"{{author}}\", \"t:{{title}}\", \"{{title}}\"]
+"
+    )
+}
+
+/// Every key under the prefix's bookkeeping (`{prefix}#…`) that is not of the shape cachetail
+/// gives it: `#state` a hash of applied/floor/epoch, `#m:` hashes, `#g:` sorted sets, `#gm:`
+/// strings.
+fn misshapen_bookkeeping(redis: &RedisServer) -> Vec<String> {
+    const CHECK: &str = "local bad = {}
+for _, key in ipairs(redis.call('KEYS', ARGV[1] .. '#*')) do
+  local rest = string.sub(key, #ARGV[1] + 1)
+  local kind = redis.call('TYPE', key)['ok']
+  local want
+  if rest == '#state' then want = 'hash'
+  elseif string.sub(rest, 1, 3) == '#m:' then want = 'hash'
+  elseif string.sub(rest, 1, 4) == '#gm:' then want = 'string'
+  elseif string.sub(rest, 1, 3) == '#g:' then want = 'zset'
+  end
+  if kind ~= want then bad[#bad + 1] = key .. ' is a ' .. kind end
+end
+for _, field in ipairs(redis.call('HKEYS', ARGV[1] .. '#state')) do
+  if field ~= 'applied' and field ~= 'floor' and field ~= 'epoch' then bad[#bad + 1] = '#state has ' .. field end
+end
+return bad";
+    redis
+        .cli(&["EVAL", CHECK, "0", PREFIX])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A percent-encoded key as the daemon decodes it (bytes that are not UTF-8 replaced).
+fn percent_decoded(encoded: &str) -> String {
+    let bytes = encoded.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs `cachetail check`; its exit code and everything it printed.
+fn check(config: &Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .expect("the cachetail binary runs");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn state(redis: &RedisServer, field: &str) -> String {
+    redis.cli(&["HGET", &format!("{PREFIX}#state"), field])
+}
+
+#[test]
+fn hostile_keys_and_row_values_never_read_or_overwrite_redis_bookkeeping() {
+    let redis = RedisServer::start();
+    let catalog = Catalog::new();
+    let port = free_port();
+    let mut daemon = start_active(&catalog, &hostile_config(port, &redis), port);
+    for key in ["user:1", "book:2", "titled:Book 2", "pair:a:b", "b#c"] {
+        assert_eq!(daemon.get(key).status, 200, "{key}");
+    }
+    assert_eq!(x_cache(&daemon.get("user:1")), "hit");
+    let epoch = catalog.sqlite_cli("SELECT epoch FROM cachetail_lease");
+    assert_eq!(state(&redis, "epoch"), epoch);
+    let floor = state(&redis, "floor");
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+
+    // Keys a client sends, as they arrive on the wire (percent-encoded).
+    let long = "a".repeat(1024 - "titled:".len());
+    let too_long = format!("{long}a");
+    let mut paths: Vec<String> = Vec::new();
+    for rest in [
+        "%23state",
+        "%23m:user:1",
+        "%23g:t:books",
+        "%23gm:t:books",
+        "%23g:t:%23state",
+        "%23",
+        "%23%23",
+        "ct:",
+        "ct:%23state",
+        "*",
+        "%3F",
+        "%5B",
+        "%5Ba-z%5D*",
+        "%23state%0D%0A",
+        "%00",
+        "%0D%0APING",
+        "%FF",
+        "%25",
+        "a%2Fb",
+    ] {
+        for family in [
+            "", "titled:", "b", "b%23", "pair:", "pair:x:", "user:", "book:",
+        ] {
+            paths.push(format!("{family}{rest}"));
+        }
+    }
+    paths.push(format!("titled:{long}"));
+    paths.push(format!("titled:{too_long}"));
+    for path in &paths {
+        for (method, query, headers) in [
+            ("GET", "", &[][..]),
+            ("GET", "?fresh=1", &[][..]),
+            ("GET", "", &[("Cache-Control", "only-if-cached")][..]),
+            ("GET", "", &[("Cache-Control", "no-cache")][..]),
+            ("DELETE", "", &auth[..]),
+        ] {
+            let reply = daemon
+                .request_with(method, &format!("/v1/keys/{path}{query}"), headers)
+                .expect("an answer");
+            let not_cached = headers.first().is_some_and(|h| h.1 == "only-if-cached");
+            assert!(
+                reply.status < 500 || (not_cached && reply.status == 504),
+                "{method} /v1/keys/{path}{query}: {} {}",
+                reply.status,
+                reply.text()
+            );
+            assert!(
+                !reply.text().contains("\"applied\""),
+                "{path}: {}",
+                reply.text()
+            );
+        }
+    }
+    // The same keys, decoded, in a multi-get.
+    let decoded: Vec<String> = paths.iter().map(|p| percent_decoded(p)).collect();
+    let mut client = Client::new(daemon.address);
+    for chunk in decoded.chunks(500) {
+        let body = serde_json::to_vec(chunk).expect("JSON");
+        let reply = client
+            .request("POST", "/v1/keys", &[], &body)
+            .expect("multi-get");
+        assert!(reply.status < 500, "{} {}", reply.status, reply.text());
+    }
+
+    // Rows an attacker wrote: titles and authors that name bookkeeping, glob characters,
+    // control characters, a NUL, an empty string, a very long one.
+    let values = [
+        "#state",
+        "#m:user:1",
+        "#g:t:books",
+        "#gm:t:books",
+        "#g:f:user:{id}",
+        "#",
+        "ct:#state",
+        "*",
+        "?[a-z]*",
+        "a\r\nb",
+        "x\0#state",
+        "",
+        &"y".repeat(100_000),
+    ];
+    for (i, value) in values.iter().enumerate() {
+        let author = values[(i + 1) % values.len()];
+        catalog.python(&format!(
+            "con.execute('UPDATE books SET title = ?, author = ? WHERE id = 2', ({value:?}, {author:?}))"
+        ));
+        let head = outbox_head(&catalog);
+        applied(&mut daemon, head);
+        for key in ["titled:Book 2", "pair:a:b"] {
+            assert_eq!(daemon.get(key).status, 200, "{key} after a title {value:?}");
+        }
+    }
+    let head = outbox_head(&catalog);
+    applied(&mut daemon, head);
+
+    // The bookkeeping is intact: its shape, the epoch, the floor, the applied position; nothing
+    // was rebuilt (user:1 is still a hit), no batch failed, Redis never looked down.
+    assert_eq!(misshapen_bookkeeping(&redis), Vec::<String>::new());
+    assert_eq!(state(&redis, "epoch"), epoch);
+    assert_eq!(state(&redis, "floor"), floor);
+    assert_eq!(state(&redis, "applied"), head.to_string());
+    assert_eq!(x_cache(&daemon.get("user:1")), "hit");
+    let status = daemon.status();
+    assert_eq!(status["apply_errors"], 0, "{status}");
+    assert_eq!(status["redis"]["ok"], true, "{status}");
+    assert_eq!(status["redis"]["outages"], 0, "{status}");
+
+    // A config that could name bookkeeping is refused, at check and at reload.
+    let other = catalog.path().join("other.toml");
+    let with = |text: &str| {
+        std::fs::write(&other, text).expect("write config");
+        other.clone()
+    };
+    let empty_prefix = hostile_config(port, &redis).replace("prefix = \"ct:\"", "prefix = \"\"");
+    assert!(empty_prefix.contains("prefix = \"\""));
+    let (code, printed) = check(&with(&empty_prefix));
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(
+        printed.contains("`cache.prefix` must not be empty"),
+        "{printed}"
+    );
+    let slug = format!(
+        "{}\n[keys.\"{{slug}}\"]\nquery = \"SELECT :slug AS s\"\n",
+        hostile_config(port, &redis)
+    );
+    catalog.write_config(&slug);
+    eventually("the reload is refused", || {
+        let status = daemon.status();
+        status["config"]["last_reload_error"]
+            .as_str()
+            .filter(|e| e.contains("must begin with literal text other than `#`"))
+            .map(str::to_owned)
+    });
+    assert_eq!(daemon.get_path("/v1/keys/%23state").status, 404);
+    assert_eq!(misshapen_bookkeeping(&redis), Vec::<String>::new());
 }

@@ -28,10 +28,12 @@ use bytes::Bytes;
 use crate::config::RedisUrl;
 
 mod batches;
+mod pool;
 pub mod resp;
 mod scripts;
 
 pub use batches::{Invalidation, tag_group};
+use pool::{Checkout, Pool};
 use resp::{AsyncConn, Conn, RedisError, Reply};
 use scripts::{APPLY, FINISH, PURGE, STORE, Script};
 
@@ -48,9 +50,6 @@ const PURGE_PAGE: usize = 100;
 /// what it applied (a Redis restored from an older snapshot, or flushed, is rebuilt within it;
 /// until then every daemon answers from the database).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// Idle connections kept: one per concurrent request at the loads we expect, so a busy endpoint
-/// never connects per request.
-const MAX_IDLE: usize = 256;
 
 /// Whether Redis answers, for `/v1/status` and the logs.
 #[derive(Debug, Clone, Default)]
@@ -65,8 +64,9 @@ pub struct RedisStore {
     pub prefix: String,
     channel: String,
     apply_conn: Mutex<Option<Conn>>,
-    store_conns: Mutex<Vec<Conn>>,
-    read_conns: Mutex<Vec<AsyncConn>>,
+    /// The connections for reads and fills' stores, capped (`[cache] max_connections`).
+    pool: Pool,
+    max_connections: usize,
     /// The highest `applied` this daemon wrote or read: Redis below it lost state.
     seen: AtomicU64,
     health: Mutex<Health>,
@@ -88,7 +88,7 @@ enum Begun {
 }
 
 impl RedisStore {
-    pub fn new(url: RedisUrl, prefix: String, publish: bool) -> RedisStore {
+    pub fn new(url: RedisUrl, prefix: String, publish: bool, max_connections: usize) -> RedisStore {
         let channel = if publish {
             format!("{prefix}invalidations")
         } else {
@@ -99,8 +99,8 @@ impl RedisStore {
             prefix,
             channel,
             apply_conn: Mutex::new(None),
-            store_conns: Mutex::new(Vec::new()),
-            read_conns: Mutex::new(Vec::new()),
+            pool: Pool::new(max_connections),
+            max_connections,
             seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             suspect: std::sync::atomic::AtomicBool::new(false),
@@ -126,7 +126,8 @@ impl RedisStore {
     fn note<T>(&self, result: &Result<T, RedisError>) {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         match result {
-            Err(RedisError::Fenced) => {}
+            // Refused as designed, or every connection busy: Redis itself answers.
+            Err(RedisError::Fenced | RedisError::PoolFull(_)) => {}
             Err(RedisError::StateLost) => self.suspect.store(true, Ordering::Release),
             Ok(_) => {
                 if let Some(since) = health.down_since.take() {
@@ -450,17 +451,16 @@ impl RedisStore {
         &self,
         mut work: impl FnMut(&mut Conn) -> Result<R, RedisError>,
     ) -> Result<R, RedisError> {
-        let idle = self
-            .store_conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
-        let pooled = idle.is_some();
-        let mut result = match idle {
-            Some(mut conn) => work(&mut conn).map(|r| (r, conn)),
-            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
+        let Some(checkout) = self.pool.store() else {
+            return Err(RedisError::PoolFull(self.max_connections));
         };
-        // A pooled connection may have died with a Redis restart: one try on a new one.
+        let pooled = matches!(checkout, Checkout::Idle(_));
+        let mut result = match checkout {
+            Checkout::Idle(mut conn) => work(&mut conn).map(|r| (r, conn)),
+            Checkout::Open => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
+        };
+        // A pooled connection may have died with a Redis restart: one try on a new one (the
+        // slot is still this request's).
         if matches!(result, Err(RedisError::Io(_))) {
             if pooled {
                 tracing::debug!("a pooled redis connection failed; reconnecting");
@@ -469,12 +469,16 @@ impl RedisStore {
                 .and_then(|mut conn| work(&mut conn).map(|r| (r, conn)));
         }
         self.note(&result);
-        let (reply, conn) = result?;
-        let mut idle = self.store_conns.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
+        match result {
+            Ok((reply, conn)) => {
+                self.pool.give_back_store(conn);
+                Ok(reply)
+            }
+            Err(e) => {
+                self.pool.discard();
+                Err(e)
+            }
         }
-        Ok(reply)
     }
 
     /// What Redis must have applied, at least, for this daemon to trust it: the highest
@@ -533,14 +537,12 @@ impl RedisStore {
     }
 
     async fn with_read_conn(&self, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>, RedisError> {
-        let idle = self
-            .read_conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
-        let mut result = match idle {
-            Some(conn) => read_on(conn, commands).await,
-            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
+        let Some(checkout) = self.pool.read().await else {
+            return Err(RedisError::PoolFull(self.max_connections));
+        };
+        let mut result = match checkout {
+            Checkout::Idle(conn) => read_on(conn, commands).await,
+            Checkout::Open => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
         };
         // A pooled connection may have died with a Redis restart: one try on a new one.
         if matches!(result, Err(RedisError::Io(_))) {
@@ -552,12 +554,16 @@ impl RedisStore {
         if result.is_err() {
             self.note(&result);
         }
-        let (replies, conn) = result?;
-        let mut idle = self.read_conns.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
+        match result {
+            Ok((replies, conn)) => {
+                self.pool.give_back_read(conn);
+                Ok(replies)
+            }
+            Err(e) => {
+                self.pool.discard();
+                Err(e)
+            }
         }
-        Ok(replies)
     }
 
     /// A cached value, blocking (for `verify`).
