@@ -256,11 +256,14 @@ fn invalidating_a_tag_grown_to_200k_keys_never_blocks_redis_and_leaves_none_reac
         "tag of {members} keys invalidated in {took:?}; redis PING while it ran: p99 {:?}, worst {:?} ({} pings; quiet before: p99 {:?}, worst {:?}); {reads} reads of book:1 meanwhile",
         during.0, during.1, during.2, quiet.0, quiet.1
     );
-    // Measured on the shared 2-core machine: 5-15 ms at the 99th percentile (up to 75 ms with
-    // ten other processes running); 1.2 s and more with the tag emptied in one script.
+    // Emptied in one script, the set blocked Redis for nearly the whole invalidation (measured:
+    // PING p99 1.2 s of 1.4 s); emptied a page at a time, a PING waits at most a page (5-15 ms
+    // at the 99th percentile, up to 75 ms with ten other processes on the 2 cores, of 2-3 s).
+    // Compared with how long the invalidation took, the bound holds on a loaded machine and
+    // fails on a blocking one, however fast.
     assert!(
-        during.0 < Duration::from_millis(200),
-        "redis was blocked while the tag was invalidated: PING p99 {:?}, worst {:?} over {} pings (quiet: p99 {:?})",
+        during.0 < took / 10 && during.0 < Duration::from_secs(1),
+        "redis was blocked while the tag was invalidated ({took:?}): PING p99 {:?}, worst {:?} over {} pings (quiet: p99 {:?})",
         during.0,
         during.1,
         during.2,
