@@ -33,7 +33,7 @@ pub mod resp;
 mod scripts;
 
 pub use batches::{Invalidation, tag_group};
-use pool::{Checkout, Pool};
+use pool::Pool;
 use resp::{AsyncConn, Conn, RedisError, Reply};
 use scripts::{APPLY, FINISH, PURGE, STORE, Script};
 
@@ -451,13 +451,13 @@ impl RedisStore {
         &self,
         mut work: impl FnMut(&mut Conn) -> Result<R, RedisError>,
     ) -> Result<R, RedisError> {
-        let Some(checkout) = self.pool.store() else {
+        let Some((slot, idle)) = self.pool.store() else {
             return Err(RedisError::PoolFull(self.max_connections));
         };
-        let pooled = matches!(checkout, Checkout::Idle(_));
-        let mut result = match checkout {
-            Checkout::Idle(mut conn) => work(&mut conn).map(|r| (r, conn)),
-            Checkout::Open => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
+        let pooled = idle.is_some();
+        let mut result = match idle {
+            Some(mut conn) => work(&mut conn).map(|r| (r, conn)),
+            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
         };
         // A pooled connection may have died with a Redis restart: one try on a new one (the
         // slot is still this request's).
@@ -469,16 +469,10 @@ impl RedisStore {
                 .and_then(|mut conn| work(&mut conn).map(|r| (r, conn)));
         }
         self.note(&result);
-        match result {
-            Ok((reply, conn)) => {
-                self.pool.give_back_store(conn);
-                Ok(reply)
-            }
-            Err(e) => {
-                self.pool.discard();
-                Err(e)
-            }
-        }
+        // On failure the slot is dropped with it: the connection is closed.
+        let (reply, conn) = result?;
+        slot.give_back_store(conn);
+        Ok(reply)
     }
 
     /// What Redis must have applied, at least, for this daemon to trust it: the highest
@@ -537,12 +531,14 @@ impl RedisStore {
     }
 
     async fn with_read_conn(&self, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>, RedisError> {
-        let Some(checkout) = self.pool.read().await else {
+        // The slot is held until the connection is given back; if this future is dropped
+        // mid-way (the request went away), dropping the slot frees it.
+        let Some((slot, idle)) = self.pool.read().await else {
             return Err(RedisError::PoolFull(self.max_connections));
         };
-        let mut result = match checkout {
-            Checkout::Idle(conn) => read_on(conn, commands).await,
-            Checkout::Open => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
+        let mut result = match idle {
+            Some(conn) => read_on(conn, commands).await,
+            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
         };
         // A pooled connection may have died with a Redis restart: one try on a new one.
         if matches!(result, Err(RedisError::Io(_))) {
@@ -554,16 +550,9 @@ impl RedisStore {
         if result.is_err() {
             self.note(&result);
         }
-        match result {
-            Ok((replies, conn)) => {
-                self.pool.give_back_read(conn);
-                Ok(replies)
-            }
-            Err(e) => {
-                self.pool.discard();
-                Err(e)
-            }
-        }
+        let (replies, conn) = result?;
+        slot.give_back_read(conn);
+        Ok(replies)
     }
 
     /// A cached value, blocking (for `verify`).

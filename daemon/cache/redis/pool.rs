@@ -16,11 +16,38 @@ use super::resp::{AsyncConn, Conn};
 /// How long a request waits for a connection when all are taken.
 const WAIT: Duration = Duration::from_millis(100);
 
-/// A connection for one piece of work: an idle one, or a slot for a new one.
-pub(super) enum Checkout<C> {
-    Idle(C),
-    /// A slot is reserved: connect, then give the connection back (or `discard` the slot).
-    Open,
+/// A connection for one piece of work: an idle one, or none (connect one: the slot is held).
+pub(super) type Checkout<'a, C> = (Slot<'a>, Option<C>);
+
+/// One slot, held while its connection is in use (or being opened): given back with the
+/// connection when the work is done, else freed when dropped (the connection failed, or the
+/// request went away mid-way: a cancelled read must not keep its slot).
+pub(super) struct Slot<'a> {
+    pool: &'a Pool,
+    held: bool,
+}
+
+impl Slot<'_> {
+    /// The work is done: the connection is idle again, and keeps the slot.
+    pub(super) fn give_back_read(mut self, conn: AsyncConn) {
+        self.held = false;
+        self.pool.lock().reads.push(conn);
+        self.pool.wake();
+    }
+
+    pub(super) fn give_back_store(mut self, conn: Conn) {
+        self.held = false;
+        self.pool.lock().stores.push(conn);
+        self.pool.wake();
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.pool.discard();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -53,22 +80,29 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn slot(&self) -> Slot<'_> {
+        Slot {
+            pool: self,
+            held: true,
+        }
+    }
+
     /// A read connection now, if one is idle or a slot is free (an idle store connection's
     /// slot included: it is closed).
-    fn try_read(&self) -> Option<Checkout<AsyncConn>> {
+    fn try_read(&self) -> Option<Checkout<'_, AsyncConn>> {
         let mut idle = self.lock();
         if let Some(conn) = idle.reads.pop() {
-            return Some(Checkout::Idle(conn));
+            return Some((self.slot(), Some(conn)));
         }
         if idle.open < self.max {
             idle.open += 1;
-            return Some(Checkout::Open);
+            return Some((self.slot(), None));
         }
-        idle.stores.pop().map(|_| Checkout::Open)
+        idle.stores.pop().map(|_| (self.slot(), None))
     }
 
     /// A read connection, waiting at most `WAIT` for one; None: all are taken.
-    pub(super) async fn read(&self) -> Option<Checkout<AsyncConn>> {
+    pub(super) async fn read(&self) -> Option<Checkout<'_, AsyncConn>> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let freed = self.freed_async.notified();
@@ -84,19 +118,19 @@ impl Pool {
     }
 
     /// A store connection, waiting at most `WAIT` for one (blocking); None: all are taken.
-    pub(super) fn store(&self) -> Option<Checkout<Conn>> {
+    pub(super) fn store(&self) -> Option<Checkout<'_, Conn>> {
         let deadline = Instant::now() + WAIT;
         let mut idle = self.lock();
         loop {
             if let Some(conn) = idle.stores.pop() {
-                return Some(Checkout::Idle(conn));
+                return Some((self.slot(), Some(conn)));
             }
             if idle.open < self.max {
                 idle.open += 1;
-                return Some(Checkout::Open);
+                return Some((self.slot(), None));
             }
             if idle.reads.pop().is_some() {
-                return Some(Checkout::Open);
+                return Some((self.slot(), None));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -110,19 +144,8 @@ impl Pool {
         }
     }
 
-    /// A read connection is idle again.
-    pub(super) fn give_back_read(&self, conn: AsyncConn) {
-        self.lock().reads.push(conn);
-        self.wake();
-    }
-
-    pub(super) fn give_back_store(&self, conn: Conn) {
-        self.lock().stores.push(conn);
-        self.wake();
-    }
-
-    /// A connection in use was closed (it failed), or a slot reserved for one was not used.
-    pub(super) fn discard(&self) {
+    /// A slot is freed (its connection failed or was never opened).
+    fn discard(&self) {
         let mut idle = self.lock();
         idle.open = idle.open.saturating_sub(1);
         drop(idle);
@@ -147,36 +170,36 @@ mod tests {
 
     #[test]
     fn slots_are_capped_and_a_waiter_gets_a_freed_one_or_gives_up() {
-        let pool = std::sync::Arc::new(Pool::new(2));
-        assert!(matches!(pool.store(), Some(Checkout::Open)));
-        assert!(matches!(pool.store(), Some(Checkout::Open)));
+        let pool = Pool::new(2);
+        let first = pool.store().expect("a slot");
+        let second = pool.store().expect("a slot");
+        assert!(first.1.is_none() && second.1.is_none(), "nothing idle yet");
         assert_eq!(pool.open(), 2);
         // All taken: a store waits `WAIT`, then goes without.
         let started = Instant::now();
         assert!(pool.store().is_none());
         assert!(started.elapsed() >= WAIT);
-        // A slot freed meanwhile goes to the waiter.
-        let freer = {
-            let pool = std::sync::Arc::clone(&pool);
-            std::thread::spawn(move || {
+        std::thread::scope(|scope| {
+            // A slot freed meanwhile (its connection failed: the slot is dropped) goes to the
+            // waiter.
+            scope.spawn(|| {
                 std::thread::sleep(WAIT / 4);
-                pool.discard();
-            })
-        };
-        assert!(matches!(pool.store(), Some(Checkout::Open)));
-        freer.join().expect("freer");
-        assert_eq!(pool.open(), 2);
-        // An async read gives up too, after `WAIT`.
+                drop(first);
+            });
+            let third = pool.store().expect("the freed slot");
+            assert_eq!(pool.open(), 2);
+            drop(third);
+        });
+        // An async read gives up too, after `WAIT`; a read that goes away mid-way (its future
+        // dropped) frees its slot.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .expect("runtime");
+        let taken = runtime.block_on(pool.read()).expect("a slot");
         assert!(runtime.block_on(pool.read()).is_none());
-        pool.discard();
-        assert!(matches!(
-            runtime.block_on(pool.read()),
-            Some(Checkout::Open)
-        ));
-        assert_eq!(pool.open(), 2);
+        drop(taken);
+        drop(second);
+        assert_eq!(pool.open(), 0);
     }
 }
