@@ -1,6 +1,6 @@
 //! The plain values the stages hand each other: a captured change (capture → tail → rules), the
 //! plan a batch of changes maps to (rules → apply → cache), an operator's invalidation (http →
-//! cache), and the vocabulary they share (operations, strategies, key parameters). No behaviour
+//! the outbox → rules, like a change), and the vocabulary they share (operations, strategies, key parameters). No behaviour
 //! lives here beyond small accessors: each stage owns what it does with these.
 
 use std::collections::HashMap;
