@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rusqlite::types::Value;
 
 use crate::config::{Config, Template};
-use crate::types::{Change, ChangeBody, KeyAction, Layout, Op, Plan, Strategy};
+use crate::types::{AdminAction, Change, ChangeBody, KeyAction, Layout, Op, Plan, Strategy};
 
 /// Maps each change through the rules that watch its table.
 pub fn plan(config: &Config, changes: &[Change]) -> Plan {
@@ -18,6 +18,10 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
         let row = match &change.body {
             ChangeBody::Row(row) => row,
             ChangeBody::Marker => continue,
+            ChangeBody::Admin(action) => {
+                plan_admin(&mut plan, action, change.position);
+                continue;
+            }
             ChangeBody::Flush { table } => {
                 let mark = plan.flush_tables.entry(Arc::clone(table)).or_insert(0);
                 *mark = (*mark).max(change.position);
@@ -83,6 +87,26 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
         }
     }
     plan
+}
+
+/// An operator's action, at its marker's position: a key is deleted, a tag invalidated, a
+/// family or everything flushed (values read before the position are not served).
+fn plan_admin(plan: &mut Plan, action: &AdminAction, position: u64) {
+    let latest = |mark: &mut u64| *mark = (*mark).max(position);
+    match action {
+        AdminAction::Key(key) => {
+            let action = plan.keys.entry(key.clone()).or_insert(KeyAction {
+                strategy: Strategy::Delete,
+                position,
+            });
+            latest(&mut action.position);
+        }
+        AdminAction::Tag(tag) => latest(plan.tags.entry(tag.clone()).or_insert(0)),
+        AdminAction::Family(pattern) => {
+            latest(plan.flush_families.entry(pattern.clone()).or_insert(0));
+        }
+        AdminAction::All => plan.flush_all = Some(position),
+    }
 }
 
 enum Rendered {
@@ -174,6 +198,32 @@ tags = ["user:{user_id}"]
         assert_eq!(plan.keys["book:3"].position, 2);
         assert_eq!(plan.keys["top"].strategy, Strategy::WriteThrough);
         assert_eq!(plan.tags["user:9"], 2);
+    }
+
+    #[test]
+    fn admin_actions_in_the_outbox_plan_what_they_name_at_their_position() {
+        let admin = |position: u64, text: &str| Change {
+            position,
+            written_ms: None,
+            body: crate::capture::read_marker(position as i64, Some(text)),
+        };
+        let plan = plan(
+            &config(),
+            &[
+                change(1, Op::Insert, None, Some([3, 1])),
+                admin(2, r#"{"key":"book:3"}"#),
+                admin(3, r#"{"tag":"books"}"#),
+                admin(4, r#"{"family":"user:{id}"}"#),
+                admin(5, r#""all""#),
+            ],
+        );
+        let book = plan.keys["book:3"];
+        assert_eq!((book.strategy, book.position), (Strategy::WriteThrough, 2));
+        assert_eq!(plan.tags["books"], 3);
+        assert_eq!(plan.flush_families["user:{id}"], 4);
+        assert_eq!(plan.flush_all, Some(5));
+        // A marker whose action cannot be read drops everything rather than nothing.
+        assert_eq!(super::plan(&config(), &[admin(9, "{")]).flush_all, Some(9));
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The plain values the stages hand each other: a captured change (capture → tail → rules), the
 //! plan a batch of changes maps to (rules → apply → cache), an operator's invalidation (http →
-//! cache), and the vocabulary they share (operations, strategies, key parameters). No behaviour
+//! the outbox → rules, like a change), and the vocabulary they share (operations, strategies, key parameters). No behaviour
 //! lives here beyond small accessors: each stage owns what it does with these.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use rusqlite::types::Value;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The values a key gives its family's placeholders, by name (`book:42` → `[("id", "42")]`).
 pub type Params = Vec<(String, String)>;
@@ -102,8 +102,11 @@ pub enum ChangeBody {
     Flush { table: Arc<str> },
     /// The row could not be read: the applier drops everything rather than leave anything stale.
     Unreadable(String),
-    /// A position marker (an admin action's): nothing to apply.
+    /// A position marker with nothing to apply (written by an older cachetail).
     Marker,
+    /// An operator's action, applied at its own position by the daemon that applies the outbox,
+    /// whichever daemon received it.
+    Admin(AdminAction),
 }
 
 /// An outbox row: its position and what it records.
@@ -134,12 +137,16 @@ pub struct Plan {
     pub flush_all: Option<u64>,
     /// Tables whose changes may have gone uncaptured → the latest position of such a marker.
     pub flush_tables: HashMap<Arc<str>, u64>,
+    /// Families an operator flushed (by pattern, as in the config) → the latest position.
+    pub flush_families: HashMap<String, u64>,
     /// Per rule (its index in the config): keys and tags it named, and keys it had recomputed.
     pub per_rule: HashMap<usize, (u64, u64)>,
 }
 
-/// What an operator asks to drop (the admin API).
-#[derive(Debug, Clone, PartialEq)]
+/// What an operator asks to drop (the admin API). Written into the outbox as JSON
+/// (`{"key":"book:1"}`, `"all"`), where the applying daemon reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AdminAction {
     Key(String),
     Tag(String),

@@ -1,5 +1,6 @@
 //! Invalidations, as each backend carries them out: a batch's plan (keys, tags, flushed
-//! families, everything), an operator's action, a takeover, a pause, a reload's retirements.
+//! families, everything; operators' actions among them), a takeover, a pause, a reload's
+//! retirements.
 //! In memory they are removals and marks (O(1) per tag or family); in Redis each is one
 //! `Invalidation` run by one script, with its fan-out message.
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use super::redis::Invalidation;
 use super::{Cache, Store, StoreError};
 use crate::registry::{FamilyState, Live};
-use crate::types::{AdminAction, Plan, Strategy};
+use crate::types::{Plan, Strategy};
 
 impl Cache {
     /// Applies a batch's invalidations; the batch ends at outbox position `last`, `cursor` is the
@@ -32,6 +33,11 @@ impl Cache {
                 }
                 for (table, &position) in &plan.flush_tables {
                     for family in live.families_reading(table) {
+                        family.raise_floor(position);
+                    }
+                }
+                for (pattern, &position) in &plan.flush_families {
+                    if let Some(family) = live.family_named(pattern) {
                         family.raise_floor(position);
                     }
                 }
@@ -77,35 +83,6 @@ impl Cache {
             self.flights
                 .locked(key, || memory.remove_older_than(key, version));
         }
-    }
-
-    /// An operator's action at its position marker's `position` (values read before it are
-    /// dropped; the refills after it are fresh). Blocking.
-    pub fn admin(
-        &self,
-        action: &AdminAction,
-        live: &Live,
-        position: u64,
-    ) -> Result<(), StoreError> {
-        match &self.store {
-            Store::Memory(memory) => match action {
-                AdminAction::Key(key) => self.invalidate_key(key),
-                AdminAction::Tag(tag) => memory.invalidate_tag(tag, position),
-                AdminAction::Family(pattern) => {
-                    if let Some(family) = live.family_named(pattern) {
-                        family.raise_floor(position);
-                    }
-                }
-                AdminAction::All => memory.flush_all(position),
-            },
-            Store::Redis(redis) => {
-                if let AdminAction::Key(key) = action {
-                    self.invalidate_key(key);
-                }
-                redis.remove(&Invalidation::for_admin(action, live, position))?;
-            }
-        }
-        Ok(())
     }
 
     /// This daemon takes over applying from `cursor` (the durable cursor; the outbox ends at

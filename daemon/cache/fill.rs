@@ -270,7 +270,9 @@ impl Cache {
             }),
             Store::Redis(redis) => self
                 .flights
-                .finish_elsewhere(ticket, computed, |key, entry| redis.store_entry(key, entry)),
+                .finish_elsewhere(ticket, computed, |key, entry| {
+                    redis.store_entry(key, entry, self.progress.applied())
+                }),
         }
     }
 }

@@ -178,10 +178,12 @@ impl Cache {
                 url,
                 prefix,
                 publish,
+                max_connections,
             } => Store::Redis(Box::new(RedisStore::new(
                 url.clone(),
                 prefix.clone(),
                 *publish,
+                *max_connections,
             ))),
         };
         Cache {
@@ -273,7 +275,7 @@ impl Cache {
         }
         let cached = match &self.store {
             Store::Memory(memory) => memory.get(key),
-            Store::Redis(redis) => match redis.get(key).await {
+            Store::Redis(redis) => match redis.get(key, self.progress.applied()).await {
                 Ok(found) => found.map(|(body, remaining)| redis_entry(body, remaining, family)),
                 Err(_) => {
                     return self

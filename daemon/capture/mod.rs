@@ -13,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::config::Config;
 use crate::db::{ensure_wal, quote_identifier, table_columns};
+use crate::types::{AdminAction, ChangeBody};
 
 mod decode;
 mod triggers;
@@ -68,17 +69,32 @@ impl InstallReport {
 /// The outbox op code of a flush marker: "changes to this table may have gone uncaptured".
 pub const FLUSH_OP: i64 = 0;
 
-/// The outbox op code of a position marker (an admin action's): it changes nothing; it gives
-/// the action a position of its own, so values read before it can be told from values read after.
+/// The outbox op code of a position marker: an admin action (JSON in `new`), which gives the
+/// action a position of its own, so values read before it can be told from values read after,
+/// and has the daemon that applies the outbox carry it out, whichever daemon received it.
 pub const MARKER_OP: i64 = 4;
 
-/// Writes a position marker into the outbox and returns its position. Blocking; a short write.
-pub fn write_marker(conn: &Connection) -> rusqlite::Result<u64> {
+/// Writes an admin action into the outbox and returns its position. Blocking; a short write.
+pub fn write_admin_marker(conn: &Connection, action: &AdminAction) -> rusqlite::Result<u64> {
+    let text = serde_json::to_string(action)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     conn.execute(
-        &format!("INSERT INTO cachetail_outbox (id, capture, op, at) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM cachetail_outbox), 0, ?1, {WRITTEN_AT})"),
-        [MARKER_OP],
+        &format!("INSERT INTO cachetail_outbox (id, capture, op, new, at) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM cachetail_outbox), 0, ?1, ?2, {WRITTEN_AT})"),
+        params![MARKER_OP, text],
     )?;
     Ok(u64::try_from(conn.last_insert_rowid()).unwrap_or(0))
+}
+
+/// What a position marker's row records: its admin action, none (a marker an older cachetail
+/// wrote), or why it cannot be read.
+pub fn read_marker(id: i64, new: Option<&str>) -> ChangeBody {
+    match new.map(serde_json::from_str::<AdminAction>) {
+        None => ChangeBody::Marker,
+        Some(Ok(action)) => ChangeBody::Admin(action),
+        Some(Err(e)) => ChangeBody::Unreadable(format!(
+            "outbox row {id} is an admin action that cannot be read ({e}): {new:?}"
+        )),
+    }
 }
 
 /// What a capture trigger stores in `cachetail_outbox.at`: the write's time as SQLite's clock

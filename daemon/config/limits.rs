@@ -33,6 +33,8 @@ pub const MAX_EVENT_STREAMS: u64 = 100_000;
 pub const MAX_READERS: u64 = 1024;
 /// `http.read_queue`.
 pub const MAX_READ_QUEUE: u64 = 1_000_000;
+/// `[cache] max_connections`: Redis's own default client limit.
+pub const MAX_REDIS_CONNECTIONS: u64 = 10_000;
 
 /// A duration setting, at most `max` (the default when absent or wrong).
 pub(super) fn duration(

@@ -85,11 +85,12 @@ pub enum Backend {
     /// In the daemon's memory (moka): the default.
     Memory,
     /// In Redis, shared by every app server; `publish` sends each batch of invalidations on
-    /// `{prefix}invalidations`.
+    /// `{prefix}invalidations`; at most `max_connections` connections for reads and fills.
     Redis {
         url: RedisUrl,
         prefix: String,
         publish: bool,
+        max_connections: usize,
     },
 }
 
@@ -302,6 +303,39 @@ mod tests {
     }
 
     #[test]
+    fn redis_connection_limits_and_the_prefix_are_checked() {
+        let redis = |settings: &str| {
+            parse(&format!(
+                "database = \"x.db\"\n[cache]\nbackend = \"redis\"\n{settings}\n"
+            ))
+        };
+        for (settings, problem) in [
+            (
+                "max_connections = 0",
+                "config.toml:4:19: `cache.max_connections` must be a whole number from 1 to 10000, not 0",
+            ),
+            (
+                "max_connections = 20000",
+                "config.toml:4:19: `cache.max_connections` must be a whole number from 1 to 10000, not 20000",
+            ),
+            (
+                "prefix = \"\"",
+                "config.toml:4:10: `cache.prefix` must not be empty",
+            ),
+        ] {
+            let err = redis(settings).expect_err(settings);
+            assert!(err.to_string().contains(problem), "{settings}: {err}");
+        }
+        let err =
+            parse("database = \"x.db\"\n[cache]\nmax_connections = 8\n").expect_err("redis only");
+        assert!(
+            err.to_string()
+                .contains("`cache.max_connections` is for `backend = \"redis\"`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn toml_errors_and_unknown_fields_are_located() {
         let err = parse("database = \"x.db\"\nlisten = 5\n").expect_err("invalid");
         assert!(err.to_string().starts_with("config.toml:2:10:"), "{err}");
@@ -342,6 +376,7 @@ mod tests {
             url,
             prefix,
             publish,
+            max_connections,
         } = &redis.cache.backend
         else {
             panic!("the redis backend");
@@ -351,6 +386,7 @@ mod tests {
             ("127.0.0.1", 6379, 0)
         );
         assert_eq!((prefix.as_str(), *publish), ("cachetail:", true));
+        assert_eq!(*max_connections, 64);
     }
 
     #[test]

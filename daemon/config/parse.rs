@@ -48,6 +48,7 @@ pub(super) struct RawCache {
     pub(super) url: Option<Spanned<Secret>>,
     pub(super) prefix: Option<Spanned<String>>,
     pub(super) publish: Option<bool>,
+    pub(super) max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]

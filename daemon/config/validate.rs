@@ -12,7 +12,7 @@ use toml::Spanned;
 
 use super::limits::{
     MAX_BATCH_SIZE, MAX_CONNECTIONS, MAX_ENTRIES, MAX_EVENT_STREAMS, MAX_READ_QUEUE, MAX_READERS,
-    MAX_WAIT, MAX_WORKERS, count, duration, positive, ttl,
+    MAX_REDIS_CONNECTIONS, MAX_WAIT, MAX_WORKERS, count, duration, positive, ttl,
 };
 use super::parse::{
     Problems, RawCache, RawConfig, RawFamily, RawHttp, RawRule, RawTail, RawWriteBehind,
@@ -513,6 +513,10 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
             for (field, span) in [
                 ("url", raw.url.as_ref().map(Spanned::span)),
                 ("prefix", raw.prefix.as_ref().map(Spanned::span)),
+                (
+                    "max_connections",
+                    raw.max_connections.as_ref().map(Spanned::span),
+                ),
             ] {
                 if let Some(span) = span {
                     problems.at(
@@ -535,10 +539,19 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
                 .prefix
                 .as_ref()
                 .map_or_else(|| "cachetail:".to_owned(), |p| p.get_ref().clone());
+            if let Some(given) = &raw.prefix
+                && given.get_ref().is_empty()
+            {
+                problems.at(
+                    given.span(),
+                    "`cache.prefix` must not be empty: every key cachetail writes starts with it, and rebuilding Redis removes every key under it (with an empty prefix, the whole database)",
+                );
+            }
             Backend::Redis {
                 url,
                 prefix,
                 publish: raw.publish.unwrap_or(true),
+                max_connections: redis_connections(raw.max_connections.as_ref(), problems),
             }
         }
         other => {
@@ -553,6 +566,18 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
             Backend::Memory
         }
     }
+}
+
+/// `cache.max_connections`: at least 1, at most 10,000 (Redis's own default client limit).
+fn redis_connections(raw: Option<&Spanned<i64>>, problems: &mut Problems<'_>) -> usize {
+    let n = positive(
+        raw,
+        "cache.max_connections",
+        64,
+        MAX_REDIS_CONNECTIONS,
+        problems,
+    );
+    usize::try_from(n).unwrap_or(64)
 }
 
 fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {

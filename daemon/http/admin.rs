@@ -1,7 +1,9 @@
 //! Admin actions: delete a key, invalidate a tag, flush a family or everything. Each needs the
-//! bearer token the config names (`admin_token`) and is disabled when none is set. Each writes a
-//! position marker into the outbox first: values read before it are dropped, values read after
-//! it (the refills) are fresh.
+//! bearer token the config names (`admin_token`) and is disabled when none is set. Each is
+//! written into the outbox, where the daemon holding the lease applies it in order, whichever
+//! daemon received it (a standby's own cache is not used, so the action must reach the active
+//! one's): values read before its position are dropped, values read after it (the refills) are
+//! fresh.
 
 use hyper::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use hyper::{Response, StatusCode};
@@ -12,9 +14,12 @@ use super::keys::decode_component;
 use super::reply::{self, Body};
 use crate::capture;
 use crate::config::Config;
+use crate::tail::lease::Lease;
 use crate::types::AdminAction;
 
-/// An admin action, once the token checks out.
+/// An admin action, once the token checks out: written into the outbox, then answered once the
+/// daemon that applies the outbox (this one, or the active one if this is a standby) has
+/// applied it, or with `202` if that takes longer than `fresh_timeout`.
 pub async fn act(http: &Http, headers: &HeaderMap, action: AdminAction) -> Response<Body> {
     let config = http.sources.registry.config();
     if let Err((status, message)) = authorize(&config, headers) {
@@ -22,15 +27,50 @@ pub async fn act(http: &Http, headers: &HeaderMap, action: AdminAction) -> Respo
     }
     let worker = http.clone();
     let described = format!("{action:?}");
-    let done = tokio::task::spawn_blocking(move || perform(&worker, &action)).await;
-    match done {
-        Ok(Ok(position)) => reply::json(
+    let written = tokio::task::spawn_blocking(move || write(&worker, &action)).await;
+    let position = match written {
+        Ok(Ok(position)) => position,
+        Ok(Err((status, message))) => return reply::error(status, message),
+        Err(e) => return reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let timeout = config.fresh_timeout;
+    let mut applied = http.sources.progress.subscribe();
+    let done = tokio::time::timeout(timeout, applied.wait_for(|&at| at >= position))
+        .await
+        .is_ok_and(|seen| seen.is_ok());
+    if done {
+        tracing::info!(action = described, position, "admin action applied");
+        return reply::json(
             StatusCode::OK,
             &json!({"done": described, "position": position}),
-        ),
-        Ok(Err((status, message))) => reply::error(status, message),
-        Err(e) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        );
     }
+    let holder = http
+        .sources
+        .pool
+        .read(Lease::current)
+        .await
+        .ok()
+        .flatten()
+        .map_or_else(|| "none".to_owned(), |h| h.holder);
+    tracing::warn!(
+        action = described,
+        position,
+        active = holder,
+        "admin action not applied in time"
+    );
+    reply::json(
+        StatusCode::ACCEPTED,
+        &json!({
+            "accepted": described,
+            "position": position,
+            "applied": false,
+            "active": holder,
+            "message": format!(
+                "written to the outbox at position {position}, but the daemon applying the outbox (lease holder {holder}) has not applied it within {timeout:?}: it takes effect when that daemon applies it (its /v1/status shows `cursor`)"
+            ),
+        }),
+    )
 }
 
 /// `POST /v1/admin/invalidate?tag=TAG` and `POST /v1/admin/flush[?family=PATTERN]`.
@@ -104,9 +144,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     differ == 0
 }
 
-/// Carries the action out; returns the outbox position it took effect at. Blocking.
-fn perform(http: &Http, action: &AdminAction) -> Result<u64, (StatusCode, String)> {
-    let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
+/// Writes the action into the outbox (after checking that it names something in the config in
+/// force); returns its position. Blocking.
+fn write(http: &Http, action: &AdminAction) -> Result<u64, (StatusCode, String)> {
     let live = http.sources.registry.live();
     if let AdminAction::Family(pattern) = action
         && live.family_named(pattern).is_none()
@@ -117,14 +157,14 @@ fn perform(http: &Http, action: &AdminAction) -> Result<u64, (StatusCode, String
         ));
     }
     // A position of its own: values read before it are dropped, values read after it are
-    // fresh (even after a change cachetail could not see, which is why operators flush).
-    let position = crate::db::open_writer(&live.config.database)
-        .and_then(|conn| capture::write_marker(&conn))
-        .map_err(|e| unavailable(format!("cannot write a position marker to the outbox: {e}")))?;
-    http.sources
-        .cache
-        .admin(action, &live, position)
-        .map_err(|e| unavailable(e.to_string()))?;
-    tracing::info!(?action, position, "admin action");
-    Ok(position)
+    // fresh (even after a change cachetail could not see, which is why operators flush). The
+    // daemon holding the lease applies it in order with the changes around it.
+    crate::db::open_writer(&live.config.database)
+        .and_then(|conn| capture::write_admin_marker(&conn, action))
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot write the admin action into the outbox: {e}"),
+            )
+        })
 }

@@ -106,7 +106,7 @@ fn describe(config: &Config, change: &Change) -> Option<ChangeEvent> {
             error: Some(reason.clone()),
             ..event(None, "unreadable")
         }),
-        ChangeBody::Marker => None,
+        ChangeBody::Marker | ChangeBody::Admin(_) => None,
     }
 }
 

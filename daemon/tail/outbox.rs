@@ -216,7 +216,7 @@ impl Outbox {
         new: Option<&str>,
     ) -> ChangeBody {
         if op == capture::MARKER_OP {
-            return ChangeBody::Marker;
+            return capture::read_marker(id, new);
         }
         match self.layouts.get(&layout) {
             Some(l) if op == capture::FLUSH_OP => ChangeBody::Flush {

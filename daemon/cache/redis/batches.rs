@@ -1,10 +1,10 @@
-//! Each kind of Redis invalidation as one `Invalidation` (a batch's plan, a pause, a reload's
-//! retirements, an operator's action), with the message app-local caches receive for it: the
+//! Each kind of Redis invalidation as one `Invalidation` (a batch's plan, operators' actions
+//! among its changes; a pause; a reload's retirements), with the message app-local caches receive for it: the
 //! fan-out message is built here and nowhere else.
 
 use super::RETIRED;
 use crate::registry::Live;
-use crate::types::{AdminAction, Plan};
+use crate::types::Plan;
 
 /// One batch of invalidations, as Redis applies it.
 #[derive(Debug, Default)]
@@ -18,8 +18,7 @@ pub struct Invalidation {
     pub floor: u64,
     /// The pub/sub message (JSON) for app-local caches.
     pub message: String,
-    /// The applying daemon's lease epoch: Redis refuses a batch from an older epoch. 0 for an
-    /// operator's removal (admin API), which applies no outbox position.
+    /// The applying daemon's lease epoch: Redis refuses a batch from an older epoch.
     pub epoch: u64,
 }
 
@@ -34,16 +33,19 @@ impl Invalidation {
             .collect();
         let mut families: Vec<&str> = Vec::new();
         for family in &live.families {
-            let flushed = plan.flush_all.or_else(|| {
-                plan.flush_tables
-                    .iter()
-                    .filter(|(table, _)| live.reads_table(family, table))
-                    .map(|(_, &position)| position)
-                    .max()
-            });
+            let pattern = family.def.pattern.source();
+            let tables = plan
+                .flush_tables
+                .iter()
+                .filter(|(table, _)| live.reads_table(family, table))
+                .map(|(_, &position)| position);
+            let flushed = tables
+                .chain(plan.flush_all)
+                .chain(plan.flush_families.get(pattern).copied())
+                .max();
             if let Some(position) = flushed {
                 groups.push((family.def.group.clone(), position));
-                families.push(family.def.pattern.source());
+                families.push(pattern);
             }
         }
         let mut keys: Vec<String> = plan.keys.keys().cloned().collect();
@@ -98,41 +100,6 @@ impl Invalidation {
             message: fan_out_message(cursor, &[], &[], &families, false),
             epoch: 0,
         }
-    }
-
-    /// An operator's action at its marker's `position` (epoch 0: not fenced, applies no outbox
-    /// position).
-    pub fn for_admin(action: &AdminAction, live: &Live, position: u64) -> Invalidation {
-        let mut batch = Invalidation {
-            position,
-            ..Invalidation::default()
-        };
-        let (mut keys, mut tags, mut families) = (vec![], vec![], vec![]);
-        match action {
-            AdminAction::Key(key) => {
-                batch.keys.push(key.clone());
-                keys.push(key.as_str());
-            }
-            AdminAction::Tag(tag) => {
-                batch.groups.push((tag_group(tag), position));
-                tags.push(tag.as_str());
-            }
-            AdminAction::Family(pattern) => {
-                if let Some(family) = live.family_named(pattern) {
-                    batch.groups.push((family.def.group.clone(), position));
-                }
-                families.push(pattern.as_str());
-            }
-            AdminAction::All => {
-                for family in &live.families {
-                    batch.groups.push((family.def.group.clone(), position));
-                }
-                batch.floor = position;
-            }
-        }
-        let all = *action == AdminAction::All;
-        batch.message = fan_out_message(position, &keys, &tags, &families, all);
-        batch
     }
 }
 

@@ -29,21 +29,28 @@ use crate::config::RedisUrl;
 use crate::escape::Escaped;
 
 mod batches;
+mod pool;
 pub mod resp;
 mod scripts;
 
 pub use batches::{Invalidation, tag_group};
+use pool::Pool;
 use resp::{AsyncConn, Conn, RedisError, Reply};
-use scripts::{APPLY, STORE, Script};
+use scripts::{APPLY, FINISH, PURGE, STORE, Script};
 
 /// How long invalidation marks outlive the invalidation: longer than any fill can take.
 const MARK_TTL: Duration = Duration::from_secs(600);
 /// The mark of a retired family generation: no fill of it is ever stored again.
 const RETIRED: u64 = 1 << 52;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
-/// Idle connections kept: one per concurrent request at the loads we expect, so a busy endpoint
-/// never connects per request.
-const MAX_IDLE: usize = 256;
+/// The most keys of groups one script looks at: Redis serves nobody while a script runs, so a
+/// tag an attacker grew to millions of keys is emptied a page at a time (well under a
+/// millisecond each), other clients served in between.
+const PURGE_PAGE: usize = 100;
+/// How often the applying daemon checks, even with nothing to apply, that Redis still holds
+/// what it applied (a Redis restored from an older snapshot, or flushed, is rebuilt within it;
+/// until then every daemon answers from the database).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Whether Redis answers, for `/v1/status` and the logs.
 #[derive(Debug, Clone, Default)]
@@ -58,19 +65,31 @@ pub struct RedisStore {
     pub prefix: String,
     channel: String,
     apply_conn: Mutex<Option<Conn>>,
-    store_conns: Mutex<Vec<Conn>>,
-    read_conns: Mutex<Vec<AsyncConn>>,
+    /// The connections for reads and fills' stores, capped (`[cache] max_connections`).
+    pool: Pool,
+    max_connections: usize,
     /// The highest `applied` this daemon wrote or read: Redis below it lost state.
     seen: AtomicU64,
     health: Mutex<Health>,
     /// Redis failed or showed lost state since the last reconcile: the tail checks it again.
     suspect: std::sync::atomic::AtomicBool,
+    /// When the applying daemon last checked Redis's applied position (`heal`).
+    probed_at: Mutex<Option<std::time::Instant>>,
     apply_script: Script,
+    purge_script: Script,
+    finish_script: Script,
     store_script: Script,
 }
 
+/// What `APPLY` did: all of the batch (its outcome), or all but emptying these groups (each
+/// with its mark), which `PURGE` does a page at a time before `FINISH`.
+enum Begun {
+    Done(Option<i64>),
+    Pending(Vec<(String, u64)>),
+}
+
 impl RedisStore {
-    pub fn new(url: RedisUrl, prefix: String, publish: bool) -> RedisStore {
+    pub fn new(url: RedisUrl, prefix: String, publish: bool, max_connections: usize) -> RedisStore {
         let channel = if publish {
             format!("{prefix}invalidations")
         } else {
@@ -81,12 +100,15 @@ impl RedisStore {
             prefix,
             channel,
             apply_conn: Mutex::new(None),
-            store_conns: Mutex::new(Vec::new()),
-            read_conns: Mutex::new(Vec::new()),
+            pool: Pool::new(max_connections),
+            max_connections,
             seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             suspect: std::sync::atomic::AtomicBool::new(false),
+            probed_at: Mutex::new(None),
             apply_script: Script::new(APPLY),
+            purge_script: Script::new(PURGE),
+            finish_script: Script::new(FINISH),
             store_script: Script::new(STORE),
         }
     }
@@ -105,7 +127,8 @@ impl RedisStore {
     fn note<T>(&self, result: &Result<T, RedisError>) {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         match result {
-            Err(RedisError::Fenced) => {}
+            // Refused as designed, or every connection busy: Redis itself answers.
+            Err(RedisError::Fenced | RedisError::PoolFull(_)) => {}
             Err(RedisError::StateLost) => self.suspect.store(true, Ordering::Release),
             Ok(_) => {
                 if let Some(since) = health.down_since.take() {
@@ -217,12 +240,19 @@ impl RedisStore {
         }
     }
 
-    /// Reconciles again if Redis failed or lost state since the last look (called by the tail
-    /// between batches, so a restarted Redis is rebuilt even when no change comes).
+    /// Reconciles again if Redis failed or lost state since the last look, and at least every
+    /// `PROBE_EVERY` (called by the tail between batches, so a Redis restarted from an older
+    /// snapshot is rebuilt even when no change comes and nobody reads through this daemon: a
+    /// standby, or an app server reading Redis directly, may be reading it).
     pub fn heal(&self, cursor: u64) -> Result<(), RedisError> {
-        if !self.suspect.swap(false, Ordering::AcqRel) {
+        let suspect = self.suspect.swap(false, Ordering::AcqRel);
+        let mut probed_at = self.probed_at.lock().unwrap_or_else(|e| e.into_inner());
+        let due = probed_at.is_none_or(|at| at.elapsed() >= PROBE_EVERY);
+        if !suspect && !due {
             return Ok(());
         }
+        *probed_at = Some(std::time::Instant::now());
+        drop(probed_at);
         self.reconcile(cursor, None)
     }
 
@@ -235,14 +265,11 @@ impl RedisStore {
             if fresh {
                 self.reconcile_on(&mut guard, cursor, None)?;
             }
-            let args = self.apply_args(batch);
-            let conn = connected(&mut guard, &self.url)?;
-            let mut outcome = self.apply_script.run(conn, &args)?.as_int();
+            let mut outcome = self.run_batch(connected(&mut guard, &self.url)?, batch)?;
             if outcome == Some(-1) {
                 // Redis lost state since the last batch (a FLUSHALL, a restart): rebuild, retry.
                 self.reconcile_on(&mut guard, cursor, None)?;
-                let conn = connected(&mut guard, &self.url)?;
-                outcome = self.apply_script.run(conn, &args)?.as_int();
+                outcome = self.run_batch(connected(&mut guard, &self.url)?, batch)?;
             }
             match outcome {
                 Some(-2) => Err(RedisError::Fenced),
@@ -252,24 +279,92 @@ impl RedisStore {
         })();
         self.note(&result);
         match &result {
-            Ok(()) if batch.epoch > 0 => {
+            Ok(()) => {
                 self.seen.fetch_max(batch.position, Ordering::AcqRel);
             }
-            Ok(()) => {}
             Err(_) => *guard = None,
         }
         result
     }
 
-    /// An operator's removal (admin API; `batch.epoch` must be 0), from any daemon: no
-    /// reconcile, no fencing; refused while Redis has lost state (the applier rebuilds it).
-    pub fn remove(&self, batch: &Invalidation) -> Result<(), RedisError> {
-        let args = self.apply_args(batch);
-        let outcome = self.with_store_conn(|conn| self.apply_script.run(conn, &args))?;
-        match outcome.as_int() {
-            Some(-1) => Err(RedisError::StateLost),
-            _ => Ok(()),
+    /// One batch: `APPLY`, then, for each group too large for it, `PURGE` a page at a time
+    /// (Redis serves other clients between pages) and `FINISH`. The group's mark was raised
+    /// first, so no value read before it lands meanwhile. The outcome: 1, or -1 (Redis lost
+    /// state), -2 (fenced).
+    fn run_batch(&self, conn: &mut Conn, batch: &Invalidation) -> Result<Option<i64>, RedisError> {
+        let pending = match self.begin_batch(conn, batch)? {
+            Begun::Done(outcome) => return Ok(outcome),
+            Begun::Pending(groups) => groups,
+        };
+        for (group, mark) in &pending {
+            let mut cursor = b"0".to_vec();
+            loop {
+                cursor = self.purge_page(conn, group, *mark, &cursor)?;
+                if cursor == b"0" {
+                    break;
+                }
+            }
         }
+        self.finish_batch(conn, batch)
+    }
+
+    fn begin_batch(&self, conn: &mut Conn, batch: &Invalidation) -> Result<Begun, RedisError> {
+        match self.apply_script.run(conn, &self.apply_args(batch))? {
+            Reply::Array(items) => {
+                let text = |item: Option<Reply>| match item {
+                    Some(Reply::Bulk(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
+                    other => Err(RedisError::Protocol(format!("APPLY listed {other:?}"))),
+                };
+                let mut items = items.into_iter();
+                let mut groups = Vec::new();
+                while let Some(group) = items.next() {
+                    let group = text(Some(group))?;
+                    let mark = text(items.next())?.parse().unwrap_or(u64::MAX);
+                    groups.push((group, mark));
+                }
+                Ok(Begun::Pending(groups))
+            }
+            other => Ok(Begun::Done(other.as_int())),
+        }
+    }
+
+    /// Removes one page of a group's values read before `mark`; returns the next cursor.
+    fn purge_page(
+        &self,
+        conn: &mut Conn,
+        group: &str,
+        mark: u64,
+        cursor: &[u8],
+    ) -> Result<Vec<u8>, RedisError> {
+        let args = [
+            self.prefix.as_bytes(),
+            group.as_bytes(),
+            mark.to_string().as_bytes(),
+            cursor,
+            PURGE_PAGE.to_string().as_bytes(),
+        ]
+        .map(<[u8]>::to_vec);
+        match self.purge_script.run(conn, &args)? {
+            Reply::Bulk(next) => Ok(next),
+            other => Err(RedisError::Protocol(format!("PURGE answered {other:?}"))),
+        }
+    }
+
+    fn finish_batch(
+        &self,
+        conn: &mut Conn,
+        batch: &Invalidation,
+    ) -> Result<Option<i64>, RedisError> {
+        let args = [
+            self.prefix.as_bytes(),
+            batch.position.to_string().as_bytes(),
+            self.seen.load(Ordering::Acquire).to_string().as_bytes(),
+            batch.epoch.to_string().as_bytes(),
+            self.channel.as_bytes(),
+            batch.message.as_bytes(),
+        ]
+        .map(<[u8]>::to_vec);
+        Ok(self.finish_script.run(conn, &args)?.as_int())
     }
 
     fn apply_args(&self, batch: &Invalidation) -> Vec<Vec<u8>> {
@@ -294,16 +389,18 @@ impl RedisStore {
         }
         args.push(batch.floor.to_string().into_bytes());
         args.push(batch.message.as_bytes().to_vec());
+        args.push(PURGE_PAGE.to_string().into_bytes());
         args
     }
 
     /// Stores a computed value unless an invalidation it did not see came first. Blocking.
     /// Returns whether it was stored. With no `body` (the query found no row) nothing is stored:
-    /// it returns whether the result is still current.
+    /// it returns whether the result is still current. `known`: a position this daemon knows
+    /// Redis has applied (see `get`).
     pub fn store(
         &self,
         key: &str,
-        version: u64,
+        (version, known): (u64, u64),
         ttl: Duration,
         body: Option<&[u8]>,
         groups: &[String],
@@ -318,7 +415,7 @@ impl RedisStore {
             version.to_string().into_bytes(),
             ttl.as_millis().max(1).to_string().into_bytes(),
             body.unwrap_or_default().to_vec(),
-            self.seen.load(Ordering::Acquire).to_string().into_bytes(),
+            self.expected(known).to_string().into_bytes(),
             now.to_string().into_bytes(),
             groups.len().to_string().into_bytes(),
         ];
@@ -338,11 +435,11 @@ impl RedisStore {
 
     /// Stores a computed value (`store`, with its groups: its tags' and its family's).
     /// Blocking. A value refused (or Redis unreachable) is simply not stored.
-    pub fn store_entry(&self, key: &str, entry: &super::Entry) -> bool {
+    pub fn store_entry(&self, key: &str, entry: &super::Entry, known: u64) -> bool {
         let mut groups: Vec<String> = entry.tags.iter().map(|t| tag_group(t)).collect();
         groups.push(entry.family.def.group.clone());
         let (ttl, body) = (entry.family.def.ttl, entry.body.as_deref());
-        match self.store(key, entry.version, ttl, body, &groups) {
+        match self.store(key, (entry.version, known), ttl, body, &groups) {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::debug!(key = %Escaped(key), error = %Escaped(&e), "not stored in redis");
@@ -355,17 +452,16 @@ impl RedisStore {
         &self,
         mut work: impl FnMut(&mut Conn) -> Result<R, RedisError>,
     ) -> Result<R, RedisError> {
-        let idle = self
-            .store_conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
+        let Some((slot, idle)) = self.pool.store() else {
+            return Err(RedisError::PoolFull(self.max_connections));
+        };
         let pooled = idle.is_some();
         let mut result = match idle {
             Some(mut conn) => work(&mut conn).map(|r| (r, conn)),
             None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
         };
-        // A pooled connection may have died with a Redis restart: one try on a new one.
+        // A pooled connection may have died with a Redis restart: one try on a new one (the
+        // slot is still this request's).
         if matches!(result, Err(RedisError::Io(_))) {
             if pooled {
                 tracing::debug!("a pooled redis connection failed; reconnecting");
@@ -374,18 +470,30 @@ impl RedisStore {
                 .and_then(|mut conn| work(&mut conn).map(|r| (r, conn)));
         }
         self.note(&result);
+        // On failure the slot is dropped with it: the connection is closed.
         let (reply, conn) = result?;
-        let mut idle = self.store_conns.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
-        }
+        slot.give_back_store(conn);
         Ok(reply)
+    }
+
+    /// What Redis must have applied, at least, for this daemon to trust it: the highest
+    /// `applied` it wrote or read, and `known`, a position it knows Redis has applied (the
+    /// tail's applied position: on the applying daemon, what it applied to Redis; on a standby,
+    /// the durable cursor, which the active daemon writes only after Redis applied up to it).
+    /// A standby that just started has read nothing from Redis yet: without `known` it would
+    /// trust a Redis restored from a snapshot older than the durable cursor.
+    fn expected(&self, known: u64) -> u64 {
+        self.seen.load(Ordering::Acquire).max(known)
     }
 
     /// The cached value of `key` and the rest of its TTL, if Redis has one it may serve. An
     /// error means the endpoint must answer from the database (Redis is down, or lost state it
-    /// has not rebuilt yet).
-    pub async fn get(&self, key: &str) -> Result<Option<(Bytes, Duration)>, RedisError> {
+    /// has not rebuilt yet). `known`: a position this daemon knows Redis has applied.
+    pub async fn get(
+        &self,
+        key: &str,
+        known: u64,
+    ) -> Result<Option<(Bytes, Duration)>, RedisError> {
         let value = format!("{}{key}", self.prefix);
         let state = format!("{}#state", self.prefix);
         let commands = [
@@ -396,7 +504,7 @@ impl RedisStore {
         // What this daemon knew Redis had applied before asking: Redis answering less lost it.
         // (Compared with `seen` after the answer instead, an apply finishing meanwhile would
         // look like a loss.)
-        let known = self.seen.load(Ordering::Acquire);
+        let known = self.expected(known);
         let replies = self.with_read_conn(&commands).await?;
         let mut replies = replies.into_iter();
         let (value, applied, ttl) = (replies.next(), replies.next(), replies.next());
@@ -424,11 +532,11 @@ impl RedisStore {
     }
 
     async fn with_read_conn(&self, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>, RedisError> {
-        let idle = self
-            .read_conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
+        // The slot is held until the connection is given back; if this future is dropped
+        // mid-way (the request went away), dropping the slot frees it.
+        let Some((slot, idle)) = self.pool.read().await else {
+            return Err(RedisError::PoolFull(self.max_connections));
+        };
         let mut result = match idle {
             Some(conn) => read_on(conn, commands).await,
             None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
@@ -444,10 +552,7 @@ impl RedisStore {
             self.note(&result);
         }
         let (replies, conn) = result?;
-        let mut idle = self.read_conns.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
-        }
+        slot.give_back_read(conn);
         Ok(replies)
     }
 

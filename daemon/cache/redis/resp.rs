@@ -28,6 +28,10 @@ pub enum RedisError {
     Fenced,
     #[error("redis: cannot resolve {0:?}")]
     NoAddress(String),
+    #[error(
+        "redis: all {0} connections (`[cache] max_connections`) are in use; answering from the database"
+    )]
+    PoolFull(usize),
 }
 
 /// One RESP2 reply.

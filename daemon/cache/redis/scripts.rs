@@ -1,6 +1,8 @@
 //! The Lua scripts that keep Redis exactly as fresh as the database, atomically inside Redis:
-//! `APPLY` runs a batch's invalidations (and refuses one from an older lease epoch), `STORE`
-//! stores a fill unless an invalidation it did not see came first. Loaded on first use (and
+//! `APPLY` runs a batch's invalidations (and refuses one from an older lease epoch), with
+//! `PURGE` and `FINISH` after it when a group is too large to empty in one script (Redis runs
+//! nothing else while a script runs); `STORE` stores a fill unless an invalidation it did not
+//! see came first. Loaded on first use (and
 //! again after a restart forgot them).
 
 use std::sync::Mutex;
@@ -14,11 +16,9 @@ local ttl = tonumber(ARGV[3])
 local state = prefix .. '#state'
 local applied = redis.call('HGET', state, 'applied')
 if not applied or tonumber(applied) < tonumber(ARGV[4]) then return -1 end
--- Epoch 0: an operator's removal (admin API), from any daemon: it only removes values, so it
--- needs no fencing, and it applies no outbox position.
 local epoch = tonumber(ARGV[7])
 local known = tonumber(redis.call('HGET', state, 'epoch') or '0')
-if epoch > 0 and known > epoch then return -2 end
+if known > epoch then return -2 end
 if epoch > known then redis.call('HSET', state, 'epoch', epoch) end
 local i = 8
 local n = tonumber(ARGV[6])
@@ -30,25 +30,72 @@ for _ = 1, n do
   if redis.call('PTTL', meta) < ttl then redis.call('PEXPIRE', meta, ttl) end
 end
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do
-  local group = ARGV[i]; local mark = tonumber(ARGV[i + 1]); i = i + 2
+local groups = i
+i = i + 2 * n
+local floor = tonumber(ARGV[i])
+local budget = tonumber(ARGV[i + 2])
+local pending = {}
+for g = 0, n - 1 do
+  local group = ARGV[groups + 2 * g]; local mark = tonumber(ARGV[groups + 2 * g + 1])
   local set = prefix .. '#g:' .. group
-  -- Only the values read before the mark: one read after it already reflects the change.
-  for _, key in ipairs(redis.call('ZRANGE', set, 0, -1)) do
-    if tonumber(redis.call('HGET', prefix .. '#m:' .. key, 'v') or '0') < mark then
-      redis.call('UNLINK', prefix .. key)
-      redis.call('ZREM', set, key)
-    end
-  end
+  -- The mark first: from now on no value read before it is stored, so the set only gains keys
+  -- read after it, and emptying it may take several scripts.
   local gm = prefix .. '#gm:' .. group
   local old = tonumber(redis.call('GET', gm) or '0')
-  if old > mark then mark = old end
-  redis.call('SET', gm, mark, 'PX', ttl)
+  redis.call('SET', gm, math.max(old, mark), 'PX', ttl)
+  local size = redis.call('ZCARD', set)
+  if size <= budget then
+    budget = budget - size
+    -- Only the values read before the mark: one read after it already reflects the change.
+    for _, key in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+      if tonumber(redis.call('HGET', prefix .. '#m:' .. key, 'v') or '0') < mark then
+        redis.call('UNLINK', prefix .. key)
+        redis.call('ZREM', set, key)
+      end
+    end
+  else
+    -- Too many keys for one script (Redis runs nothing else meanwhile): `PURGE` empties it, a
+    -- page at a time, then `FINISH` records the batch.
+    pending[#pending + 1] = group
+    pending[#pending + 1] = tostring(mark)
+  end
 end
-local floor = tonumber(ARGV[i])
 if floor > tonumber(redis.call('HGET', state, 'floor') or '0') then redis.call('HSET', state, 'floor', floor) end
-if epoch > 0 and pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
+if #pending > 0 then return pending end
+if pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
 if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[i + 1]) end
+return 1
+"#;
+
+/// One page of a group too large for `APPLY`: removes the values of its keys read before the
+/// mark (ZSCAN: every key in the set from the first page to the last is seen; keys added
+/// meanwhile were read after the mark). Returns the next cursor ("0": done).
+pub(super) const PURGE: &str = r#"
+local prefix, mark = ARGV[1], tonumber(ARGV[3])
+local set = prefix .. '#g:' .. ARGV[2]
+local page = redis.call('ZSCAN', set, ARGV[4], 'COUNT', ARGV[5])
+local entries = page[2]
+for j = 1, #entries, 2 do
+  local key = entries[j]
+  if tonumber(redis.call('HGET', prefix .. '#m:' .. key, 'v') or '0') < mark then
+    redis.call('UNLINK', prefix .. key)
+    redis.call('ZREM', set, key)
+  end
+end
+return page[1]
+"#;
+
+/// Records a batch whose groups `PURGE` emptied: its position applied, its message published
+/// (only now: an app-local cache that refetches on the message must not find a value the batch
+/// removes). Refused like `APPLY` if Redis lost its state or another epoch took over meanwhile.
+pub(super) const FINISH: &str = r#"
+local prefix, pos = ARGV[1], tonumber(ARGV[2])
+local state = prefix .. '#state'
+local applied = redis.call('HGET', state, 'applied')
+if not applied or tonumber(applied) < tonumber(ARGV[3]) then return -1 end
+if tonumber(redis.call('HGET', state, 'epoch') or '0') > tonumber(ARGV[4]) then return -2 end
+if pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return 1
 "#;
 
@@ -85,7 +132,9 @@ local now = tonumber(ARGV[7])
 for j = 1, n do
   local set = prefix .. '#g:' .. ARGV[8 + j]
   redis.call('ZADD', set, now + ttl, key)
-  redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+  -- Expired members, a few at a time (a set where many expired at once is not walked here).
+  local expired = redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, 32)
+  if #expired > 0 then redis.call('ZREM', set, unpack(expired)) end
   if redis.call('PTTL', set) < ttl then redis.call('PEXPIRE', set, ttl) end
 end
 return 1

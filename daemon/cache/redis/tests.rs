@@ -42,7 +42,7 @@ impl Server {
 
     /// One daemon's handle on the shared Redis.
     fn daemon(&self) -> RedisStore {
-        RedisStore::new(self.url.clone(), PREFIX.to_owned(), true)
+        RedisStore::new(self.url.clone(), PREFIX.to_owned(), true, 8)
     }
 
     fn conn(&self) -> Conn {
@@ -118,7 +118,13 @@ fn a_batch_from_an_older_epoch_is_refused_whole_and_an_equal_or_newer_one_applie
         .expect("epoch 1 applies");
     assert!(
         first
-            .store("k", 10, ttl, Some(b"v10"), std::slice::from_ref(&group))
+            .store(
+                "k",
+                (10, 0),
+                ttl,
+                Some(b"v10"),
+                std::slice::from_ref(&group)
+            )
             .expect("store")
     );
 
@@ -208,33 +214,27 @@ fn a_batch_from_an_older_epoch_is_refused_whole_and_an_equal_or_newer_one_applie
         Some("70")
     );
 
-    // An operator's removal (epoch 0, any daemon) is not fenced, and applies no position.
-    probe
-        .cmd(&["SET", &format!("{PREFIX}e"), "ve"])
-        .expect("SET");
-    first
-        .remove(&batch(0, 65, &["e"], "admin@65"))
-        .expect("an admin removal applies from any daemon");
-    assert_eq!(text(&mut probe, &["GET", &format!("{PREFIX}e")]), None);
-    assert_eq!(
-        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
-        Some("70")
-    );
+    // The first daemon's every batch stays refused, whatever it carries.
+    let refused = first.apply(&batch(1, 80, &["e"], "first@80"), 70);
+    assert!(matches!(refused, Err(RedisError::Fenced)), "{refused:?}");
     assert_eq!(
         text(&mut probe, &["HGET", &state, "epoch"]).as_deref(),
         Some("3")
     );
+    third
+        .apply(&batch(3, 90, &["e"], "third@90"), 70)
+        .expect("epoch 3 applies");
 
     // Nothing of a refused batch was published: app-local caches hear only the holders.
     assert_eq!(
-        messages_until(&mut subscriber, "admin@65"),
+        messages_until(&mut subscriber, "third@90"),
         [
             "first@10",
             "second@20",
             "second@40",
             "third@50",
             "third@70",
-            "admin@65"
+            "third@90"
         ]
     );
 }
@@ -251,7 +251,7 @@ fn redis_refuses_a_value_read_before_a_404_that_was_answered() {
     let (ttl, groups) = (Duration::from_secs(60), ["f:k".to_owned()]);
     let store = |version: u64, body: Option<&[u8]>| {
         cache
-            .store("k:1", version, ttl, body, &groups)
+            .store("k:1", (version, 0), ttl, body, &groups)
             .expect("the store script runs")
     };
     assert!(store(4, Some(br#"{"n":4}"#)), "a value read at 4 is stored");
@@ -269,4 +269,84 @@ fn redis_refuses_a_value_read_before_a_404_that_was_answered() {
         "a value read at 5 must not land after a 404 read at 7 was answered"
     );
     assert_eq!(cache.get_blocking("k:1").expect("GET"), None);
+}
+
+/// A group too large for one script is emptied a page at a time behind its mark, raised first:
+/// between pages a value read before the mark is refused and one read after it is stored and
+/// kept; the batch counts as applied, and is published, only once the group is empty.
+#[test]
+fn a_large_group_is_emptied_a_page_at_a_time_behind_its_mark() {
+    let server = Server::start();
+    let mut subscriber = server.conn();
+    subscriber
+        .cmd(&["SUBSCRIBE", &format!("{PREFIX}invalidations")])
+        .expect("subscribe");
+    let mut probe = server.conn();
+    let cache = server.daemon();
+    cache.reconcile(0, None).expect("redis state");
+    cache
+        .apply(&batch(1, 5, &[], "start@5"), 0)
+        .expect("a first batch");
+    let (ttl, group) = (Duration::from_secs(60), tag_group("big"));
+    let groups = std::slice::from_ref(&group);
+    let keys = PURGE_PAGE * 5;
+    for i in 0..keys {
+        let stored = cache.store(&format!("k{i}"), (5, 5), ttl, Some(b"old"), groups);
+        assert!(stored.expect("store"), "k{i} read at 5");
+    }
+    let state = format!("{PREFIX}#state");
+    let big = Invalidation {
+        groups: vec![(group.clone(), 10)],
+        ..batch(1, 10, &[], "big@10")
+    };
+    let mut conn = server.conn();
+    let Begun::Pending(pending) = cache.begin_batch(&mut conn, &big).expect("APPLY") else {
+        panic!("a group of {keys} keys is too large for one script");
+    };
+    assert_eq!(pending, [(group.clone(), 10)]);
+    let store = |key: &str, version: u64, body: &[u8]| {
+        cache
+            .store(key, (version, 5), ttl, Some(body), groups)
+            .expect("store")
+    };
+    assert!(!store("k1", 7, b"read at 7"), "read before the mark");
+    assert!(store("k2", 12, b"read at 12"), "read after the mark");
+    let mut cursor = b"0".to_vec();
+    let mut pages = 0;
+    loop {
+        assert_eq!(
+            text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+            Some("5"),
+            "applied before the group is empty"
+        );
+        cursor = cache
+            .purge_page(&mut conn, &group, 10, &cursor)
+            .expect("PURGE");
+        pages += 1;
+        assert!(
+            !store("k3", 9, b"read at 9"),
+            "page {pages}: read before the mark"
+        );
+        if cursor == b"0" {
+            break;
+        }
+    }
+    assert!(pages >= 3, "{pages} pages for {keys} keys");
+    for i in 0..keys {
+        let value = text(&mut probe, &["GET", &format!("{PREFIX}k{i}")]);
+        let expected = (i == 2).then(|| "read at 12".to_owned());
+        assert_eq!(value, expected, "k{i}");
+    }
+    assert_eq!(
+        cache.finish_batch(&mut conn, &big).expect("FINISH"),
+        Some(1)
+    );
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+        Some("10")
+    );
+    assert_eq!(
+        messages_until(&mut subscriber, "big@10"),
+        ["start@5", "big@10"]
+    );
 }
