@@ -29,7 +29,8 @@ pub struct Status {
     pub latency: Latencies,
     pub head_error: Option<String>,
     /// `events`, `batches`, `invalidations`, `tag_invalidations`, `recomputes`, `hits`,
-    /// `misses`, `fills`, `fill_errors`, `apply_errors`, `verified`, `stale_found`.
+    /// `misses`, `fills`, `fill_errors`, `apply_errors`, `unreadable_rows`, `verified`,
+    /// `stale_found`.
     #[serde(flatten)]
     pub counters: BTreeMap<String, u64>,
     /// Values cached (None: Redis could not say).

@@ -1,11 +1,12 @@
 //! Capture: the outbox tables (`schema.sql`) and the triggers that fill them, installed in the
 //! app's own database.
 //!
-//! Triggers use only core SQLite (`quote()` and `||`), so every writer in every language is
-//! captured without loading anything. Each trigger records the columns the rules need, not the
-//! whole row: capture is paid on every app write. The values are stored as `quote()`d SQL
-//! literals, which decode back to exactly the value that was written (integer, real, text, blob,
-//! NULL), commas and quotes included.
+//! Triggers use only core SQLite (`quote()`, `||`, `typeof`, `instr`, `char`), so every writer in
+//! every language is captured without loading anything. Each trigger records the columns the
+//! rules need, not the whole row: capture is paid on every app write. The values are stored as
+//! `quote()`d SQL literals, which decode back to exactly the value that was written (integer,
+//! real, text, blob, NULL), commas and quotes included; text holding a NUL, which `quote()` would
+//! cut short, is recorded as a word that does not decode.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +18,9 @@ use crate::db::{ensure_wal, quote_identifier, table_columns};
 mod decode;
 mod triggers;
 
-pub use decode::{decode_values, julian_to_unix_ms, load_layouts};
+pub use decode::{
+    DecodeError, RecordedLayout, decode_values, julian_to_unix_ms, load_layouts, utf8_text,
+};
 use triggers::{TableShape, drop_all_triggers, installed_triggers, table_triggers, trigger_name};
 
 /// The outbox, capture-layout and cursor tables, as installed.
@@ -32,14 +35,6 @@ pub enum CaptureError {
     MissingTable(String),
     #[error("column `{table}.{column}` used by a rule's template does not exist in the database")]
     MissingColumn { table: String, column: String },
-    #[error("capture layout {0} in the outbox is unknown: the outbox was edited by hand?")]
-    UnknownLayout(i64),
-    #[error("outbox row {id} is malformed ({what}): {text:?}")]
-    Malformed {
-        id: i64,
-        what: &'static str,
-        text: String,
-    },
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
 }

@@ -121,6 +121,15 @@ pub const COUNTS: &[Count] = &[
         read: |s| s.tail.apply_errors.get(),
     },
     Count {
+        status: "unreadable_rows",
+        feed: false,
+        metric: Some((
+            "cachetail_unreadable_rows",
+            "Outbox rows that could not be decoded; each dropped what depends on its table.",
+        )),
+        read: |s| s.tail.unreadable_rows.get(),
+    },
+    Count {
         status: "verified",
         feed: false,
         metric: None,

@@ -101,10 +101,10 @@ fn describe(config: &Config, change: &Change) -> Option<ChangeEvent> {
             })
         }
         ChangeBody::Flush { table } => Some(event(Some(table), "flush")),
-        ChangeBody::Unreadable(reason) => Some(ChangeEvent {
+        ChangeBody::Unreadable(unreadable) => Some(ChangeEvent {
             row: None,
-            error: Some(reason.clone()),
-            ..event(None, "unreadable")
+            error: Some(unreadable.reason.clone()),
+            ..event(unreadable.table.as_deref(), "unreadable")
         }),
         ChangeBody::Marker => None,
     }

@@ -20,7 +20,7 @@ use crate::counters::{Counter, Latency, now_ms, unix_ms};
 use crate::progress::ProgressWriter;
 use crate::registry::{Live, Registry};
 use crate::rules;
-use crate::types::Change;
+use crate::types::{Change, ChangeBody};
 
 mod doorbell;
 pub mod feed;
@@ -76,6 +76,8 @@ pub struct TailCounters {
     pub apply_errors: Counter,
     /// Capture (re)installs after start-up (a migration, a reload, pause/resume).
     pub reinstalls: Counter,
+    /// Outbox rows that could not be decoded (each flushed what depends on its table).
+    pub unreadable_rows: Counter,
     /// From a write (its captured time) to its cache actions done: 250 µs to ~8 s, doubling
     /// (the captured time has millisecond precision).
     pub fresh: Latency,
@@ -88,6 +90,7 @@ impl Default for TailCounters {
             batches: Counter::default(),
             apply_errors: Counter::default(),
             reinstalls: Counter::default(),
+            unreadable_rows: Counter::default(),
             fresh: Latency::new(0.000_25, 16),
         }
     }
@@ -304,6 +307,7 @@ impl Tail {
         self.applier
             .apply(&plan, live, outbox.conn(), (cursor, last, epoch))?;
         self.record_freshness(&changes);
+        self.note_unreadable(&changes);
         self.feed.publish(&live.config, &changes);
         for (&index, &(invalidations, recomputes)) in &plan.per_rule {
             if let Some(rule) = live.rules.get(index) {
@@ -325,6 +329,23 @@ impl Tail {
             }
         }
         Ok(changes.len())
+    }
+
+    /// The rows of an applied batch that could not be decoded: counted, and each logged once
+    /// (when its batch is applied: a failed batch is retried without a word about them).
+    fn note_unreadable(&self, changes: &[Change]) {
+        for change in changes {
+            if let ChangeBody::Unreadable(unreadable) = &change.body {
+                self.counters.unreadable_rows.inc();
+                let table = unreadable.table.as_deref();
+                tracing::warn!(
+                    outbox_id = change.position,
+                    table,
+                    reason = unreadable.reason,
+                    "an outbox row could not be decoded: every cached value that depends on its table (everything, if the table is unknown) was dropped"
+                );
+            }
+        }
     }
 
     /// Capture was reinstalled after start-up: counted, and noted.

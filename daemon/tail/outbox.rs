@@ -8,15 +8,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::types::Value;
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::TailError;
 use super::lease::Lease;
-use crate::capture::{self, InstallReport};
+use crate::capture::{self, DecodeError, InstallReport, RecordedLayout};
 use crate::config::Config;
 use crate::db::read_head;
-use crate::types::{Change, ChangeBody, Layout, Op, RowChange};
+use crate::types::{Change, ChangeBody, Layout, Op, RowChange, Unreadable};
 
 /// Rows deleted per pruning transaction: small, so the app's writers never wait long.
 const PRUNE_CHUNK: u64 = 2_000;
@@ -29,7 +29,7 @@ const PRUNE_BACKLOG: u64 = 100_000;
 /// The daemon's handle on the outbox: its connection, the capture layouts, and the cursor.
 pub struct Outbox {
     conn: Connection,
-    layouts: HashMap<i64, Arc<Layout>>,
+    layouts: HashMap<i64, RecordedLayout>,
     cursor: u64,
     pruned_below: u64,
     /// The cursor as last written to the database, when, and how far pruning has gone.
@@ -181,88 +181,71 @@ impl Outbox {
             )?;
             let mut rows = stmt.query(params![self.cursor as i64, limit as i64])?;
             while let Some(row) = rows.next()? {
-                raw.push((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, Option<String>>(3)?,
-                    row.get::<_, Option<String>>(4)?,
-                    row.get::<_, Option<f64>>(5).ok().flatten(),
-                ));
+                raw.push(RawRow::read(row)?);
             }
         }
         let mut changes = Vec::with_capacity(raw.len());
-        for (id, layout, op, old, new, at) in raw {
-            if !self.layouts.contains_key(&layout) {
+        for row in raw {
+            if let Ok(layout) = row.layout
+                && !self.layouts.contains_key(&layout)
+            {
                 // Capture was reinstalled (a reload changed the columns): learn the new layouts.
                 self.layouts = capture::load_layouts(&self.conn)?;
             }
-            let body = self.decode(id, layout, op, old.as_deref(), new.as_deref());
             changes.push(Change {
-                position: u64::try_from(id).unwrap_or(0),
-                written_ms: at.map(capture::julian_to_unix_ms),
-                body,
+                position: u64::try_from(row.id).unwrap_or(0),
+                written_ms: row.at.map(capture::julian_to_unix_ms),
+                body: self.decode(&row),
             });
         }
         Ok(changes)
     }
 
-    fn decode(
-        &self,
-        id: i64,
-        layout: i64,
-        op: i64,
-        old: Option<&str>,
-        new: Option<&str>,
-    ) -> ChangeBody {
-        if op == capture::MARKER_OP {
+    /// What an outbox row records. A row that does not decode is `Unreadable`, with its table
+    /// when the layout it names tells which.
+    fn decode(&self, row: &RawRow) -> ChangeBody {
+        if row.op == Ok(capture::MARKER_OP) {
             return ChangeBody::Marker;
         }
-        match self.layouts.get(&layout) {
-            Some(l) if op == capture::FLUSH_OP => ChangeBody::Flush {
-                table: Arc::clone(&l.table),
-            },
-            _ => match self.decode_row(id, layout, op, old, new) {
-                Ok(row) => ChangeBody::Row(row),
-                Err(reason) => ChangeBody::Unreadable(reason),
-            },
-        }
-    }
-
-    fn decode_row(
-        &self,
-        id: i64,
-        layout: i64,
-        op: i64,
-        old: Option<&str>,
-        new: Option<&str>,
-    ) -> Result<RowChange, String> {
-        let layout = self
-            .layouts
-            .get(&layout)
-            .ok_or_else(|| format!("outbox row {id} names unknown capture layout {layout}"))?;
-        let op = Op::from_code(op).ok_or_else(|| format!("outbox row {id} has unknown op {op}"))?;
-        let values = |text: Option<&str>| -> Result<Option<Vec<Value>>, String> {
-            match text {
-                None if layout.columns.is_empty() => Ok(Some(Vec::new())),
-                None => Ok(None),
-                Some(text) => capture::decode_values(text)
-                    .filter(|v| v.len() == layout.columns.len())
-                    .map(Some)
-                    .ok_or_else(|| format!("outbox row {id} has malformed values {text:?}")),
+        let id = row.id;
+        let unreadable = |table: Option<&Arc<str>>, reason: String| {
+            ChangeBody::Unreadable(Unreadable {
+                table: table.cloned(),
+                reason,
+            })
+        };
+        let layout = match row.layout {
+            Ok(layout) => self.layouts.get(&layout).ok_or(layout),
+            Err(what) => {
+                return unreadable(
+                    None,
+                    format!("outbox row {id} has {what} as its capture layout"),
+                );
             }
         };
-        let (old, new) = match op {
-            Op::Insert => (None, values(new)?),
-            Op::Delete => (values(old)?, None),
-            Op::Update => (values(old)?, values(new)?),
-        };
-        Ok(RowChange {
-            layout: Arc::clone(layout),
-            op,
-            old,
-            new,
-        })
+        let flush = row.op == Ok(capture::FLUSH_OP);
+        match layout {
+            Ok(Ok(layout)) if flush => ChangeBody::Flush {
+                table: Arc::clone(&layout.table),
+            },
+            Ok(Ok(layout)) => match decode_row(row, layout) {
+                Ok(change) => ChangeBody::Row(change),
+                Err(reason) => unreadable(Some(&layout.table), format!("outbox row {id} {reason}")),
+            },
+            Ok(Err(Unreadable {
+                table: Some(table), ..
+            })) if flush => ChangeBody::Flush {
+                table: Arc::clone(table),
+            },
+            Ok(Err(bad)) => unreadable(
+                bad.table.as_ref(),
+                format!("outbox row {id}: {}", bad.reason),
+            ),
+            Err(layout) => unreadable(
+                None,
+                format!("outbox row {id} names unknown capture layout {layout}"),
+            ),
+        }
     }
 
     /// Records that every change up to `position` has been applied. The durable cursor follows
@@ -357,6 +340,75 @@ impl Outbox {
     pub fn persist_pending(&self) -> bool {
         self.cursor > self.persisted || self.pruned_below < self.persisted
     }
+}
+
+/// An outbox row as stored. Whatever an app or a hand edit put in its columns reads: what does
+/// not fit (a layout or op that is not an integer, text that is not UTF-8, a value that is not
+/// text) is kept as what it was, for `decode` to report.
+struct RawRow {
+    id: i64,
+    layout: Result<i64, &'static str>,
+    op: Result<i64, &'static str>,
+    old: Result<Option<String>, &'static str>,
+    new: Result<Option<String>, &'static str>,
+    at: Option<f64>,
+}
+
+impl RawRow {
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+        let integer = |value: ValueRef<'_>| match value {
+            ValueRef::Integer(i) => Ok(i),
+            _ => Err("a value that is not an integer"),
+        };
+        let text = |value: ValueRef<'_>| match value {
+            ValueRef::Null => Ok(None),
+            ValueRef::Text(_) => capture::utf8_text(value)
+                .map(|t| Some(t.to_owned()))
+                .ok_or("text that is not valid UTF-8"),
+            _ => Err("a value that is not text"),
+        };
+        Ok(RawRow {
+            id: row.get(0)?,
+            layout: integer(row.get_ref(1)?),
+            op: integer(row.get_ref(2)?),
+            old: text(row.get_ref(3)?),
+            new: text(row.get_ref(4)?),
+            at: row.get::<_, Option<f64>>(5).ok().flatten(),
+        })
+    }
+}
+
+/// A row change of `layout`, or why it does not decode (completing "outbox row {id} ...").
+fn decode_row(row: &RawRow, layout: &Arc<Layout>) -> Result<RowChange, String> {
+    let op = match row.op {
+        Ok(code) => Op::from_code(code).ok_or_else(|| format!("has unknown op {code}"))?,
+        Err(what) => return Err(format!("has {what} as its op")),
+    };
+    let values = |which: &str, stored: &Result<Option<String>, &'static str>| match stored {
+        Err(what) => Err(format!("has {what} in `{which}`")),
+        Ok(None) if layout.columns.is_empty() => Ok(Some(Vec::new())),
+        Ok(None) => Ok(None),
+        Ok(Some(text)) => match capture::decode_values(text) {
+            Ok(values) if values.len() == layout.columns.len() => Ok(Some(values)),
+            Ok(_) | Err(DecodeError::Malformed) => {
+                Err(format!("has malformed values in `{which}`: {text:?}"))
+            }
+            Err(DecodeError::TextWithNul) => Err(format!(
+                "has a text value holding a NUL character in `{which}`: no key can be rendered from it"
+            )),
+        },
+    };
+    let (old, new) = match op {
+        Op::Insert => (None, values("new", &row.new)?),
+        Op::Delete => (values("old", &row.old)?, None),
+        Op::Update => (values("old", &row.old)?, values("new", &row.new)?),
+    };
+    Ok(RowChange {
+        layout: Arc::clone(layout),
+        op,
+        old,
+        new,
+    })
 }
 
 fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {

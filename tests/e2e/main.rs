@@ -13,6 +13,7 @@ mod in_flight;
 mod lifecycle;
 mod migrations;
 mod never_hurt;
+mod poisoned_rows;
 mod race;
 mod redis;
 mod redis_claims;
