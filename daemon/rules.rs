@@ -29,7 +29,7 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
                 *mark = (*mark).max(change.position);
                 continue;
             }
-            ChangeBody::Unreadable(Unreadable { table: None, .. }) => {
+            ChangeBody::Unreadable(Unreadable { table: None, .. }) | ChangeBody::Reset => {
                 plan.flush_all = Some(change.position);
                 continue;
             }

@@ -105,6 +105,9 @@ pub enum ChangeBody {
     Unreadable(Unreadable),
     /// A position marker (an admin action's): nothing to apply.
     Marker,
+    /// The outbox was emptied or rebuilt by hand: changes may have gone unseen, everything is
+    /// dropped.
+    Reset,
 }
 
 /// Why an outbox row (or the capture layout it names) could not be decoded, and the table it

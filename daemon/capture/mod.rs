@@ -67,6 +67,10 @@ pub const FLUSH_OP: i64 = 0;
 /// the action a position of its own, so values read before it can be told from values read after.
 pub const MARKER_OP: i64 = 4;
 
+/// The outbox op code of a reset marker: the outbox was emptied or rebuilt by hand, so changes
+/// may have gone unseen: everything cached is dropped at its position (see `tail::outbox`).
+pub const RESET_OP: i64 = 5;
+
 /// Writes a position marker into the outbox and returns its position. Blocking; a short write.
 pub fn write_marker(conn: &Connection) -> rusqlite::Result<u64> {
     conn.execute(
@@ -81,8 +85,9 @@ pub fn write_marker(conn: &Connection) -> rusqlite::Result<u64> {
 /// `julianday` exists in every SQLite the app may link, unlike `unixepoch('subsec')`.
 pub(crate) const WRITTEN_AT: &str = "julianday('now')";
 
-/// Creates cachetail's tables if missing, and brings an older outbox up to date (the `at`
-/// column came later: rows written before it have none).
+/// Creates cachetail's tables if missing, and brings older ones up to date (the outbox's `at`
+/// column came later: rows written before it have none; so did the cursor's `row_id` and
+/// `row_at`).
 pub fn ensure_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
     let has_at: bool = conn.query_row(
@@ -92,6 +97,17 @@ pub fn ensure_schema(conn: &Connection) -> rusqlite::Result<()> {
     )?;
     if !has_at {
         conn.execute_batch("ALTER TABLE cachetail_outbox ADD COLUMN at REAL")?;
+    }
+    let has_row_at: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('cachetail_cursor') WHERE name = 'row_at'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_row_at {
+        conn.execute_batch(
+            "ALTER TABLE cachetail_cursor ADD COLUMN row_id INTEGER;
+             ALTER TABLE cachetail_cursor ADD COLUMN row_at REAL;",
+        )?;
     }
     Ok(())
 }

@@ -101,6 +101,7 @@ fn describe(config: &Config, change: &Change) -> Option<ChangeEvent> {
             })
         }
         ChangeBody::Flush { table } => Some(event(Some(table), "flush")),
+        ChangeBody::Reset => Some(event(None, "reset")),
         ChangeBody::Unreadable(unreadable) => Some(ChangeEvent {
             row: None,
             error: Some(unreadable.reason.clone()),

@@ -13,6 +13,7 @@ mod in_flight;
 mod lifecycle;
 mod migrations;
 mod never_hurt;
+mod outbox_rebuilt;
 mod poisoned_rows;
 mod race;
 mod redis;
