@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS cachetail_meta (
 -- epoch rises at each takeover; the cursor moves only while the holder's epoch is still here.
 CREATE TABLE IF NOT EXISTS cachetail_lease (
     name       TEXT PRIMARY KEY,
-    holder     TEXT NOT NULL,     -- host:pid:nonce
+    holder     TEXT NOT NULL,     -- host:pid:nonce:pidns=INODE:boot=BOOT_ID
     epoch      INTEGER NOT NULL,
     expires_at INTEGER NOT NULL   -- unix milliseconds
 );

@@ -10,6 +10,7 @@ mod feed;
 mod fuzz;
 mod http;
 mod in_flight;
+mod lease_namespaces;
 mod lifecycle;
 mod migrations;
 mod never_hurt;
