@@ -24,11 +24,15 @@ CREATE TABLE IF NOT EXISTS cachetail_capture (
     UNIQUE (tbl, columns)
 );
 
--- The durable cursor: the last outbox id whose cache actions are done.
+-- The durable cursor: the last outbox id whose cache actions are done. Pruning keeps that row;
+-- row_id and row_at (its `at`) say which row it was, so that an outbox emptied or rebuilt by
+-- hand, whose ids start again below the cursor, is told from the one the cursor was moved in.
 CREATE TABLE IF NOT EXISTS cachetail_cursor (
     consumer   TEXT PRIMARY KEY,
     position   INTEGER NOT NULL,
-    updated_at TEXT
+    updated_at TEXT,
+    row_id     INTEGER,
+    row_at     REAL
 );
 
 INSERT OR IGNORE INTO cachetail_cursor (consumer, position, updated_at)
@@ -44,7 +48,7 @@ CREATE TABLE IF NOT EXISTS cachetail_meta (
 -- epoch rises at each takeover; the cursor moves only while the holder's epoch is still here.
 CREATE TABLE IF NOT EXISTS cachetail_lease (
     name       TEXT PRIMARY KEY,
-    holder     TEXT NOT NULL,     -- host:pid:nonce
+    holder     TEXT NOT NULL,     -- host:pid:nonce:pidns=INODE:boot=BOOT_ID
     epoch      INTEGER NOT NULL,
     expires_at INTEGER NOT NULL   -- unix milliseconds
 );

@@ -29,7 +29,8 @@ pub struct Status {
     pub latency: Latencies,
     pub head_error: Option<String>,
     /// `events`, `batches`, `invalidations`, `tag_invalidations`, `recomputes`, `hits`,
-    /// `misses`, `fills`, `fill_errors`, `apply_errors`, `verified`, `stale_found`.
+    /// `misses`, `fills`, `fill_errors`, `apply_errors`, `unreadable_rows`, `outbox_rebuilds`,
+    /// `verified`, `stale_found`.
     #[serde(flatten)]
     pub counters: BTreeMap<String, u64>,
     /// Values cached (None: Redis could not say).
@@ -149,7 +150,8 @@ pub struct ChangeEvent {
     pub position: u64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub table: Option<String>,
-    /// `insert`, `update`, `delete`, `flush`, `unreadable`.
+    /// `insert`, `update`, `delete`, `flush` (a table), `reset` (everything: the outbox was
+    /// rebuilt by hand), `unreadable`.
     pub op: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub row: Option<serde_json::Map<String, serde_json::Value>>,

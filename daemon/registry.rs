@@ -142,22 +142,25 @@ impl Live {
         self.families.get(self.config.family_named(pattern)?)
     }
 
-    /// Whether `family`'s query reads `table` (true when `check` could not tell: flushing too
-    /// much is safe).
-    pub fn reads_table(&self, family: &FamilyState, table: &str) -> bool {
+    /// Whether `family`'s values may depend on `table`: its query reads it (or `check` could
+    /// not tell), or a rule on `table` refreshes it. What a flush of the table (its capture was
+    /// missing, or one of its rows could not be decoded) drops: too much is safe, too little is
+    /// not.
+    pub fn depends_on(&self, family: &FamilyState, table: &str) -> bool {
         self.reads
             .of(family.def.pattern.source())
             .is_none_or(|reads| reads.reads_table(table))
+            || self.config.refreshes(table, &family.def)
     }
 
-    /// The families whose query reads `table`.
-    pub fn families_reading<'a>(
+    /// The families whose values may depend on `table` (`depends_on`).
+    pub fn families_depending_on<'a>(
         &'a self,
         table: &'a str,
     ) -> impl Iterator<Item = &'a Arc<FamilyState>> + 'a {
         self.families
             .iter()
-            .filter(move |family| self.reads_table(family, table))
+            .filter(move |family| self.depends_on(family, table))
     }
 }
 

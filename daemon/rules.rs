@@ -3,13 +3,18 @@
 //! A key template takes its `{column}`s from the changed row: the new row on insert, the old one
 //! on delete, both on update (a review moved from book 3 to book 5 touches both books). Within a
 //! batch, actions on one key merge into one: the strongest strategy, the latest position.
+//!
+//! A row that could not be decoded names no key: its whole table is flushed (every family that
+//! depends on it, see `Live::depends_on`), or everything when even its table is unknown.
 
 use std::sync::Arc;
 
 use rusqlite::types::Value;
 
 use crate::config::{Config, Template};
-use crate::types::{AdminAction, Change, ChangeBody, KeyAction, Layout, Op, Plan, Strategy};
+use crate::types::{
+    AdminAction, Change, ChangeBody, KeyAction, Layout, Op, Plan, Strategy, Unreadable,
+};
 
 /// Maps each change through the rules that watch its table.
 pub fn plan(config: &Config, changes: &[Change]) -> Plan {
@@ -22,17 +27,15 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
                 plan_admin(&mut plan, action, change.position);
                 continue;
             }
-            ChangeBody::Flush { table } => {
+            ChangeBody::Flush { table }
+            | ChangeBody::Unreadable(Unreadable {
+                table: Some(table), ..
+            }) => {
                 let mark = plan.flush_tables.entry(Arc::clone(table)).or_insert(0);
                 *mark = (*mark).max(change.position);
                 continue;
             }
-            ChangeBody::Unreadable(reason) => {
-                tracing::warn!(
-                    position = change.position,
-                    reason,
-                    "an outbox row could not be read; dropping every cached value"
-                );
+            ChangeBody::Unreadable(Unreadable { table: None, .. }) | ChangeBody::Reset => {
                 plan.flush_all = Some(change.position);
                 continue;
             }
@@ -227,12 +230,19 @@ tags = ["user:{user_id}"]
     }
 
     #[test]
-    fn an_unreadable_change_drops_everything() {
-        let unreadable = Change {
-            position: 4,
+    fn an_unreadable_change_flushes_its_table_or_everything() {
+        let unreadable = |position: u64, table: Option<&str>| Change {
+            position,
             written_ms: None,
-            body: ChangeBody::Unreadable("bad".into()),
+            body: ChangeBody::Unreadable(Unreadable {
+                table: table.map(Arc::from),
+                reason: "bad".into(),
+            }),
         };
-        assert_eq!(plan(&config(), &[unreadable]).flush_all, Some(4));
+        let of_reviews = plan(&config(), &[unreadable(4, Some("reviews"))]);
+        assert_eq!(of_reviews.flush_all, None);
+        assert_eq!(of_reviews.flush_tables[&Arc::<str>::from("reviews")], 4);
+        assert!(of_reviews.keys.is_empty() && of_reviews.tags.is_empty());
+        assert_eq!(plan(&config(), &[unreadable(5, None)]).flush_all, Some(5));
     }
 }

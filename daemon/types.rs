@@ -100,13 +100,25 @@ pub enum ChangeBody {
     /// Changes to this table may have gone uncaptured (capture was just installed, reinstalled
     /// after a migration, resumed, or cannot be installed): drop what was read from it before.
     Flush { table: Arc<str> },
-    /// The row could not be read: the applier drops everything rather than leave anything stale.
-    Unreadable(String),
+    /// The row could not be decoded: the values that depend on its table (everything, when the
+    /// table is unknown) are dropped rather than leave anything stale.
+    Unreadable(Unreadable),
     /// A position marker with nothing to apply (written by an older cachetail).
     Marker,
     /// An operator's action, applied at its own position by the daemon that applies the outbox,
     /// whichever daemon received it.
     Admin(AdminAction),
+    /// The outbox was emptied or rebuilt by hand: changes may have gone unseen, everything is
+    /// dropped.
+    Reset,
+}
+
+/// Why an outbox row (or the capture layout it names) could not be decoded, and the table it
+/// belongs to when that much is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    pub table: Option<Arc<str>>,
+    pub reason: String,
 }
 
 /// An outbox row: its position and what it records.
@@ -132,10 +144,11 @@ pub struct Plan {
     pub keys: HashMap<String, KeyAction>,
     /// Tag → the latest position that invalidated it.
     pub tags: HashMap<String, u64>,
-    /// Set when a change could not be mapped to keys (unreadable row, or a template needing a
-    /// column the row's capture did not record): everything is dropped at this position.
+    /// Set when a change could not be mapped to keys (a row of an unknown table, a template
+    /// needing a column the row's capture did not record): everything is dropped at this position.
     pub flush_all: Option<u64>,
-    /// Tables whose changes may have gone uncaptured → the latest position of such a marker.
+    /// Tables whose changes may have gone uncaptured, or whose rows could not be decoded → the
+    /// latest such position: every family that depends on the table is dropped there.
     pub flush_tables: HashMap<Arc<str>, u64>,
     /// Families an operator flushed (by pattern, as in the config) → the latest position.
     pub flush_families: HashMap<String, u64>,

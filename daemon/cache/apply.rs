@@ -32,7 +32,7 @@ impl Cache {
                     memory.flush_all(position);
                 }
                 for (table, &position) in &plan.flush_tables {
-                    for family in live.families_reading(table) {
+                    for family in live.families_depending_on(table) {
                         family.raise_floor(position);
                     }
                 }

@@ -1,11 +1,12 @@
 //! Capture: the outbox tables (`schema.sql`) and the triggers that fill them, installed in the
 //! app's own database.
 //!
-//! Triggers use only core SQLite (`quote()` and `||`), so every writer in every language is
-//! captured without loading anything. Each trigger records the columns the rules need, not the
-//! whole row: capture is paid on every app write. The values are stored as `quote()`d SQL
-//! literals, which decode back to exactly the value that was written (integer, real, text, blob,
-//! NULL), commas and quotes included.
+//! Triggers use only core SQLite (`quote()`, `||`, `typeof`, `instr`, `char`), so every writer in
+//! every language is captured without loading anything. Each trigger records the columns the
+//! rules need, not the whole row: capture is paid on every app write. The values are stored as
+//! `quote()`d SQL literals, which decode back to exactly the value that was written (integer,
+//! real, text, blob, NULL), commas and quotes included; text holding a NUL, which `quote()` would
+//! cut short, is recorded as a word that does not decode.
 
 use std::collections::BTreeMap;
 
@@ -13,12 +14,14 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::config::Config;
 use crate::db::{ensure_wal, quote_identifier, table_columns};
-use crate::types::{AdminAction, ChangeBody};
+use crate::types::{AdminAction, ChangeBody, Unreadable};
 
 mod decode;
 mod triggers;
 
-pub use decode::{decode_values, julian_to_unix_ms, load_layouts};
+pub use decode::{
+    DecodeError, RecordedLayout, decode_values, julian_to_unix_ms, load_layouts, utf8_text,
+};
 use triggers::{TableShape, drop_all_triggers, installed_triggers, table_triggers, trigger_name};
 
 /// The outbox, capture-layout and cursor tables, as installed.
@@ -33,14 +36,6 @@ pub enum CaptureError {
     MissingTable(String),
     #[error("column `{table}.{column}` used by a rule's template does not exist in the database")]
     MissingColumn { table: String, column: String },
-    #[error("capture layout {0} in the outbox is unknown: the outbox was edited by hand?")]
-    UnknownLayout(i64),
-    #[error("outbox row {id} is malformed ({what}): {text:?}")]
-    Malformed {
-        id: i64,
-        what: &'static str,
-        text: String,
-    },
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
 }
@@ -74,6 +69,10 @@ pub const FLUSH_OP: i64 = 0;
 /// and has the daemon that applies the outbox carry it out, whichever daemon received it.
 pub const MARKER_OP: i64 = 4;
 
+/// The outbox op code of a reset marker: the outbox was emptied or rebuilt by hand, so changes
+/// may have gone unseen: everything cached is dropped at its position (see `tail::outbox`).
+pub const RESET_OP: i64 = 5;
+
 /// Writes an admin action into the outbox and returns its position. Blocking; a short write.
 pub fn write_admin_marker(conn: &Connection, action: &AdminAction) -> rusqlite::Result<u64> {
     let text = serde_json::to_string(action)
@@ -91,9 +90,12 @@ pub fn read_marker(id: i64, new: Option<&str>) -> ChangeBody {
     match new.map(serde_json::from_str::<AdminAction>) {
         None => ChangeBody::Marker,
         Some(Ok(action)) => ChangeBody::Admin(action),
-        Some(Err(e)) => ChangeBody::Unreadable(format!(
-            "outbox row {id} is an admin action that cannot be read ({e}): {new:?}"
-        )),
+        Some(Err(e)) => ChangeBody::Unreadable(Unreadable {
+            table: None,
+            reason: format!(
+                "outbox row {id} is an admin action that cannot be read ({e}): {new:?}"
+            ),
+        }),
     }
 }
 
@@ -102,8 +104,9 @@ pub fn read_marker(id: i64, new: Option<&str>) -> ChangeBody {
 /// `julianday` exists in every SQLite the app may link, unlike `unixepoch('subsec')`.
 pub(crate) const WRITTEN_AT: &str = "julianday('now')";
 
-/// Creates cachetail's tables if missing, and brings an older outbox up to date (the `at`
-/// column came later: rows written before it have none).
+/// Creates cachetail's tables if missing, and brings older ones up to date (the outbox's `at`
+/// column came later: rows written before it have none; so did the cursor's `row_id` and
+/// `row_at`).
 pub fn ensure_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
     let has_at: bool = conn.query_row(
@@ -113,6 +116,17 @@ pub fn ensure_schema(conn: &Connection) -> rusqlite::Result<()> {
     )?;
     if !has_at {
         conn.execute_batch("ALTER TABLE cachetail_outbox ADD COLUMN at REAL")?;
+    }
+    let has_row_at: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('cachetail_cursor') WHERE name = 'row_at'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_row_at {
+        conn.execute_batch(
+            "ALTER TABLE cachetail_cursor ADD COLUMN row_id INTEGER;
+             ALTER TABLE cachetail_cursor ADD COLUMN row_at REAL;",
+        )?;
     }
     Ok(())
 }

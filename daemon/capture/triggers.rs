@@ -1,11 +1,13 @@
 //! The trigger text: for each watched table, `AFTER INSERT/UPDATE/DELETE` triggers recording the
 //! captured columns, and `BEFORE INSERT/UPDATE` ones recording a row about to be removed by a
-//! `REPLACE` conflict (SQLite fires no delete trigger for it). Only core SQLite (`quote()`, `||`).
+//! `REPLACE` conflict (SQLite fires no delete trigger for it). Only core SQLite (`quote()`, `||`,
+//! `typeof`, `instr`, `char`).
 
 use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension};
 
+use super::decode::TEXT_WITH_NUL;
 use super::{TRIGGER_PREFIX, WRITTEN_AT};
 use crate::db::quote_identifier;
 use crate::types::Op;
@@ -157,6 +159,16 @@ impl TableShape {
     }
 }
 
+/// How a trigger records one value: its `quote()`d literal, except for text holding a NUL
+/// character, which `quote()` would cut short there (`'a'` for `a<NUL>b`: another value,
+/// silently). Such text is recorded as `TEXT_WITH_NUL`, which the tail reads as a row it cannot
+/// decode. `typeof` first, so that only text values pay for the scan.
+fn captured_value(value: &str) -> String {
+    format!(
+        "CASE WHEN typeof({value}) = 'text' AND instr({value}, char(0)) THEN '{TEXT_WITH_NUL}' ELSE quote({value}) END"
+    )
+}
+
 /// The capture triggers of one table, by name: AFTER INSERT / UPDATE / DELETE, and BEFORE INSERT /
 /// UPDATE ones that record a row about to be replaced (REPLACE, `INSERT OR REPLACE`, `UPDATE OR
 /// REPLACE` fire no delete trigger for it unless the writer turned `recursive_triggers` on).
@@ -172,7 +184,7 @@ pub(super) fn table_triggers(
         }
         columns
             .iter()
-            .map(|c| format!("quote({row}.{})", quote_identifier(c)))
+            .map(|c| captured_value(&format!("{row}.{}", quote_identifier(c))))
             .collect::<Vec<_>>()
             .join(" || ',' || ")
     };

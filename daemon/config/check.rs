@@ -293,14 +293,7 @@ pub fn tracking_gaps(config: &Config, reads: &Reads) -> Vec<String> {
             }
         }
         for table in tables {
-            let covered = config.rules_for(table).any(|rule| {
-                rule.keys.iter().any(|k| k.may_match(&family.pattern))
-                    || rule
-                        .tags
-                        .iter()
-                        .any(|t| family.tags.iter().any(|ft| t.may_match(ft)))
-            });
-            if covered {
+            if config.refreshes(table, family) {
                 continue;
             }
             let read: Vec<String> = columns

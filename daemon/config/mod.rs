@@ -238,6 +238,18 @@ impl Config {
             .map(|&i| (i, &self.rules[i]))
     }
 
+    /// Whether a rule on `table` refreshes `family`: it names a key the family's pattern may
+    /// match, or a tag the family's values carry.
+    pub fn refreshes(&self, table: &str, family: &Family) -> bool {
+        self.rules_for(table).any(|rule| {
+            rule.keys.iter().any(|k| k.may_match(&family.pattern))
+                || rule
+                    .tags
+                    .iter()
+                    .any(|t| family.tags.iter().any(|ft| t.may_match(ft)))
+        })
+    }
+
     /// Every watched table with the columns its rules' templates read, sorted: what capture
     /// records for each change.
     pub fn captured_columns(&self) -> BTreeMap<String, Vec<String>> {

@@ -140,6 +140,24 @@ pub const COUNTS: &[Count] = &[
         read: |s| s.tail.apply_errors.get(),
     },
     Count {
+        status: "unreadable_rows",
+        feed: false,
+        metric: Some((
+            "cachetail_unreadable_rows",
+            "Outbox rows that could not be decoded; each dropped what depends on its table.",
+        )),
+        read: |s| s.tail.unreadable_rows.get(),
+    },
+    Count {
+        status: "outbox_rebuilds",
+        feed: false,
+        metric: Some((
+            "cachetail_outbox_rebuilds",
+            "Times the outbox was found emptied or rebuilt by hand; each dropped everything cached.",
+        )),
+        read: |s| s.tail.outbox_rebuilds.get(),
+    },
+    Count {
         status: "verified",
         feed: false,
         metric: None,

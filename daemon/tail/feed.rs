@@ -101,10 +101,11 @@ fn describe(config: &Config, change: &Change) -> Option<ChangeEvent> {
             })
         }
         ChangeBody::Flush { table } => Some(event(Some(table), "flush")),
-        ChangeBody::Unreadable(reason) => Some(ChangeEvent {
+        ChangeBody::Reset => Some(event(None, "reset")),
+        ChangeBody::Unreadable(unreadable) => Some(ChangeEvent {
             row: None,
-            error: Some(reason.clone()),
-            ..event(None, "unreadable")
+            error: Some(unreadable.reason.clone()),
+            ..event(unreadable.table.as_deref(), "unreadable")
         }),
         ChangeBody::Marker | ChangeBody::Admin(_) => None,
     }

@@ -2,8 +2,13 @@
 //!
 //! The lease is a row in the database (`cachetail_lease`): holder, epoch, expiry. The holder
 //! renews it while it applies; a standby takes it when it has expired, or at once when the
-//! holder's process is gone (same host: SQLite's WAL needs every process on one machine). Each
-//! takeover raises the epoch, the fencing token:
+//! holder's process is provably gone. The holder names itself
+//! `host:pid:nonce:pidns=INODE:boot=BOOT_ID` (its PID namespace, from `/proc/self/ns/pid`, and
+//! the kernel's boot id): a pid means something only in its PID namespace, so the shortcut
+//! applies only to a holder on the same host, in the same PID namespace, since the same boot
+//! (two containers on one host share the hostname and the database's folder, not their pids);
+//! any other holder is waited out until its lease expires. Each takeover raises the epoch, the
+//! fencing token:
 //!
 //! - the cursor (and pruning) moves only in a transaction that finds this daemon's holder and
 //!   epoch still in the row, so a daemon paused past its lease cannot move it when it resumes;
@@ -17,7 +22,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 
 pub struct Lease {
     holder: String,
-    host: String,
+    /// Where this process runs, as a holder's identity records it.
+    place: Place,
     duration: Duration,
     /// The epoch while this daemon holds the lease.
     epoch: Option<i64>,
@@ -35,16 +41,14 @@ pub struct Holder {
 
 impl Lease {
     pub fn new(duration: Duration) -> Lease {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".to_owned());
+        let place = Place::here();
         let nonce = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .subsec_nanos();
         Lease {
-            holder: format!("{host}:{}:{nonce:08x}", std::process::id()),
-            host,
+            holder: place.holder(std::process::id(), nonce),
+            place,
             duration,
             epoch: None,
             renewed_at: Instant::now(),
@@ -112,12 +116,11 @@ impl Lease {
             || self.holder_is_gone(&current.holder)
     }
 
-    /// Whether the holder was a process on this host that no longer runs.
+    /// Whether the holder was a process that provably no longer runs: in this PID namespace
+    /// (so its pid means what it means here), since this boot, and gone from this `/proc`.
     fn holder_is_gone(&self, holder: &str) -> bool {
-        let mut parts = holder.rsplitn(3, ':');
-        let (_, pid, host) = (parts.next(), parts.next(), parts.next());
-        match (host, pid.and_then(|p| p.parse::<u32>().ok())) {
-            (Some(host), Some(pid)) if host == self.host && self.host != "unknown" => {
+        match Place::of_holder(holder) {
+            Some((place, pid)) if place == self.place && self.place.is_known() => {
                 !std::path::Path::new(&format!("/proc/{pid}")).exists()
             }
             _ => false,
@@ -183,9 +186,150 @@ impl Lease {
     }
 }
 
+/// Where a process runs, as far as its pid means anything: the host, the PID namespace (the
+/// inode of `/proc/self/ns/pid`, known only when this `/proc` is that namespace's own, so that
+/// `/proc/{pid}` looks pids up there), and the boot (`/proc/sys/kernel/random/boot_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Place {
+    host: String,
+    pid_namespace: Option<u64>,
+    boot: Option<String>,
+}
+
+impl Place {
+    fn here() -> Place {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|text| text.trim().to_owned())
+                .filter(|text| !text.is_empty() && !text.contains(':'))
+        };
+        Place {
+            host: read("/proc/sys/kernel/hostname").unwrap_or_else(|| "unknown".to_owned()),
+            pid_namespace: pid_namespace(),
+            boot: read("/proc/sys/kernel/random/boot_id"),
+        }
+    }
+
+    fn is_known(&self) -> bool {
+        self.host != "unknown" && self.pid_namespace.is_some() && self.boot.is_some()
+    }
+
+    /// The holder name of process `pid` here: `host:pid:nonce:pidns=INODE:boot=ID` (`?` for
+    /// what is not known).
+    fn holder(&self, pid: u32, nonce: u32) -> String {
+        let namespace = self
+            .pid_namespace
+            .map_or_else(|| "?".to_owned(), |n| n.to_string());
+        let boot = self.boot.as_deref().unwrap_or("?");
+        format!(
+            "{}:{pid}:{nonce:08x}:pidns={namespace}:boot={boot}",
+            self.host
+        )
+    }
+
+    /// The place and pid a holder name records (None: not this shape, e.g. an older
+    /// cachetail's `host:pid:nonce`, which says nothing of its namespace).
+    fn of_holder(holder: &str) -> Option<(Place, u32)> {
+        let mut parts = holder.rsplitn(5, ':');
+        let boot = parts.next()?.strip_prefix("boot=")?;
+        let namespace = parts.next()?.strip_prefix("pidns=")?;
+        let _nonce = parts.next()?;
+        let pid = parts.next()?.parse().ok()?;
+        let host = parts.next()?;
+        let place = Place {
+            host: host.to_owned(),
+            pid_namespace: namespace.parse().ok(),
+            boot: (boot != "?").then(|| boot.to_owned()),
+        };
+        Some((place, pid))
+    }
+}
+
+/// This process's PID namespace (the inode `/proc/self/ns/pid` names: `pid:[4026531836]`), if
+/// `/proc` is mounted for it: `/proc/self` must be this process's own pid, else `/proc/{pid}`
+/// would look pids up in another namespace (a container that shares its host's `/proc`).
+fn pid_namespace() -> Option<u64> {
+    let own = std::fs::read_link("/proc/self").ok()?;
+    if own.to_str()? != std::process::id().to_string() {
+        return None;
+    }
+    let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    link.to_str()?
+        .strip_prefix("pid:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pid no process has here now.
+    fn dead_pid() -> u32 {
+        (100_000..4_000_000)
+            .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .expect("a free pid")
+    }
+
+    #[test]
+    fn a_holder_names_its_host_pid_namespace_and_boot() {
+        let place = Place {
+            host: "web-1".into(),
+            pid_namespace: Some(4026531836),
+            boot: Some("8f5c060d-b6ea-42c9-92bb-64b549c293e8".into()),
+        };
+        let holder = place.holder(42, 7);
+        assert_eq!(
+            holder,
+            "web-1:42:00000007:pidns=4026531836:boot=8f5c060d-b6ea-42c9-92bb-64b549c293e8"
+        );
+        assert_eq!(Place::of_holder(&holder), Some((place, 42)));
+        // An older cachetail's holder says nothing of its namespace.
+        assert_eq!(Place::of_holder("web-1:42:00000007"), None);
+    }
+
+    #[test]
+    fn only_a_holder_in_this_pid_namespace_and_boot_is_taken_over_when_its_pid_is_gone() {
+        let lease = Lease::new(Duration::from_secs(5));
+        assert!(
+            lease.place.is_known(),
+            "this test machine has a hostname, its own /proc, and a boot id: {:?}",
+            lease.place
+        );
+        let pid = dead_pid();
+        let here = lease.place.holder(pid, 1);
+        assert!(lease.holder_is_gone(&here), "{here}");
+        let alive = lease.place.holder(std::process::id(), 1);
+        assert!(!lease.holder_is_gone(&alive), "{alive}");
+        let elsewhere = |place: Place| place.holder(pid, 1);
+        let other_namespace = Place {
+            pid_namespace: lease.place.pid_namespace.map(|n| n + 1),
+            ..lease.place.clone()
+        };
+        let other_boot = Place {
+            boot: Some("00000000-0000-0000-0000-000000000000".into()),
+            ..lease.place.clone()
+        };
+        let unknown_namespace = Place {
+            pid_namespace: None,
+            ..lease.place.clone()
+        };
+        for holder in [
+            elsewhere(other_namespace),
+            elsewhere(other_boot),
+            elsewhere(unknown_namespace),
+            format!("{}:{pid}:00000001", lease.place.host),
+        ] {
+            assert!(!lease.holder_is_gone(&holder), "{holder}");
+        }
+    }
 }

@@ -21,19 +21,20 @@ use crate::escape::Escaped;
 use crate::progress::ProgressWriter;
 use crate::registry::{Live, Registry};
 use crate::rules;
-use crate::types::Change;
+use crate::types::{Change, ChangeBody};
 
 mod doorbell;
 pub mod feed;
 pub mod files;
 pub mod lease;
 pub mod outbox;
+mod rows;
 
 pub use doorbell::Doorbell;
 pub use feed::Feed;
 use lease::Lease;
 use outbox::PERSIST_EVERY;
-pub use outbox::{Backlog, Outbox, backlog};
+pub use outbox::{Backlog, Outbox, Read, Rebuilt, backlog};
 
 /// The quick re-looks after a wake-up: 0.1, 0.2, 0.4, ... ms, up to the limit.
 const RECHECK_FIRST: Duration = Duration::from_micros(100);
@@ -77,6 +78,10 @@ pub struct TailCounters {
     pub apply_errors: Counter,
     /// Capture (re)installs after start-up (a migration, a reload, pause/resume).
     pub reinstalls: Counter,
+    /// Outbox rows that could not be decoded (each flushed what depends on its table).
+    pub unreadable_rows: Counter,
+    /// Times the outbox was found emptied or rebuilt by hand (each flushed everything).
+    pub outbox_rebuilds: Counter,
     /// From a write (its captured time) to its cache actions done: 250 µs to ~8 s, doubling
     /// (the captured time has millisecond precision).
     pub fresh: Latency,
@@ -89,6 +94,8 @@ impl Default for TailCounters {
             batches: Counter::default(),
             apply_errors: Counter::default(),
             reinstalls: Counter::default(),
+            unreadable_rows: Counter::default(),
+            outbox_rebuilds: Counter::default(),
             fresh: Latency::new(0.000_25, 16),
         }
     }
@@ -311,7 +318,10 @@ impl Tail {
         let cursor = outbox.cursor();
         let cache = self.applier.cache();
         cache.before_batch(live, cursor, || outbox.head(), epoch)?;
-        let changes = outbox.read_batch(live.config.tail.batch_size)?;
+        let changes = match outbox.read_batch(live.config.tail.batch_size)? {
+            Read::Changes(changes) => changes,
+            Read::Rebuilt(rebuilt) => return self.restart_after_rebuild(outbox, rebuilt),
+        };
         let Some(last) = changes.last().map(|c| c.position) else {
             return Ok(0);
         };
@@ -319,6 +329,7 @@ impl Tail {
         self.applier
             .apply(&plan, live, outbox.conn(), (cursor, last, epoch))?;
         self.record_freshness(&changes);
+        self.note_unreadable(&changes);
         self.feed.publish(&live.config, &changes);
         for (&index, &(invalidations, recomputes)) in &plan.per_rule {
             if let Some(rule) = live.rules.get(index) {
@@ -340,6 +351,43 @@ impl Tail {
             }
         }
         Ok(changes.len())
+    }
+
+    /// The outbox was emptied or rebuilt by hand: the tail restarts after every position used,
+    /// with a reset marker that drops everything cached (`Outbox::restart_after_rebuild`), which
+    /// the next batch applies. Counted and logged; one row's worth of progress.
+    fn restart_after_rebuild(
+        &self,
+        outbox: &mut Outbox,
+        rebuilt: Rebuilt,
+    ) -> Result<usize, TailError> {
+        let applied = self.progress.reader().applied();
+        let restart = outbox.restart_after_rebuild(applied)?;
+        self.counters.outbox_rebuilds.inc();
+        tracing::warn!(
+            cursor = rebuilt.cursor,
+            row_at_cursor = rebuilt.row_at_cursor,
+            restart,
+            "the outbox was emptied or rebuilt by hand (its ids started again below the cursor): every cached value is dropped, and the new outbox is applied from here on"
+        );
+        Ok(1)
+    }
+
+    /// The rows of an applied batch that could not be decoded: counted, and each logged once
+    /// (when its batch is applied: a failed batch is retried without a word about them).
+    fn note_unreadable(&self, changes: &[Change]) {
+        for change in changes {
+            if let ChangeBody::Unreadable(unreadable) = &change.body {
+                self.counters.unreadable_rows.inc();
+                let table = unreadable.table.as_deref();
+                tracing::warn!(
+                    outbox_id = change.position,
+                    table,
+                    reason = unreadable.reason,
+                    "an outbox row could not be decoded: every cached value that depends on its table (everything, if the table is unknown) was dropped"
+                );
+            }
+        }
     }
 
     /// Capture was reinstalled after start-up: counted, and noted.
@@ -412,11 +460,9 @@ mod tests {
     use crate::config::Config;
     use rusqlite::Connection;
 
-    #[test]
-    fn a_cursor_write_that_finds_the_lease_taken_ends_the_step_as_lease_lost() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = dir.path().join("app.db");
-        let app = Connection::open(&db).expect("open");
+    /// A database with one watched table `t`, and a tail holding the lease on it.
+    fn one_table(dir: &std::path::Path) -> (Connection, Outbox, Tail, Arc<Live>) {
+        let app = Connection::open(dir.join("app.db")).expect("open");
         app.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL);")
             .expect("schema");
         let config = Config::parse(
@@ -424,7 +470,7 @@ mod tests {
              [keys.\"t:{id}\"]\nquery = \"SELECT id, v FROM t WHERE id = :id\"\n\
              [[rules]]\ntable = \"t\"\nkeys = [\"t:{id}\"]\n",
             "test.toml",
-            dir.path(),
+            dir,
         )
         .expect("config");
         let prepared = crate::prepare(&config).expect("prepare");
@@ -438,6 +484,58 @@ mod tests {
             "alone: it holds the lease"
         );
         let live = parts.sources.registry.live();
+        (app, outbox, tail, live)
+    }
+
+    #[test]
+    fn an_emptied_outbox_restarts_the_tail_above_every_position_used() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (app, mut outbox, tail, live) = one_table(dir.path());
+        let write = |n: usize| {
+            for _ in 0..n {
+                app.execute("INSERT INTO t (v) VALUES ('a')", [])
+                    .expect("write");
+            }
+        };
+        write(30);
+        while tail.step(&live, &mut outbox).expect("a batch") > 0 {}
+        let used = outbox.cursor();
+        assert_eq!(used, 31, "the flush marker and 30 writes");
+
+        // Emptied by hand, then five writes: ids 1 to 5, below the cursor.
+        app.execute("DELETE FROM cachetail_outbox", [])
+            .expect("empty");
+        write(5);
+        assert_eq!(tail.step(&live, &mut outbox).expect("the restart"), 1);
+        assert_eq!(tail.counters.outbox_rebuilds.get(), 1);
+        assert_eq!(
+            outbox.cursor(),
+            used + 1,
+            "the restart's row, above every id used"
+        );
+        assert_eq!(outbox.durable_cursor().expect("cursor"), used + 1);
+        // The reset marker is applied next: a flush of everything at its position.
+        assert_eq!(tail.step(&live, &mut outbox).expect("the reset"), 1);
+        assert_eq!(tail.progress.reader().applied(), used + 2);
+        // From then on, the app's writes get ids above it, and are applied.
+        write(2);
+        assert_eq!(tail.step(&live, &mut outbox).expect("a batch"), 2);
+        assert_eq!(outbox.cursor(), used + 4);
+        assert_eq!(tail.step(&live, &mut outbox).expect("caught up"), 0);
+        assert_eq!(tail.counters.outbox_rebuilds.get(), 1, "once");
+        // Pruning crosses the gap in the ids: only the cursor's row is left.
+        outbox.persist(true, true).expect("persist and prune");
+        let rows: Vec<i64> = app
+            .prepare("SELECT id FROM cachetail_outbox")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("rows");
+        assert_eq!(rows, [used as i64 + 4]);
+    }
+
+    #[test]
+    fn a_cursor_write_that_finds_the_lease_taken_ends_the_step_as_lease_lost() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (app, mut outbox, tail, live) = one_table(dir.path());
         app.execute("INSERT INTO t (v) VALUES ('a')", [])
             .expect("write");
         std::thread::sleep(PERSIST_EVERY);

@@ -2,21 +2,28 @@
 //! short read transaction), decoded into `Change`s; the cursor, written at most every 100 ms
 //! together with the pruning of applied rows, in short fenced transactions; and the backlog
 //! (head, lag) others report.
+//!
+//! Pruning keeps the row at the cursor, and the cursor remembers that row's write time (in
+//! memory, and beside the durable cursor), so each batch read, which starts at the cursor's own
+//! row, also checks that it is still the row applied last. If it is gone or another row has its
+//! id, the outbox was emptied or rebuilt by hand and its ids started again below the cursor: the
+//! tail restarts after every position ever used (`restart_after_rebuild`), with a reset marker
+//! that drops everything cached, rather than skip every change until the ids pass the cursor.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::TailError;
 use super::lease::Lease;
-use crate::capture::{self, InstallReport};
+use super::rows::RawRow;
+use crate::capture::{self, InstallReport, RecordedLayout};
 use crate::config::Config;
 use crate::db::read_head;
-use crate::types::{Change, ChangeBody, Layout, Op, RowChange};
+use crate::types::Change;
 
 /// Rows deleted per pruning transaction: small, so the app's writers never wait long.
 const PRUNE_CHUNK: u64 = 2_000;
@@ -29,8 +36,15 @@ const PRUNE_BACKLOG: u64 = 100_000;
 /// The daemon's handle on the outbox: its connection, the capture layouts, and the cursor.
 pub struct Outbox {
     conn: Connection,
-    layouts: HashMap<i64, Arc<Layout>>,
+    layouts: HashMap<i64, RecordedLayout>,
     cursor: u64,
+    /// What the row at the cursor must be (see `CursorRow`), and the last row read, which the
+    /// cursor moves to when its batch is applied.
+    cursor_row: CursorRow,
+    last_read: Option<(u64, Option<f64>)>,
+    /// The highest durable cursor this daemon has seen: it never goes back, unless cachetail's
+    /// tables were dropped and installed again.
+    durable_seen: u64,
     pruned_below: u64,
     /// The cursor as last written to the database, when, and how far pruning has gone.
     persisted: u64,
@@ -49,20 +63,14 @@ pub struct Outbox {
 impl Outbox {
     pub fn open(path: &Path) -> Result<Outbox, TailError> {
         let conn = crate::db::open_writer(path)?;
-        let cursor: Option<i64> = conn
-            .query_row(
-                "SELECT position FROM cachetail_cursor WHERE consumer = 'main'",
-                [],
-                |row| row.get(0),
-            )
-            .optional()
+        let (cursor, cursor_row) = read_durable(&conn)
             .map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
                     TailError::NotInstalled
                 }
                 other => TailError::Sqlite(other),
-            })?;
-        let cursor = cursor.ok_or(TailError::NotInstalled)?;
+            })?
+            .ok_or(TailError::NotInstalled)?;
         let layouts = capture::load_layouts(&conn)?;
         let schema_version = schema_version(&conn)?;
         let oldest: i64 = conn.query_row(
@@ -73,9 +81,12 @@ impl Outbox {
         Ok(Outbox {
             conn,
             layouts,
-            cursor: u64::try_from(cursor).unwrap_or(0),
+            cursor,
+            cursor_row,
+            last_read: None,
+            durable_seen: cursor,
             pruned_below: u64::try_from(oldest).unwrap_or(0),
-            persisted: u64::try_from(cursor).unwrap_or(0),
+            persisted: cursor,
             persisted_at: Instant::now(),
             schema_version,
             installed_for: 0,
@@ -106,19 +117,23 @@ impl Outbox {
     }
 
     /// Reads the durable cursor again (after taking over from another daemon: its progress is
-    /// what the database says), and where pruning stands.
+    /// what the database says), and where pruning stands. A durable cursor below one seen
+    /// before means cachetail's tables were dropped and installed again: the next batch read
+    /// restarts after every position used (`CursorRow::Gone`).
     pub(super) fn reopen(&mut self) -> Result<(), TailError> {
-        let cursor: i64 = self.conn.query_row(
-            "SELECT position FROM cachetail_cursor WHERE consumer = 'main'",
-            [],
-            |row| row.get(0),
-        )?;
+        let (cursor, cursor_row) = read_durable(&self.conn)?.ok_or(TailError::NotInstalled)?;
         let oldest: i64 = self.conn.query_row(
             "SELECT coalesce(min(id), 0) FROM cachetail_outbox",
             [],
             |row| row.get(0),
         )?;
-        let cursor = u64::try_from(cursor).unwrap_or(0);
+        self.cursor_row = if cursor < self.durable_seen {
+            CursorRow::Gone
+        } else {
+            cursor_row
+        };
+        self.durable_seen = self.durable_seen.max(cursor);
+        self.last_read = None;
         self.cursor = cursor;
         self.persisted = cursor;
         self.persisted_at = Instant::now();
@@ -129,12 +144,14 @@ impl Outbox {
     }
 
     /// The durable cursor as the database has it now (a standby follows it).
-    pub(super) fn durable_cursor(&self) -> rusqlite::Result<u64> {
+    pub(super) fn durable_cursor(&mut self) -> rusqlite::Result<u64> {
         let cursor: i64 = self
             .conn
             .prepare_cached("SELECT position FROM cachetail_cursor WHERE consumer = 'main'")?
             .query_row([], |row| row.get(0))?;
-        Ok(u64::try_from(cursor).unwrap_or(0))
+        let cursor = u64::try_from(cursor).unwrap_or(0);
+        self.durable_seen = self.durable_seen.max(cursor);
+        Ok(cursor)
     }
 
     pub fn cursor(&self) -> u64 {
@@ -172,97 +189,117 @@ impl Outbox {
         read_head(&self.conn)
     }
 
-    /// Reads up to `limit` changes after the cursor, in id order.
-    pub fn read_batch(&mut self, limit: usize) -> Result<Vec<Change>, TailError> {
-        let mut raw = Vec::with_capacity(limit.min(4096));
+    /// Reads up to `limit` changes after the cursor, in id order; or finds that the outbox was
+    /// emptied or rebuilt (the row at the cursor, read in the same statement, is not the one
+    /// applied last).
+    pub fn read_batch(&mut self, limit: usize) -> Result<Read, TailError> {
+        let mut raw = Vec::with_capacity(limit.min(4096) + 1);
         {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT id, capture, op, old, new, at FROM cachetail_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, capture, op, old, new, at FROM cachetail_outbox WHERE id >= ?1 ORDER BY id LIMIT ?2",
             )?;
-            let mut rows = stmt.query(params![self.cursor as i64, limit as i64])?;
+            let mut rows = stmt.query(params![self.cursor as i64, limit as i64 + 1])?;
             while let Some(row) = rows.next()? {
-                raw.push((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, Option<String>>(3)?,
-                    row.get::<_, Option<String>>(4)?,
-                    row.get::<_, Option<f64>>(5).ok().flatten(),
-                ));
+                raw.push(RawRow::read(row)?);
             }
         }
+        if let Some(rebuilt) = self.check_cursor_row(raw.first()) {
+            return Ok(Read::Rebuilt(rebuilt));
+        }
+        let at_cursor = raw
+            .first()
+            .is_some_and(|row| u64::try_from(row.id).ok() == Some(self.cursor));
         let mut changes = Vec::with_capacity(raw.len());
-        for (id, layout, op, old, new, at) in raw {
-            if !self.layouts.contains_key(&layout) {
+        for row in raw.iter().skip(usize::from(at_cursor)).take(limit) {
+            if let Ok(layout) = row.layout
+                && !self.layouts.contains_key(&layout)
+            {
                 // Capture was reinstalled (a reload changed the columns): learn the new layouts.
                 self.layouts = capture::load_layouts(&self.conn)?;
             }
-            let body = self.decode(id, layout, op, old.as_deref(), new.as_deref());
             changes.push(Change {
-                position: u64::try_from(id).unwrap_or(0),
-                written_ms: at.map(capture::julian_to_unix_ms),
-                body,
+                position: u64::try_from(row.id).unwrap_or(0),
+                written_ms: row.at.map(capture::julian_to_unix_ms),
+                body: row.decode(&self.layouts),
             });
         }
-        Ok(changes)
+        self.last_read = changes
+            .last()
+            .map(|c| (c.position, raw_at(&raw, c.position)));
+        Ok(Read::Changes(changes))
     }
 
-    fn decode(
-        &self,
-        id: i64,
-        layout: i64,
-        op: i64,
-        old: Option<&str>,
-        new: Option<&str>,
-    ) -> ChangeBody {
-        if op == capture::MARKER_OP {
-            return capture::read_marker(id, new);
+    /// Whether the row at the cursor is still the one the cursor was moved to (`first` is the
+    /// first row at or after the cursor); if not, what was found.
+    fn check_cursor_row(&self, first: Option<&RawRow>) -> Option<Rebuilt> {
+        if self.cursor == 0 && self.cursor_row != CursorRow::Gone {
+            return None;
         }
-        match self.layouts.get(&layout) {
-            Some(l) if op == capture::FLUSH_OP => ChangeBody::Flush {
-                table: Arc::clone(&l.table),
-            },
-            _ => match self.decode_row(id, layout, op, old, new) {
-                Ok(row) => ChangeBody::Row(row),
-                Err(reason) => ChangeBody::Unreadable(reason),
-            },
+        let at_cursor = first.filter(|row| u64::try_from(row.id).ok() == Some(self.cursor));
+        match at_cursor {
+            Some(row) if self.cursor_row.is(row.at) => None,
+            _ => Some(Rebuilt {
+                cursor: self.cursor,
+                row_at_cursor: if at_cursor.is_some() {
+                    "another row"
+                } else {
+                    "gone"
+                },
+            }),
         }
     }
 
-    fn decode_row(
-        &self,
-        id: i64,
-        layout: i64,
-        op: i64,
-        old: Option<&str>,
-        new: Option<&str>,
-    ) -> Result<RowChange, String> {
-        let layout = self
-            .layouts
-            .get(&layout)
-            .ok_or_else(|| format!("outbox row {id} names unknown capture layout {layout}"))?;
-        let op = Op::from_code(op).ok_or_else(|| format!("outbox row {id} has unknown op {op}"))?;
-        let values = |text: Option<&str>| -> Result<Option<Vec<Value>>, String> {
-            match text {
-                None if layout.columns.is_empty() => Ok(Some(Vec::new())),
-                None => Ok(None),
-                Some(text) => capture::decode_values(text)
-                    .filter(|v| v.len() == layout.columns.len())
-                    .map(Some)
-                    .ok_or_else(|| format!("outbox row {id} has malformed values {text:?}")),
-            }
-        };
-        let (old, new) = match op {
-            Op::Insert => (None, values(new)?),
-            Op::Delete => (values(old)?, None),
-            Op::Update => (values(old)?, values(new)?),
-        };
-        Ok(RowChange {
-            layout: Arc::clone(layout),
-            op,
-            old,
-            new,
-        })
+    /// The outbox was emptied or rebuilt by hand (`read_batch` said so): restarts after every
+    /// position this daemon or the database ever used (`applied`: the highest this daemon
+    /// published), in one fenced transaction: a position marker there becomes the cursor's row,
+    /// and a reset marker after it drops everything cached when applied. The rows in between
+    /// (the new outbox so far) are covered by the reset, and pruned like applied rows. Returns
+    /// the new cursor.
+    pub(super) fn restart_after_rebuild(&mut self, applied: u64) -> Result<u64, TailError> {
+        let fence = self.fence()?;
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
+        check_fence(&tx, fence.as_ref())?;
+        let head = read_head(&tx)?;
+        let anchor = [
+            self.cursor,
+            self.persisted,
+            self.durable_seen,
+            applied,
+            head,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+            + 1;
+        let insert = format!(
+            "INSERT INTO cachetail_outbox (id, capture, op, at) VALUES (?1, 0, ?2, {})",
+            capture::WRITTEN_AT
+        );
+        tx.execute(&insert, params![anchor as i64, capture::MARKER_OP])?;
+        tx.execute(&insert, params![anchor as i64 + 1, capture::RESET_OP])?;
+        let at: Option<f64> = tx.query_row(
+            "SELECT at FROM cachetail_outbox WHERE id = ?1",
+            [anchor as i64],
+            |row| row.get(0),
+        )?;
+        write_cursor(&tx, anchor, at)?;
+        let oldest: i64 = tx.query_row(
+            "SELECT coalesce(min(id), 0) FROM cachetail_outbox",
+            [],
+            |row| row.get(0),
+        )?;
+        tx.commit()?;
+        self.cursor = anchor;
+        self.cursor_row = CursorRow::of(at);
+        self.last_read = None;
+        self.persisted = anchor;
+        self.persisted_at = Instant::now();
+        self.durable_seen = anchor;
+        self.pruned_below = u64::try_from(oldest).unwrap_or(0);
+        Ok(anchor)
     }
 
     /// Records that every change up to `position` has been applied. The durable cursor follows
@@ -270,6 +307,10 @@ impl Outbox {
     /// cursor write after each of its commits (a crash replays the unpersisted batches:
     /// at-least-once).
     pub fn advance(&mut self, position: u64) {
+        self.cursor_row = match self.last_read {
+            Some((last, at)) if last == position => CursorRow::of(at),
+            _ => CursorRow::Exists,
+        };
         self.cursor = position;
     }
 
@@ -299,11 +340,7 @@ impl Outbox {
     }
 
     fn persist_chunk(&mut self, due: bool, prune: bool) -> Result<(), TailError> {
-        let fence = match (self.fencing, self.lease.epoch()) {
-            (false, _) => None,
-            (true, None) => return Err(TailError::LeaseLost),
-            (true, Some(epoch)) => Some((self.lease.holder().to_owned(), epoch)),
-        };
+        let fence = self.fence()?;
         // IMMEDIATE: the write lock first (waiting for it through the busy handler). A deferred
         // transaction that reads the lease row and then writes would fail outright, without
         // waiting, whenever an app commit landed in between.
@@ -311,41 +348,33 @@ impl Outbox {
             &self.conn,
             rusqlite::TransactionBehavior::Immediate,
         )?;
-        // Fencing: in the same transaction that moves the cursor or prunes, check that this
-        // daemon still holds the lease. A daemon paused past its lease finds it gone here.
-        if let Some((holder, epoch)) = &fence {
-            let holds: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT 1 FROM cachetail_lease WHERE name = 'main' AND holder = ?1 AND epoch = ?2",
-                )?
-                .query_row(params![holder, epoch], |row| row.get(0))
-                .optional()?;
-            if holds.is_none() {
-                return Err(TailError::LeaseLost);
-            }
-        }
+        check_fence(&tx, fence.as_ref())?;
         if due {
-            let updated = tx
-                .prepare_cached(
-                    "UPDATE cachetail_cursor SET position = ?1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE consumer = 'main'",
-                )?
-                .execute([self.cursor as i64])?;
-            if updated == 0 {
-                return Err(TailError::NotInstalled);
-            }
+            write_cursor(&tx, self.cursor, self.cursor_row.written_at())?;
         }
         let durable = if due { self.cursor } else { self.persisted };
+        let mut start = self.pruned_below;
+        if prune && start < durable {
+            // Past a gap in the ids (a restart after a rebuilt outbox) in one step.
+            let next: Option<i64> = tx
+                .prepare_cached("SELECT min(id) FROM cachetail_outbox WHERE id >= ?1")?
+                .query_row([start as i64], |row| row.get(0))?;
+            start = next
+                .map_or(durable, |n| u64::try_from(n).unwrap_or(0))
+                .clamp(start, durable);
+        }
         let end = if prune {
-            (self.pruned_below + PRUNE_CHUNK).min(durable)
+            (start + PRUNE_CHUNK).min(durable)
         } else {
-            self.pruned_below
+            start
         };
-        if end > self.pruned_below {
+        if end > start {
             tx.prepare_cached("DELETE FROM cachetail_outbox WHERE id >= ?1 AND id < ?2")?
-                .execute(params![self.pruned_below as i64, end as i64])?;
+                .execute(params![start as i64, end as i64])?;
         }
         tx.commit()?;
         self.persisted = durable;
+        self.durable_seen = self.durable_seen.max(durable);
         self.pruned_below = self.pruned_below.max(end);
         if due {
             self.persisted_at = Instant::now();
@@ -353,10 +382,133 @@ impl Outbox {
         Ok(())
     }
 
+    /// The holder and epoch the cursor's transactions must find in the lease row (None: not
+    /// fenced); `LeaseLost` when this daemon no longer holds the lease.
+    fn fence(&self) -> Result<Option<(String, i64)>, TailError> {
+        match (self.fencing, self.lease.epoch()) {
+            (false, _) => Ok(None),
+            (true, None) => Err(TailError::LeaseLost),
+            (true, Some(epoch)) => Ok(Some((self.lease.holder().to_owned(), epoch))),
+        }
+    }
+
     /// The durable cursor lags the applied one: persisting is pending.
     pub fn persist_pending(&self) -> bool {
         self.cursor > self.persisted || self.pruned_below < self.persisted
     }
+}
+
+/// What one batch read found.
+#[derive(Debug)]
+pub enum Read {
+    /// The changes after the cursor (none: caught up).
+    Changes(Vec<Change>),
+    /// The row at the cursor is gone or is another row: the outbox was emptied or rebuilt.
+    Rebuilt(Rebuilt),
+}
+
+/// An outbox found emptied or rebuilt: the cursor, and what was at it (`gone`, `another row`).
+#[derive(Debug, Clone, Copy)]
+pub struct Rebuilt {
+    pub cursor: u64,
+    pub row_at_cursor: &'static str,
+}
+
+/// What the outbox row at the cursor must be: the row the cursor was moved to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum CursorRow {
+    /// A row must be there; its write time is not known (the cursor was written by an older
+    /// cachetail, or the row was captured before write times were recorded).
+    Exists,
+    /// The row written at this time (`at`, compared bit for bit: ids are reused after a
+    /// rebuild, write times to the millisecond hardly ever).
+    WrittenAt(f64),
+    /// The durable cursor went back below one seen before (cachetail's tables were dropped
+    /// and installed again): whatever is there, the cursor was not moved in this outbox.
+    Gone,
+}
+
+impl CursorRow {
+    fn of(at: Option<f64>) -> CursorRow {
+        at.map_or(CursorRow::Exists, CursorRow::WrittenAt)
+    }
+
+    /// Whether a row written at `at` is the one.
+    fn is(self, at: Option<f64>) -> bool {
+        match self {
+            CursorRow::Exists => true,
+            CursorRow::WrittenAt(expected) => {
+                at.is_some_and(|at| at.to_bits() == expected.to_bits())
+            }
+            CursorRow::Gone => false,
+        }
+    }
+
+    fn written_at(self) -> Option<f64> {
+        match self {
+            CursorRow::WrittenAt(at) => Some(at),
+            CursorRow::Exists | CursorRow::Gone => None,
+        }
+    }
+}
+
+/// The durable cursor and what its row must be (its write time is trusted only if the daemon
+/// that wrote the cursor recorded it for that very row).
+fn read_durable(conn: &Connection) -> rusqlite::Result<Option<(u64, CursorRow)>> {
+    conn.query_row(
+        "SELECT position, row_id, row_at FROM cachetail_cursor WHERE consumer = 'main'",
+        [],
+        |row| {
+            let position: i64 = row.get(0)?;
+            let row_id: Option<i64> = row.get(1).ok().flatten();
+            let row_at: Option<f64> = row.get(2).ok().flatten();
+            let cursor_row = match row_at {
+                Some(at) if row_id == Some(position) => CursorRow::WrittenAt(at),
+                _ => CursorRow::Exists,
+            };
+            Ok((u64::try_from(position).unwrap_or(0), cursor_row))
+        },
+    )
+    .optional()
+}
+
+/// Moves the durable cursor to `position`, recording its row's write time beside it.
+fn write_cursor(tx: &Connection, position: u64, at: Option<f64>) -> Result<(), TailError> {
+    let updated = tx
+        .prepare_cached(
+            "UPDATE cachetail_cursor SET position = ?1, row_id = ?1, row_at = ?2, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE consumer = 'main'",
+        )?
+        .execute(params![position as i64, at])?;
+    if updated == 0 {
+        return Err(TailError::NotInstalled);
+    }
+    Ok(())
+}
+
+/// Fencing: in the same transaction that moves the cursor or prunes, check that this daemon
+/// still holds the lease. A daemon paused past its lease finds it gone here.
+fn check_fence(tx: &Connection, fence: Option<&(String, i64)>) -> Result<(), TailError> {
+    let Some((holder, epoch)) = fence else {
+        return Ok(());
+    };
+    let holds: Option<i64> = tx
+        .prepare_cached(
+            "SELECT 1 FROM cachetail_lease WHERE name = 'main' AND holder = ?1 AND epoch = ?2",
+        )?
+        .query_row(params![holder, epoch], |row| row.get(0))
+        .optional()?;
+    if holds.is_none() {
+        return Err(TailError::LeaseLost);
+    }
+    Ok(())
+}
+
+/// The write time of the row `position` among `raw`.
+fn raw_at(raw: &[RawRow], position: u64) -> Option<f64> {
+    raw.iter()
+        .rev()
+        .find(|row| u64::try_from(row.id).ok() == Some(position))
+        .and_then(|row| row.at)
 }
 
 fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {

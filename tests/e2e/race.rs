@@ -450,7 +450,7 @@ fn check(redis: Option<&RedisServer>) {
     cluster.steady(READS_PER_GAP);
 
     std::fs::write(&stop_file, "").expect("stop the writers");
-    let mut written = [0u64; 4];
+    let mut written = [0u64; 5];
     for writer in writers {
         let output = writer.wait_with_output().expect("writer");
         assert!(output.status.success(), "a writer failed");
@@ -535,13 +535,17 @@ fn check(redis: Option<&RedisServer>) {
         "every write the writers made is logged"
     );
 
+    assert!(
+        written[4] > 0,
+        "the writers made poisoned writes: {written:?}"
+    );
     let report = analyse(&log, &cluster.pauses, &reads);
     let hits = run.hits.load(Ordering::Relaxed);
     let misses = run.misses.load(Ordering::Relaxed);
     let hit_ratio = hits as f64 / (hits + misses).max(1) as f64;
     let done = |what: &str| cluster.done.get(what).copied().unwrap_or(0);
     eprintln!(
-        "randomized checker{}: {:.1} s\n  writes: {} inserts, {} updates, {} deletes ({} while capture was paused)\n  {report}\n  daemon counters: {hits} hits, {misses} misses, hit ratio {:.1}%; {} requests retried across restarts\n  controller: {:?}\n  {cached} cached values at the end, {} stale; verify: {verify}",
+        "randomized checker{}: {:.1} s\n  writes: {} inserts, {} updates ({} through a poisoned value), {} deletes ({} while capture was paused)\n  {report}\n  daemon counters: {hits} hits, {misses} misses, hit ratio {:.1}%; {} requests retried across restarts\n  controller: {:?}\n  {cached} cached values at the end, {} stale; verify: {verify}",
         if redis.is_some() {
             " (redis, two daemons)"
         } else {
@@ -550,6 +554,7 @@ fn check(redis: Option<&RedisServer>) {
         started.elapsed().as_secs_f64(),
         written[0],
         written[1],
+        written[4],
         written[2],
         written[3],
         hit_ratio * 100.0,
@@ -644,7 +649,8 @@ fn spawn_writer(db: &Path, stop: &Path, seed: usize) -> Child {
 import os, random, sqlite3, sys, time
 con = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
 rnd = random.Random({seed})
-made = [0, 0, 0, 0]
+made = [0, 0, 0, 0, 0]
+{poison}
 def head():
     return con.execute('SELECT coalesce(max(id), 0) FROM cachetail_outbox').fetchone()[0]
 while not os.path.exists(sys.argv[2]):
@@ -659,7 +665,10 @@ while not os.path.exists(sys.argv[2]):
             con.execute('DELETE FROM items WHERE id = ?', (row,))
             n, kind = None, 2
         else:
-            con.execute('UPDATE items SET n = ? WHERE id = ?', (seq, row))
+            if rnd.random() < {POISONED_SHARE}:
+                poison(row)
+                made[4] += 1
+            con.execute('UPDATE items SET n = ?, g = id % {GROUPS} WHERE id = ?', (seq, row))
             n, kind = seq, 1
         after = head()
         pos = after if after > before else None
@@ -670,7 +679,8 @@ while not os.path.exists(sys.argv[2]):
     con.execute('COMMIT')
     time.sleep(rnd.uniform(0.01, 0.04))
 print(*made)
-"#
+"#,
+        poison = poisoned_writes(),
     );
     Command::new("python3")
         .arg("-c")
@@ -680,6 +690,21 @@ print(*made)
         .stdout(Stdio::piped())
         .spawn()
         .expect("a writer")
+}
+
+/// The share of the writers' updates made through a poisoned value first.
+const POISONED_SHARE: f64 = 0.005;
+
+/// A writer's `poison(row)`: within the update's transaction, sets the row's captured `g` to a
+/// value no key can be rendered from (text that is not UTF-8, or text holding a NUL, which
+/// SQLite's `quote()` would cut short), which the update then puts back. Both outbox rows are
+/// undecodable: the daemons must drop what reads `items`, count and skip them, never stall.
+fn poisoned_writes() -> &'static str {
+    r#"
+def poison(row):
+    bad = "CAST(X'FF' AS TEXT)" if rnd.random() < 0.5 else "'1' || char(0) || '2'"
+    con.execute('UPDATE items SET g = ' + bad + ' WHERE id = ?', (row,))
+"#
 }
 
 /// Polls one daemon's `/v1/status`: the highest cursor reported, its role and pause, and its

@@ -37,7 +37,7 @@ impl Invalidation {
             let tables = plan
                 .flush_tables
                 .iter()
-                .filter(|(table, _)| live.reads_table(family, table))
+                .filter(|(table, _)| live.depends_on(family, table))
                 .map(|(_, &position)| position);
             let flushed = tables
                 .chain(plan.flush_all)
