@@ -24,7 +24,7 @@ mod redis;
 
 pub use apply::BeforeBatchError;
 /// Why the store failed: only a remote store (Redis) fails, the in-process one cannot.
-pub use redis::resp::RedisError as StoreError;
+pub use redis::client::RedisError as StoreError;
 
 use crate::config::{Backend, Config};
 use crate::counters::{Counter, Latency};
@@ -387,7 +387,7 @@ pub fn unreachable(settings: &crate::config::CacheSettings) -> Option<String> {
     let crate::config::Backend::Redis { url, .. } = &settings.backend else {
         return None;
     };
-    let pinged = redis::resp::Conn::connect(url, Duration::from_secs(2))
+    let pinged = redis::client::Conn::connect(url, Duration::from_secs(2))
         .and_then(|mut conn| conn.cmd(&["PING"]));
     pinged.err().map(|e| {
         format!(

@@ -29,13 +29,13 @@ use crate::config::RedisUrl;
 use crate::escape::Escaped;
 
 mod batches;
+pub mod client;
 mod pool;
-pub mod resp;
 mod scripts;
 
 pub use batches::{Invalidation, tag_group};
+use client::{Conn, RedisError, Reply};
 use pool::Pool;
-use resp::{AsyncConn, Conn, RedisError, Reply};
 use scripts::{APPLY, FINISH, PURGE, STORE, Script};
 
 /// How long invalidation marks outlive the invalidation: longer than any fill can take.
@@ -65,9 +65,9 @@ pub struct RedisStore {
     pub prefix: String,
     channel: String,
     apply_conn: Mutex<Option<Conn>>,
-    /// The connections for reads and fills' stores, capped (`[cache] max_connections`).
+    /// The shared connections for reads and fills' stores, requests in flight capped
+    /// (`[cache] max_connections`).
     pool: Pool,
-    max_connections: usize,
     /// The highest `applied` this daemon wrote or read: Redis below it lost state.
     seen: AtomicU64,
     health: Mutex<Health>,
@@ -96,12 +96,11 @@ impl RedisStore {
             String::new()
         };
         RedisStore {
+            pool: Pool::new(&url, max_connections, IO_TIMEOUT),
             url,
             prefix,
             channel,
             apply_conn: Mutex::new(None),
-            pool: Pool::new(max_connections),
-            max_connections,
             seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             suspect: std::sync::atomic::AtomicBool::new(false),
@@ -425,7 +424,11 @@ impl RedisStore {
         } else {
             b"check".to_vec()
         });
-        let result = self.with_store_conn(|conn| self.store_script.run(conn, &args));
+        let args = &args;
+        let result = self.pool.run_blocking(|mut conn| async move {
+            self.store_script.run_async(&mut conn, args).await
+        });
+        self.note(&result);
         match result?.as_int() {
             Some(1) => Ok(true),
             Some(-1) => Err(RedisError::StateLost),
@@ -446,34 +449,6 @@ impl RedisStore {
                 false
             }
         }
-    }
-
-    fn with_store_conn<R>(
-        &self,
-        mut work: impl FnMut(&mut Conn) -> Result<R, RedisError>,
-    ) -> Result<R, RedisError> {
-        let Some((slot, idle)) = self.pool.store() else {
-            return Err(RedisError::PoolFull(self.max_connections));
-        };
-        let pooled = idle.is_some();
-        let mut result = match idle {
-            Some(mut conn) => work(&mut conn).map(|r| (r, conn)),
-            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
-        };
-        // A pooled connection may have died with a Redis restart: one try on a new one (the
-        // slot is still this request's).
-        if matches!(result, Err(RedisError::Io(_))) {
-            if pooled {
-                tracing::debug!("a pooled redis connection failed; reconnecting");
-            }
-            result = Conn::connect(&self.url, IO_TIMEOUT)
-                .and_then(|mut conn| work(&mut conn).map(|r| (r, conn)));
-        }
-        self.note(&result);
-        // On failure the slot is dropped with it: the connection is closed.
-        let (reply, conn) = result?;
-        slot.give_back_store(conn);
-        Ok(reply)
     }
 
     /// What Redis must have applied, at least, for this daemon to trust it: the highest
@@ -505,7 +480,7 @@ impl RedisStore {
         // (Compared with `seen` after the answer instead, an apply finishing meanwhile would
         // look like a loss.)
         let known = self.expected(known);
-        let replies = self.with_read_conn(&commands).await?;
+        let replies = self.pipelined(&commands).await?;
         let mut replies = replies.into_iter();
         let (value, applied, ttl) = (replies.next(), replies.next(), replies.next());
         let applied = applied
@@ -531,35 +506,31 @@ impl RedisStore {
         }
     }
 
-    async fn with_read_conn(&self, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>, RedisError> {
-        // The slot is held until the connection is given back; if this future is dropped
-        // mid-way (the request went away), dropping the slot frees it.
-        let Some((slot, idle)) = self.pool.read().await else {
-            return Err(RedisError::PoolFull(self.max_connections));
-        };
-        let mut result = match idle {
-            Some(conn) => read_on(conn, commands).await,
-            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
-        };
-        // A pooled connection may have died with a Redis restart: one try on a new one.
-        if matches!(result, Err(RedisError::Io(_))) {
-            result = match timed(AsyncConn::connect(&self.url)).await {
-                Ok(conn) => read_on(conn, commands).await,
-                Err(e) => Err(e),
-            };
-        }
+    /// Sends `commands` at once on a shared connection and returns their replies, in order.
+    async fn pipelined(&self, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>, RedisError> {
+        let result = self.pool.run(|conn| pipeline(conn, commands)).await;
         if result.is_err() {
             self.note(&result);
         }
-        let (replies, conn) = result?;
-        slot.give_back_read(conn);
-        Ok(replies)
+        result
+    }
+
+    /// One command on a shared connection, blocking.
+    fn command_blocking(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
+        let result = self.pool.run_blocking(|conn| async move {
+            let mut replies = pipeline(conn, &[args.to_vec()]).await?;
+            replies
+                .pop()
+                .ok_or_else(|| RedisError::Protocol("no reply".into()))
+        });
+        self.note(&result);
+        result
     }
 
     /// A cached value, blocking (for `verify`).
     pub fn get_blocking(&self, key: &str) -> Result<Option<Bytes>, RedisError> {
         let value = format!("{}{key}", self.prefix);
-        let reply = self.with_store_conn(|conn| conn.cmd(&[&b"GET"[..], value.as_bytes()]))?;
+        let reply = self.command_blocking(&[&b"GET"[..], value.as_bytes()])?;
         Ok(match reply {
             Reply::Bulk(body) => Some(Bytes::from(body)),
             _ => None,
@@ -575,9 +546,8 @@ impl RedisStore {
             }
             let set = format!("{}#g:{group}", self.prefix);
             let stop = (limit - keys.len()).saturating_sub(1).to_string();
-            let reply = self.with_store_conn(|conn| {
-                conn.cmd(&[&b"ZRANGE"[..], set.as_bytes(), b"0", stop.as_bytes()])
-            })?;
+            let reply =
+                self.command_blocking(&[&b"ZRANGE"[..], set.as_bytes(), b"0", stop.as_bytes()])?;
             if let Reply::Array(items) = reply {
                 keys.extend(items.into_iter().filter_map(|item| match item {
                     Reply::Bulk(k) => String::from_utf8(k).ok(),
@@ -601,7 +571,7 @@ impl RedisStore {
         if commands.is_empty() {
             return Ok(0);
         }
-        let replies = self.with_read_conn(&commands).await?;
+        let replies = self.pipelined(&commands).await?;
         Ok(replies
             .iter()
             .filter_map(Reply::as_int)
@@ -610,20 +580,16 @@ impl RedisStore {
     }
 }
 
-async fn read_on(
-    mut conn: AsyncConn,
+async fn pipeline(
+    mut conn: redis::aio::MultiplexedConnection,
     commands: &[Vec<&[u8]>],
-) -> Result<(Vec<Reply>, AsyncConn), RedisError> {
-    let replies = timed(conn.pipeline(commands)).await?;
-    Ok((replies, conn))
-}
-
-async fn timed<T>(
-    work: impl std::future::Future<Output = Result<T, RedisError>>,
-) -> Result<T, RedisError> {
-    tokio::time::timeout(IO_TIMEOUT, work)
-        .await
-        .unwrap_or_else(|_| Err(RedisError::Io(std::io::ErrorKind::TimedOut.into())))
+) -> Result<Vec<Reply>, RedisError> {
+    let mut pipe = redis::pipe();
+    for args in commands {
+        pipe.add_command(client::command(args));
+    }
+    let values: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+    Ok(values.into_iter().map(Reply::from).collect())
 }
 
 fn connected<'a>(slot: &'a mut Option<Conn>, url: &RedisUrl) -> Result<&'a mut Conn, RedisError> {

@@ -1,166 +1,207 @@
-//! The daemon's connections to Redis for reads (async, on the runtime) and for fills' stores
-//! (blocking), capped together: every open connection, idle or in use, takes one of `max`
-//! slots (the tail's own connection aside). A request that finds no idle connection and no free
-//! slot takes the slot of an idle connection of the other kind, or waits for one at most
-//! `WAIT`; past it, it goes without Redis (a read answers from the database, a fill is not
-//! stored), as when Redis is down. So a burst of requests, or a Redis that stopped answering,
-//! never opens a connection per request.
+//! The daemon's shared connections to Redis, for reads (async, from the endpoint) and fills'
+//! stores (blocking, from fill threads): a few multiplexed connections of the `redis` crate,
+//! each carrying many requests at once (pipelined: no round trip per request per connection),
+//! and at most `max` requests in flight over all of them (`[cache] max_connections`). A request
+//! that finds every one taken waits at most `WAIT`; past it, it goes without Redis (a read
+//! answers from the database, a fill is not stored), as when Redis is down. So a burst of
+//! requests, or a Redis that stopped answering, never queues without bound.
+//!
+//! A connection that failed is opened again by the next request that needs it; one whose open
+//! failed is not tried again before a delay that doubles (`BACKOFF_FIRST` to `BACKOFF_MAX`), and
+//! meanwhile requests fail at once (reads answer from the database without waiting).
+//!
+//! The connections live on a runtime of their own (one thread): their driver tasks outlive any
+//! request, and blocking callers (fill threads, `verify`) run their requests on it.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
+use tokio::time::Instant;
 
-use super::resp::{AsyncConn, Conn};
+use super::client::{RedisError, hide_password};
+use crate::config::RedisUrl;
 
-/// How long a request waits for a connection when all are taken.
+/// How long a request waits for a free place when `max` are in flight.
 const WAIT: Duration = Duration::from_millis(100);
+/// How many multiplexed connections (fewer when `max` is smaller): each carries any number of
+/// requests, a few spread the work of reading replies.
+const CONNECTIONS: usize = 4;
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// A connection for one piece of work: an idle one, or none (connect one: the slot is held).
-pub(super) type Checkout<'a, C> = (Slot<'a>, Option<C>);
-
-/// One slot, held while its connection is in use (or being opened): given back with the
-/// connection when the work is done, else freed when dropped (the connection failed, or the
-/// request went away mid-way: a cancelled read must not keep its slot).
-pub(super) struct Slot<'a> {
-    pool: &'a Pool,
-    held: bool,
-}
-
-impl Slot<'_> {
-    /// The work is done: the connection is idle again, and keeps the slot.
-    pub(super) fn give_back_read(mut self, conn: AsyncConn) {
-        self.held = false;
-        self.pool.lock().reads.push(conn);
-        self.pool.wake();
-    }
-
-    pub(super) fn give_back_store(mut self, conn: Conn) {
-        self.held = false;
-        self.pool.lock().stores.push(conn);
-        self.pool.wake();
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        if self.held {
-            self.pool.discard();
-        }
-    }
-}
-
+/// One shared connection, or when to try opening it again.
 #[derive(Default)]
-struct Idle {
-    /// Open connections, idle or in use.
-    open: usize,
-    reads: Vec<AsyncConn>,
-    stores: Vec<Conn>,
+struct Shared {
+    conn: Option<MultiplexedConnection>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
 }
 
 pub(super) struct Pool {
     max: usize,
-    idle: Mutex<Idle>,
-    /// Blocking waiters (stores) and async ones (reads) are both woken when a slot frees.
-    freed: Condvar,
-    freed_async: Notify,
+    url: RedisUrl,
+    client: Result<redis::Client, String>,
+    in_flight: Semaphore,
+    shared: Vec<Mutex<Shared>>,
+    next: AtomicUsize,
+    io_timeout: Duration,
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Pool {
+    /// Without waiting for the connections' tasks (a pool may be dropped on a runtime's thread,
+    /// where waiting is not allowed).
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Pool {
-    pub(super) fn new(max: usize) -> Pool {
+    pub(super) fn new(url: &RedisUrl, max: usize, io_timeout: Duration) -> Pool {
+        let max = max.max(1);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("redis-io")
+            .enable_all()
+            .build()
+            .expect("a one-thread runtime for the redis connections can be built");
         Pool {
-            max: max.max(1),
-            idle: Mutex::new(Idle::default()),
-            freed: Condvar::new(),
-            freed_async: Notify::new(),
+            max,
+            url: url.clone(),
+            client: super::client::client(url).map_err(|e| e.to_string()),
+            in_flight: Semaphore::new(max),
+            shared: (0..CONNECTIONS.min(max))
+                .map(|_| Mutex::new(Shared::default()))
+                .collect(),
+            next: AtomicUsize::new(0),
+            io_timeout,
+            runtime: Some(runtime),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Idle> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `work` on a shared connection: a place among `max`, waiting at most `WAIT` for
+    /// one; a connection that fails with `Io` is replaced, and `work` tried once more on the
+    /// new one (a Redis restart closes every connection).
+    pub(super) async fn run<R, F>(
+        &self,
+        work: impl Fn(MultiplexedConnection) -> F,
+    ) -> Result<R, RedisError>
+    where
+        F: Future<Output = Result<R, RedisError>>,
+    {
+        let _permit = self.permit().await?;
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.shared.len();
+        let shared = &self.shared[index];
+        let conn = self.connection(shared).await?;
+        let result = self.timed(work(conn)).await;
+        if !matches!(result, Err(RedisError::Io(_))) {
+            return result;
+        }
+        tracing::debug!("a shared redis connection failed; reconnecting");
+        self.forget(shared).await;
+        let conn = self.connection(shared).await?;
+        self.timed(work(conn)).await
     }
 
-    fn slot(&self) -> Slot<'_> {
-        Slot {
-            pool: self,
-            held: true,
+    /// `run`, blocking (for fill threads and `verify`: never from a runtime's worker thread).
+    pub(super) fn run_blocking<R, F>(
+        &self,
+        work: impl Fn(MultiplexedConnection) -> F,
+    ) -> Result<R, RedisError>
+    where
+        F: Future<Output = Result<R, RedisError>>,
+    {
+        match &self.runtime {
+            Some(runtime) => runtime.block_on(self.run(work)),
+            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
         }
     }
 
-    /// A read connection now, if one is idle or a slot is free (an idle store connection's
-    /// slot included: it is closed).
-    fn try_read(&self) -> Option<Checkout<'_, AsyncConn>> {
-        let mut idle = self.lock();
-        if let Some(conn) = idle.reads.pop() {
-            return Some((self.slot(), Some(conn)));
-        }
-        if idle.open < self.max {
-            idle.open += 1;
-            return Some((self.slot(), None));
-        }
-        idle.stores.pop().map(|_| (self.slot(), None))
-    }
-
-    /// A read connection, waiting at most `WAIT` for one; None: all are taken.
-    pub(super) async fn read(&self) -> Option<Checkout<'_, AsyncConn>> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let freed = self.freed_async.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if let Some(checkout) = self.try_read() {
-                return Some(checkout);
-            }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return self.try_read();
-            }
+    async fn permit(&self) -> Result<SemaphorePermit<'_>, RedisError> {
+        match tokio::time::timeout(WAIT, self.in_flight.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(RedisError::PoolFull(self.max)),
         }
     }
 
-    /// A store connection, waiting at most `WAIT` for one (blocking); None: all are taken.
-    pub(super) fn store(&self) -> Option<Checkout<'_, Conn>> {
-        let deadline = Instant::now() + WAIT;
-        let mut idle = self.lock();
-        loop {
-            if let Some(conn) = idle.stores.pop() {
-                return Some((self.slot(), Some(conn)));
+    async fn timed<T>(
+        &self,
+        work: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        tokio::time::timeout(self.io_timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(RedisError::Io(std::io::ErrorKind::TimedOut.into())))
+    }
+
+    /// The shared connection, opened now if it is not (unless the last open failed less than
+    /// its backoff ago: then at once an error).
+    async fn connection(
+        &self,
+        shared: &Mutex<Shared>,
+    ) -> Result<MultiplexedConnection, RedisError> {
+        let Ok(mut shared) = tokio::time::timeout(WAIT, shared.lock()).await else {
+            return Err(RedisError::PoolFull(self.max));
+        };
+        if let Some(conn) = &shared.conn {
+            return Ok(conn.clone());
+        }
+        if shared.retry_at.is_some_and(|at| Instant::now() < at) {
+            return Err(RedisError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "not connected (the last attempt failed; retrying shortly)",
+            )));
+        }
+        match self.open().await {
+            Ok(conn) => {
+                *shared = Shared {
+                    conn: Some(conn.clone()),
+                    ..Shared::default()
+                };
+                Ok(conn)
             }
-            if idle.open < self.max {
-                idle.open += 1;
-                return Some((self.slot(), None));
+            Err(e) => {
+                shared.backoff = (shared.backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+                shared.retry_at = Some(Instant::now() + shared.backoff);
+                Err(e)
             }
-            if idle.reads.pop().is_some() {
-                return Some((self.slot(), None));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            idle = self
-                .freed
-                .wait_timeout(idle, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
     }
 
-    /// A slot is freed (its connection failed or was never opened).
-    fn discard(&self) {
-        let mut idle = self.lock();
-        idle.open = idle.open.saturating_sub(1);
-        drop(idle);
-        self.wake();
+    async fn forget(&self, shared: &Mutex<Shared>) {
+        if let Ok(mut shared) = tokio::time::timeout(WAIT, shared.lock()).await {
+            shared.conn = None;
+        }
     }
 
-    fn wake(&self) {
-        self.freed.notify_one();
-        self.freed_async.notify_one();
-    }
-
-    /// Open connections, idle or in use.
-    #[cfg(test)]
-    fn open(&self) -> usize {
-        self.lock().open
+    /// Opens a connection on this pool's runtime (where its driver task then lives).
+    async fn open(&self) -> Result<MultiplexedConnection, RedisError> {
+        let client = self
+            .client
+            .clone()
+            .map_err(|e| RedisError::Io(std::io::Error::other(e)))?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.io_timeout))
+            .set_response_timeout(Some(self.io_timeout));
+        let Some(runtime) = &self.runtime else {
+            return Err(RedisError::Io(std::io::ErrorKind::NotConnected.into()));
+        };
+        let opened = runtime
+            .spawn(async move {
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            })
+            .await;
+        match opened {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(hide_password(e.into(), &self.url)),
+            Err(e) => Err(RedisError::Io(std::io::Error::other(e.to_string()))),
+        }
     }
 }
 
@@ -169,37 +210,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_are_capped_and_a_waiter_gets_a_freed_one_or_gives_up() {
-        let pool = Pool::new(2);
-        let first = pool.store().expect("a slot");
-        let second = pool.store().expect("a slot");
-        assert!(first.1.is_none() && second.1.is_none(), "nothing idle yet");
-        assert_eq!(pool.open(), 2);
-        // All taken: a store waits `WAIT`, then goes without.
-        let started = Instant::now();
-        assert!(pool.store().is_none());
-        assert!(started.elapsed() >= WAIT);
-        std::thread::scope(|scope| {
-            // A slot freed meanwhile (its connection failed: the slot is dropped) goes to the
-            // waiter.
-            scope.spawn(|| {
-                std::thread::sleep(WAIT / 4);
-                drop(first);
-            });
-            let third = pool.store().expect("the freed slot");
-            assert_eq!(pool.open(), 2);
-            drop(third);
-        });
-        // An async read gives up too, after `WAIT`; a read that goes away mid-way (its future
-        // dropped) frees its slot.
+    fn requests_in_flight_are_capped_and_a_waiter_gets_a_freed_place_or_gives_up() {
+        let url = RedisUrl::parse("redis://127.0.0.1:1/0").expect("url");
+        let pool = Pool::new(&url, 2, Duration::from_secs(1));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .expect("runtime");
-        let taken = runtime.block_on(pool.read()).expect("a slot");
-        assert!(runtime.block_on(pool.read()).is_none());
-        drop(taken);
-        drop(second);
-        assert_eq!(pool.open(), 0);
+        runtime.block_on(async {
+            let first = pool.permit().await.expect("a place");
+            let second = pool.permit().await.expect("a place");
+            let started = std::time::Instant::now();
+            assert!(matches!(pool.permit().await, Err(RedisError::PoolFull(2))));
+            assert!(started.elapsed() >= WAIT);
+            drop(first);
+            let third = pool.permit().await.expect("the freed place");
+            drop((second, third));
+            // Nothing listens on port 1: the open fails, and the next try within the backoff
+            // fails at once.
+            assert!(matches!(
+                pool.run(|_| async { Ok(()) }).await,
+                Err(RedisError::Io(_))
+            ));
+            let started = std::time::Instant::now();
+            assert!(pool.connection(&pool.shared[0]).await.is_err());
+            assert!(pool.connection(&pool.shared[0]).await.is_err());
+            assert!(started.elapsed() < WAIT);
+        });
     }
 }

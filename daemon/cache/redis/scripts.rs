@@ -5,9 +5,7 @@
 //! see came first. Loaded on first use (and
 //! again after a restart forgot them).
 
-use std::sync::Mutex;
-
-use super::resp::{Conn, RedisError, Reply};
+use super::client::{Conn, RedisError, Reply};
 
 pub(super) const APPLY: &str = r#"
 local prefix = ARGV[1]
@@ -140,43 +138,36 @@ end
 return 1
 "#;
 
-/// A Lua script, loaded into Redis on first use (and again after a restart forgot it).
-pub(super) struct Script {
-    source: &'static str,
-    sha: Mutex<Option<String>>,
-}
+/// A Lua script, run by its SHA1 (`EVALSHA`); the crate loads it when Redis does not know it
+/// (first use, or a restart forgot it) and runs it again.
+pub(super) struct Script(redis::Script);
 
 impl Script {
-    pub(super) const fn new(source: &'static str) -> Script {
-        Script {
-            source,
-            sha: Mutex::new(None),
-        }
+    pub(super) fn new(source: &'static str) -> Script {
+        Script(redis::Script::new(source))
     }
 
+    fn invocation(&self, args: &[Vec<u8>]) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.0.prepare_invoke();
+        for arg in args {
+            invocation.arg(arg.as_slice());
+        }
+        invocation
+    }
+
+    /// Blocking, on the tail's connection.
     pub(super) fn run(&self, conn: &mut Conn, args: &[Vec<u8>]) -> Result<Reply, RedisError> {
-        let known = self.sha.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(sha) = known {
-            match conn.cmd(&evalsha(&sha, args)) {
-                Err(RedisError::Server(e)) if e.starts_with("NOSCRIPT") => {}
-                other => return other,
-            }
-        }
-        let sha = match conn.cmd(&[&b"SCRIPT"[..], b"LOAD", self.source.as_bytes()])? {
-            Reply::Bulk(sha) => String::from_utf8_lossy(&sha).into_owned(),
-            other => {
-                return Err(RedisError::Protocol(format!(
-                    "SCRIPT LOAD answered {other:?}"
-                )));
-            }
-        };
-        *self.sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
-        conn.cmd(&evalsha(&sha, args))
+        let value: redis::Value = self.invocation(args).invoke(conn.inner())?;
+        Ok(Reply::from(value))
     }
-}
 
-fn evalsha(sha: &str, args: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let mut command = vec![b"EVALSHA".to_vec(), sha.as_bytes().to_vec(), b"0".to_vec()];
-    command.extend(args.iter().cloned());
-    command
+    /// On a shared (multiplexed) connection.
+    pub(super) async fn run_async(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        args: &[Vec<u8>],
+    ) -> Result<Reply, RedisError> {
+        let value: redis::Value = self.invocation(args).invoke_async(conn).await?;
+        Ok(Reply::from(value))
+    }
 }
