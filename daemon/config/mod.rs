@@ -315,6 +315,66 @@ mod tests {
     }
 
     #[test]
+    fn tls_ca_needs_a_rediss_url_and_a_readable_pem_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("ca.pem"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write ca.pem");
+        std::fs::write(dir.path().join("key.pem"), "-----BEGIN PRIVATE KEY-----\n")
+            .expect("write key.pem");
+        let redis = |url: &str, ca: &str| {
+            Config::parse(
+                &format!(
+                    "database = \"x.db\"\n[cache]\nbackend = \"redis\"\nurl = \"{url}\"\ntls_ca = \"{ca}\"\n"
+                ),
+                "config.toml",
+                dir.path(),
+            )
+        };
+        let config = redis("rediss://:hunter2@h:6380/0", "ca.pem").expect("valid");
+        let Backend::Redis { url, .. } = &config.cache.backend else {
+            panic!("the redis backend");
+        };
+        assert!(url.tls);
+        assert_eq!(url.tls_ca, Some(dir.path().join("ca.pem")));
+        for (url, ca, problem) in [
+            (
+                "redis://h:6379/0",
+                "ca.pem",
+                "config.toml:5:10: `cache.tls_ca` is for TLS: the `cache.url` must start with rediss://",
+            ),
+            (
+                "rediss://h:6380/0",
+                "missing.pem",
+                "config.toml:5:10: `cache.tls_ca`: cannot read",
+            ),
+            (
+                "rediss://h:6380/0",
+                "key.pem",
+                "config.toml:5:10: `cache.tls_ca`: ",
+            ),
+        ] {
+            let err = redis(url, ca).expect_err(ca);
+            assert!(err.to_string().contains(problem), "{url} {ca}: {err}");
+        }
+        assert!(
+            redis("rediss://h:6380/0", "key.pem")
+                .expect_err("no certificate")
+                .to_string()
+                .contains("holds no PEM certificate")
+        );
+        let err =
+            parse("database = \"x.db\"\n[cache]\ntls_ca = \"ca.pem\"\n").expect_err("redis only");
+        assert!(
+            err.to_string()
+                .contains("`cache.tls_ca` is for `backend = \"redis\"`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn redis_connection_limits_and_the_prefix_are_checked() {
         let redis = |settings: &str| {
             parse(&format!(
@@ -399,6 +459,7 @@ mod tests {
         );
         assert_eq!((prefix.as_str(), *publish), ("cachetail:", true));
         assert_eq!(*max_connections, 64);
+        assert_eq!((url.tls, &url.tls_ca), (false, &None));
     }
 
     #[test]

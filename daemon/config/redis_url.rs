@@ -1,14 +1,18 @@
-//! `[cache] url`: where the Redis server is, parsed from `redis://[[user]:password@]host[:port][/db]`.
+//! `[cache] url`: where the Redis server is, parsed from `redis://[[user]:password@]host[:port][/db]`,
+//! or `rediss://…` for TLS (the server verified against the system roots, or the CA file
+//! `[cache] tls_ca`, which the config's validation sets here).
 //! The user and the password are percent-decoded (`%40` for `@`, `%2F` for `/`, `%25` for `%`).
 //! The URL may hold a password, so an error about it never repeats it, nor any part of it: the
 //! error's `file:line:column` says where it is.
+
+use std::path::PathBuf;
 
 use super::secret::Secret;
 
 /// The highest database number accepted (Redis has 16 by default; `databases` raises it).
 pub const MAX_DB: i64 = 65_535;
 
-/// A Redis server's address, database and credentials (the password prints as `***`).
+/// A Redis server's address, database, credentials and TLS (the password prints as `***`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisUrl {
     pub host: String,
@@ -16,6 +20,11 @@ pub struct RedisUrl {
     pub db: i64,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// `rediss://`: TLS, the server's certificate verified (never skipped).
+    pub tls: bool,
+    /// `[cache] tls_ca`: the PEM file of the CA(s) to verify the server against instead of the
+    /// system roots (only with `tls`).
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl RedisUrl {
@@ -27,14 +36,21 @@ impl RedisUrl {
             db: 0,
             username: None,
             password: None,
+            tls: false,
+            tls_ca: None,
         }
     }
 
     /// Parses a URL. The error says what is wrong without quoting the URL.
     pub fn parse(url: &str) -> Result<RedisUrl, String> {
-        let rest = url.strip_prefix("redis://").ok_or(
-            "it must start with redis:// (like redis://:password@127.0.0.1:6379/0; TLS, rediss://, is not supported)",
-        )?;
+        let (tls, rest) = match (url.strip_prefix("rediss://"), url.strip_prefix("redis://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => return Err(
+                "it must start with redis:// or, for TLS, rediss:// (like redis://:password@127.0.0.1:6379/0)"
+                    .to_owned(),
+            ),
+        };
         // A database number has no `@`: everything before the last one is the user and password
         // (which may then hold a raw `/` or `@`).
         let (credentials, location) = match rest.rsplit_once('@') {
@@ -74,6 +90,8 @@ impl RedisUrl {
             db,
             username,
             password,
+            tls,
+            tls_ca: None,
         })
     }
 }
@@ -156,8 +174,19 @@ mod tests {
         assert_eq!((url.host.as_str(), url.port, url.db), ("::1", 6390, 2));
         let url = RedisUrl::parse("redis://[::1]").expect("valid");
         assert_eq!((url.host.as_str(), url.port), ("::1", 6379));
+        assert!(!url.tls);
+        let url = RedisUrl::parse("rediss://u:p%40w@cache.example:6380/2").expect("valid");
+        assert!(url.tls);
+        assert_eq!(
+            (url.host.as_str(), url.port, url.db, url.username.as_deref()),
+            ("cache.example", 6380, 2, Some("u"))
+        );
+        assert_eq!(url.password.as_ref().map(Secret::expose), Some("p@w"));
         for bad in [
             "http://x",
+            "redis+tls://x",
+            "rediss:/x",
+            "rediss://x:0",
             "redis://x:99999",
             "redis://x:0",
             "redis://x/db",
@@ -196,7 +225,9 @@ mod tests {
     fn no_error_repeats_the_url_or_its_password() {
         for url in [
             "redis:/:hunter2@h:1/0",
-            "rediss://:hunter2@h:1/0",
+            "rediss:/:hunter2@h:1/0",
+            "rediss://:hunter2@h:1/hunter2",
+            "rediss://:hunter2%@h:1/0",
             "redis://:hunter2",
             "redis://:hunter2@h:1/hunter2",
             "redis://:hunter2@h:hunter2/0",

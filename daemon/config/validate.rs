@@ -26,7 +26,7 @@ use crate::types::{Op, Strategy};
 
 /// The whole config, every section validated.
 pub(super) fn validate(raw: RawConfig, base: &Path, problems: &mut Problems<'_>) -> Config {
-    let cache = cache_settings(&raw.cache, problems);
+    let cache = cache_settings(&raw.cache, base, problems);
     let (families, derived) = families(raw.keys, raw.invalidate.as_ref(), &cache, problems);
     let mut rules: Vec<Rule> = raw
         .rules
@@ -115,9 +115,9 @@ fn admin_token(raw: Option<&Spanned<Secret>>, problems: &mut Problems<'_>) -> Op
 }
 
 /// `[cache]`.
-fn cache_settings(raw: &RawCache, problems: &mut Problems<'_>) -> CacheSettings {
+fn cache_settings(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> CacheSettings {
     CacheSettings {
-        backend: backend(raw, problems),
+        backend: backend(raw, base, problems),
         max_entries: positive(
             raw.max_entries.as_ref(),
             "cache.max_entries",
@@ -503,7 +503,7 @@ fn family_group(pattern: &str, definition: &str) -> String {
     format!("f:{pattern}:{:016x}", crate::fnv1a(definition.as_bytes()))
 }
 
-fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
+fn backend(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> Backend {
     let name = raw
         .backend
         .as_ref()
@@ -517,6 +517,7 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
                     "max_connections",
                     raw.max_connections.as_ref().map(Spanned::span),
                 ),
+                ("tls_ca", raw.tls_ca.as_ref().map(Spanned::span)),
             ] {
                 if let Some(span) = span {
                     problems.at(
@@ -528,13 +529,17 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
             Backend::Memory
         }
         "redis" => {
-            let url = match &raw.url {
+            let mut url = match &raw.url {
                 None => RedisUrl::local(),
                 Some(text) => RedisUrl::parse(text.get_ref().expose()).unwrap_or_else(|e| {
                     problems.at(text.span(), format!("`cache.url`: {e}"));
                     RedisUrl::local()
                 }),
             };
+            url.tls_ca = raw
+                .tls_ca
+                .as_ref()
+                .and_then(|ca| tls_ca(ca, &url, base, problems));
             let prefix = raw
                 .prefix
                 .as_ref()
@@ -566,6 +571,43 @@ fn backend(raw: &RawCache, problems: &mut Problems<'_>) -> Backend {
             Backend::Memory
         }
     }
+}
+
+/// `cache.tls_ca`: a PEM file holding at least one certificate (relative to the config file's
+/// folder), for a `rediss://` URL only. Read again at each connection, so a renewed CA is used
+/// without a restart; checked here so that a wrong path is an error with its place in the file.
+fn tls_ca(
+    raw: &Spanned<String>,
+    url: &RedisUrl,
+    base: &Path,
+    problems: &mut Problems<'_>,
+) -> Option<PathBuf> {
+    if !url.tls {
+        problems.at(
+            raw.span(),
+            "`cache.tls_ca` is for TLS: the `cache.url` must start with rediss://",
+        );
+        return None;
+    }
+    let path = base.join(raw.get_ref());
+    match std::fs::read(&path) {
+        Err(e) => problems.at(
+            raw.span(),
+            format!(
+                "`cache.tls_ca`: cannot read {}: {e} (name the PEM file of the CA that signed the Redis server's certificate)",
+                path.display()
+            ),
+        ),
+        Ok(pem) if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => problems.at(
+            raw.span(),
+            format!(
+                "`cache.tls_ca`: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        ),
+        Ok(_) => return Some(path),
+    }
+    None
 }
 
 /// `cache.max_connections`: at least 1, at most 10,000 (Redis's own default client limit).

@@ -26,6 +26,7 @@ mod recompute;
 mod redis;
 mod redis_claims;
 mod redis_limits;
+mod redis_tls;
 mod reload;
 mod secrets;
 mod spellings;

@@ -174,8 +174,8 @@ fn mistyped_urls(redis_port: u16) -> Vec<String> {
         format!("redis://:{PLAIN}"),
         // A database that is not a number.
         format!("redis://:{PLAIN}@127.0.0.1:{redis_port}/db{PLAIN}"),
-        // TLS.
-        format!("rediss://default:{PLAIN}@127.0.0.1:{redis_port}/0"),
+        // TLS, one slash short.
+        format!("rediss:/default:{PLAIN}@127.0.0.1:{redis_port}/0"),
     ]
 }
 

@@ -106,7 +106,9 @@ impl From<Value> for Reply {
     }
 }
 
-/// Where and how to connect: the address, the database, the user and the password.
+/// Where and how to connect: the address, the database, the user and the password; over TLS for
+/// `rediss://`, the server's certificate verified against `tls_ca` (read at each connection, so a
+/// renewed CA file is picked up) or else the system roots.
 pub fn client(url: &RedisUrl) -> Result<redis::Client, RedisError> {
     let mut redis = RedisConnectionInfo::default()
         .set_db(url.db)
@@ -117,11 +119,47 @@ pub fn client(url: &RedisUrl) -> Result<redis::Client, RedisError> {
     if let Some(password) = &url.password {
         redis = redis.set_password(password.expose());
     }
-    let info: ConnectionInfo = ConnectionAddr::Tcp(url.host.clone(), url.port)
+    let addr = if url.tls {
+        crypto_provider();
+        ConnectionAddr::TcpTls {
+            host: url.host.clone(),
+            port: url.port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(url.host.clone(), url.port)
+    };
+    let info: ConnectionInfo = addr
         .into_connection_info()?
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
         .set_redis_settings(redis);
-    Ok(redis::Client::open(info)?)
+    match &url.tls_ca {
+        Some(path) if url.tls => {
+            let pem = std::fs::read(path).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot read `[cache] tls_ca` {}: {e}", path.display()),
+                )
+            })?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            Ok(redis::Client::build_with_tls(info, certificates)?)
+        }
+        _ => Ok(redis::Client::open(info)?),
+    }
+}
+
+/// Installs rustls's `ring` provider as the process's default, once: the redis crate builds its
+/// TLS configuration from the default provider and leaves the choice to the application.
+fn crypto_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // Err: one is installed already (by another part of the process), which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// A connection's error with the password (should a server quote the AUTH it refused, as some
