@@ -7,7 +7,8 @@
 #   bash tests/run.sh --test e2e -- feed   # the e2e tests whose name contains "feed"
 #
 # What the tests use: the sqlite3 shell and python3 (with its sqlite3 module) as separate
-# writer processes, redis-server and redis-cli (the Redis tests start their own server),
+# writer processes, redis-server and redis-cli (the Redis tests start their own server, one over
+# TLS with a CA and certificates made by the openssl CLI),
 # Debian's chromium and chromedriver (the dashboard's browser test), and python3's
 # prometheus-client (the /metrics test parses with the Prometheus project's parser).
 set -euo pipefail
@@ -40,6 +41,7 @@ command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl) # the TLS test's CA and certificates
 # The dashboard's browser test: Chromium, driven over WebDriver by chromedriver. Debian packages
 # them as chromium and chromium-driver; Ubuntu as chromium-browser and chromium-chromedriver
 # (snaps behind /usr/bin/chromium-browser and /usr/bin/chromedriver).
