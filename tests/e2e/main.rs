@@ -33,3 +33,4 @@ mod standby;
 mod startup;
 mod strategies;
 mod write_shapes;
+mod lease_reset;
