@@ -85,7 +85,9 @@ fn hget_epoch(conn: &mut std::net::TcpStream) -> Option<i64> {
     }
     let mut body = vec![0; usize::try_from(length).ok()? + 2];
     reader.read_exact(&mut body).ok()?;
-    String::from_utf8_lossy(&body[..body.len() - 2]).parse().ok()
+    String::from_utf8_lossy(&body[..body.len() - 2])
+        .parse()
+        .ok()
 }
 
 fn review_count(text: &str) -> i64 {
@@ -103,7 +105,8 @@ fn new_review_is_fresh_within(
     what: &str,
 ) -> Duration {
     let before = review_count(&daemon.get_uncached("book:1").text());
-    catalog.python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 5)')");
+    catalog
+        .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 5)')");
     let start = Instant::now();
     loop {
         let reply = daemon.get_path("/v1/keys/book:1?fresh=1");
@@ -122,7 +125,14 @@ fn new_review_is_fresh_within(
 
 /// Every key, through the daemon (cached or filled), equals the database's value.
 fn assert_nothing_stale(daemon: &mut Daemon) -> usize {
-    let keys = ["book:1", "book:2", "book:3", "top-books", "user:1", "user:2"];
+    let keys = [
+        "book:1",
+        "book:2",
+        "book:3",
+        "top-books",
+        "user:1",
+        "user:2",
+    ];
     for _ in 0..2 {
         for key in keys {
             let cached = daemon.get(key);
