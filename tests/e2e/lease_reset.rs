@@ -148,6 +148,14 @@ fn assert_nothing_stale(daemon: &mut Daemon) -> usize {
     keys.len() * 2
 }
 
+/// Waits until a daemon took the lease again (the row is back), so the change that follows is
+/// applied by the new holder, not by the old one before its renewal noticed.
+fn wait_lease_taken_again(catalog: &Catalog) {
+    eventually("a daemon takes the lease again", || {
+        (catalog.sqlite_cli("SELECT count(*) FROM cachetail_lease") == "1").then_some(())
+    });
+}
+
 fn role(daemon: &mut Daemon) -> String {
     daemon.status()["role"].as_str().unwrap_or("").to_owned()
 }
@@ -183,6 +191,7 @@ fn a_lease_row_deleted_by_hand_does_not_stop_the_daemon_on_redis() {
 
     // While it runs: its next renewal finds no row, so it takes the lease again, at epoch 1.
     catalog.sqlite_cli("DELETE FROM cachetail_lease");
+    wait_lease_taken_again(&catalog);
     let took = new_review_is_fresh_within(
         &catalog,
         &mut daemon,
@@ -232,6 +241,7 @@ fn uninstall_and_install_while_daemons_run_on_redis_do_not_stop_them() {
     // created again.
     cli_ok("uninstall", &config);
     cli_ok("install", &config);
+    wait_lease_taken_again(&catalog);
     let took = new_review_is_fresh_within(&catalog, &mut a, RECOVERY, "uninstall + install (A)");
     eprintln!("after uninstall + install: fresh through A in {took:?}");
     new_review_is_fresh_within(&catalog, &mut b, RECOVERY, "uninstall + install (B)");
