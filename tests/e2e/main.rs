@@ -15,6 +15,7 @@ mod hosts;
 mod http;
 mod in_flight;
 mod lease_namespaces;
+mod lease_reset;
 mod lifecycle;
 mod limits;
 mod migrations;
