@@ -9,6 +9,7 @@ mod crash;
 mod demo;
 mod demo_dir;
 mod feed;
+mod fresh_pause;
 mod fuzz;
 mod hostile_text;
 mod hosts;
