@@ -1,6 +1,6 @@
 //! Invalidations, as each backend carries them out: a batch's plan (keys, tags, flushed
-//! families, everything; operators' actions among them), a takeover, a pause, a reload's
-//! retirements.
+//! families, everything; operators' actions among them), a takeover (and its epoch's claim), a
+//! pause, a reload's retirements.
 //! In memory they are removals and marks (O(1) per tag or family); in Redis each is one
 //! `Invalidation` run by one script, with its fan-out message.
 
@@ -98,6 +98,18 @@ impl Cache {
                 Ok(())
             }
             Store::Redis(redis) => redis.reconcile(cursor, Some(head)),
+        }
+    }
+
+    /// Before a new lease holder does anything else: claims its lease `epoch` in Redis, so a
+    /// holder with an older (or the same) epoch is refused from now on. None when claimed (or
+    /// on the memory backend, which no other daemon applies to); else the epoch Redis has seen,
+    /// at or above this one (the lease row was deleted or reset since): the holder must take an
+    /// epoch above it and claim again. Blocking.
+    pub fn claim_epoch(&self, epoch: u64) -> Result<Option<u64>, StoreError> {
+        match &self.store {
+            Store::Memory(_) => Ok(None),
+            Store::Redis(redis) => redis.claim_epoch(epoch),
         }
     }
 

@@ -129,6 +129,10 @@ pub struct Want {
     pub only_if_cached: bool,
     /// From the database now, leaving the cache alone (`Cache-Control: no-cache`).
     pub uncached: bool,
+    /// A `?fresh=1` read found capture paused: from the database (bypass reason `paused`),
+    /// whether or not this daemon has noticed the pause yet (writes made since have no outbox
+    /// row, so no wait for the apply can cover them).
+    pub paused: bool,
 }
 
 /// What reads and fills did, for status and metrics.
@@ -267,6 +271,8 @@ impl Cache {
         }
         let bypass = if want.uncached {
             Some("no-cache")
+        } else if want.paused {
+            Some("paused")
         } else {
             self.bypass_reason()
         };

@@ -28,6 +28,18 @@ pub fn read_head(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(u64::try_from(id).unwrap_or(0))
 }
 
+/// The newest outbox position and whether capture is paused, read together: a head read while
+/// paused does not cover the writes made since (they have no outbox row).
+pub fn read_head_and_pause(conn: &Connection) -> rusqlite::Result<(u64, bool)> {
+    let (id, paused): (i64, bool) = conn
+        .prepare_cached(
+            "SELECT (SELECT coalesce(max(id), 0) FROM cachetail_outbox), \
+                    EXISTS (SELECT 1 FROM cachetail_meta WHERE key = 'paused' AND value = '1')",
+        )?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    Ok((u64::try_from(id).unwrap_or(0), paused))
+}
+
 /// Runs `query` (a one-row family unless `many`) with `params`, in one read transaction with
 /// the outbox head (and the pause flag, which says whether that head means anything, and the
 /// schema version the query was read under).

@@ -26,12 +26,31 @@ use crate::config::{AllowedHost, split_host};
 pub struct Names {
     listen: SocketAddr,
     allowed: Vec<AllowedHost>,
+    /// The `Host` values clients send most (the listen address as written, `localhost:PORT` on
+    /// loopback), accepted by a comparison before any parsing: every request is checked.
+    usual: Vec<String>,
 }
 
 impl Names {
     /// `listen` is the address actually bound (a config's port 0 is a real port here).
     pub fn new(listen: SocketAddr, allowed: Vec<AllowedHost>) -> Names {
-        Names { listen, allowed }
+        let mut usual = vec![listen.to_string()];
+        if listen.ip().is_loopback() || listen.ip().is_unspecified() {
+            usual.push(format!("localhost:{}", listen.port()));
+        }
+        Names {
+            listen,
+            allowed,
+            usual,
+        }
+    }
+
+    /// Whether `host` is one of the usual `Host` values (each of which `accepts` takes too).
+    fn is_usual(&self, host: &HeaderValue) -> bool {
+        let host = host.as_bytes();
+        self.usual
+            .iter()
+            .any(|u| u.as_bytes().eq_ignore_ascii_case(host))
     }
 
     /// Whether `host` (lowercase, an IPv6 address without brackets) with `port` (None: the
@@ -103,6 +122,9 @@ fn check_host<B>(names: &Names, request: &Request<B>) -> Result<(), Refusal> {
     }
     // An absolute target (`GET http://host/path`) names the host the request is for, too.
     let target = request.uri().authority().map(|a| a.as_str());
+    if target.is_none() && header.is_some_and(|h| names.is_usual(h)) {
+        return Ok(());
+    }
     if header.is_none() && target.is_none() {
         if request.version() == Version::HTTP_11 {
             return Err((

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use super::Http;
 use super::reply::{self, Body};
 use crate::cache::{Entry, Lookup, Source, Want};
-use crate::db::{ReadError, read_head};
+use crate::db::{ReadError, read_head_and_pause};
 
 /// Keys longer than this are refused (400): no family needs them, and they cost memory.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -58,8 +58,12 @@ pub async fn answer(http: &Http, key: &str, fresh: bool, want: Want) -> Answer {
     let Some((family, params)) = live.match_key(key) else {
         return Answer::NoFamily;
     };
-    if fresh && let Err(answer) = wait_until_applied(http, live.config.fresh_timeout).await {
-        return answer;
+    let mut want = want;
+    if fresh {
+        match wait_until_applied(http, live.config.fresh_timeout).await {
+            Ok(paused) => want.paused = paused,
+            Err(answer) => return answer,
+        }
     }
     match cache.lookup(key, family, params, want).await {
         Lookup::Value(entry, source) => Answer::Value(entry, source),
@@ -124,6 +128,7 @@ fn want(headers: &HeaderMap) -> Want {
     Want {
         only_if_cached: directives.iter().any(|d| d == "only-if-cached"),
         uncached: directives.iter().any(|d| d == "no-cache"),
+        paused: false,
     }
 }
 
@@ -150,11 +155,14 @@ pub async fn multi_get(http: &Http, request: Request<Incoming>) -> Response<Body
         Err(response) => return response,
     };
     // `?fresh=1`: one wait for the apply, for every key; after it, what is cached is as fresh.
-    let not_fresh = match fresh {
-        true => wait_until_applied(http, http.sources.registry.config().fresh_timeout)
-            .await
-            .err(),
-        false => None,
+    let (not_fresh, paused) = match fresh {
+        true => {
+            match wait_until_applied(http, http.sources.registry.config().fresh_timeout).await {
+                Ok(paused) => (None, paused),
+                Err(answer) => (Some(answer), false),
+            }
+        }
+        false => (None, false),
     };
     let mut answers: HashMap<&str, Result<Answer, String>> = HashMap::with_capacity(keys.len());
     let mut seen = HashSet::with_capacity(keys.len());
@@ -166,8 +174,9 @@ pub async fn multi_get(http: &Http, request: Request<Incoming>) -> Response<Body
         let answered = match (check_key(key.clone()), &not_fresh) {
             (Err(problem), _) => Err(problem),
             (Ok(_), Some(not_fresh)) => Ok(not_fresh.clone()),
-            // In memory: served now, without waiting behind the misses.
-            (Ok(checked), None) => match http.sources.cache.hot(&checked) {
+            // In memory: served now, without waiting behind the misses (not when a fresh read
+            // found capture paused: then from the database).
+            (Ok(checked), None) => match http.sources.cache.hot(&checked).filter(|_| !paused) {
                 Some(entry) => Ok(Answer::Value(entry, Source::Hit)),
                 None => {
                     to_look_up.push(checked);
@@ -177,7 +186,11 @@ pub async fn multi_get(http: &Http, request: Request<Incoming>) -> Response<Body
         };
         answers.insert(key, answered);
     }
-    let looked_up = look_up(http, to_look_up).await;
+    let want = Want {
+        paused,
+        ..Want::default()
+    };
+    let looked_up = look_up(http, to_look_up, want).await;
     for (key, answer) in &looked_up {
         answers.insert(key, Ok(answer.clone()));
     }
@@ -195,7 +208,7 @@ pub async fn multi_get(http: &Http, request: Request<Incoming>) -> Response<Body
 /// Looks `keys` (distinct, checked) up, at most as many at once as there are readers: a miss
 /// waits for one anyway, and a thousand at once would only fill the line other requests wait in.
 /// Dropping the future (the request timed out) stops the lookups and their queries.
-async fn look_up(http: &Http, keys: Vec<String>) -> Vec<(String, Answer)> {
+async fn look_up(http: &Http, keys: Vec<String>, want: Want) -> Vec<(String, Answer)> {
     let at_once = http.sources.pool.size();
     let mut pending = keys.into_iter();
     let mut lookups = tokio::task::JoinSet::new();
@@ -203,7 +216,7 @@ async fn look_up(http: &Http, keys: Vec<String>) -> Vec<(String, Answer)> {
     let start = |lookups: &mut tokio::task::JoinSet<_>, key: String| {
         let http = http.clone();
         lookups.spawn(async move {
-            let answer = answer(&http, &key, false, Want::default()).await;
+            let answer = answer(&http, &key, false, want).await;
             (key, answer)
         });
     };
@@ -298,9 +311,12 @@ fn raw_json(body: &Bytes) -> Option<Box<RawValue>> {
 }
 
 /// Waits until the daemon has applied every change committed before now (read-your-writes).
-async fn wait_until_applied(http: &Http, timeout: Duration) -> Result<(), Answer> {
-    let head = match http.sources.pool.read(read_head).await {
-        Ok(head) => head,
+/// Returns at once whether capture is paused: then no wait covers the writes made since (they
+/// have no outbox row), and the read must come from the database.
+async fn wait_until_applied(http: &Http, timeout: Duration) -> Result<bool, Answer> {
+    let head = match http.sources.pool.read(read_head_and_pause).await {
+        Ok((_, true)) => return Ok(true),
+        Ok((head, false)) => head,
         Err(e @ ReadError::Busy { .. }) => return Err(Answer::Busy(e.to_string())),
         Err(e) => {
             return Err(Answer::NotFresh(format!(
@@ -316,7 +332,7 @@ async fn wait_until_applied(http: &Http, timeout: Duration) -> Result<(), Answer
     let now = *applied.borrow();
     let target = if head < now { now + 1 } else { head };
     match tokio::time::timeout(timeout, applied.wait_for(|&position| position >= target)).await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(_)) => Ok(false),
         _ => Err(Answer::NotFresh(format!(
             "not fresh within {timeout:?}: the daemon has applied changes up to {} of {head}; retry, or read without ?fresh=1",
             progress.applied()

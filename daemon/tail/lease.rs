@@ -12,7 +12,9 @@
 //!
 //! - the cursor (and pruning) moves only in a transaction that finds this daemon's holder and
 //!   epoch still in the row, so a daemon paused past its lease cannot move it when it resumes;
-//! - with Redis, each batch carries the epoch and Redis refuses one older than it has seen;
+//! - with Redis, a new holder first claims its epoch there (`raise_epoch` lifts the row above
+//!   every epoch Redis has seen, if the row was deleted or reset since), then each batch
+//!   carries the epoch and Redis refuses one older than it has seen;
 //! - before each batch the daemon renews the lease (when a third of it has passed): a daemon
 //!   that lost it learns so there, and stands by.
 
@@ -163,6 +165,32 @@ impl Lease {
         }
     }
 
+    /// Raises the epoch of the lease this daemon holds to `to`, only while the row still names
+    /// this daemon and the epoch it took (Redis has seen an epoch at or above it: the row was
+    /// deleted or reset since an older holder's takeover). Returns false when the lease was lost
+    /// meanwhile: from then on this daemon must apply nothing.
+    pub fn raise_epoch(&mut self, conn: &Connection, to: i64) -> rusqlite::Result<bool> {
+        let Some(epoch) = self.epoch else {
+            return Ok(false);
+        };
+        let raised = conn
+            .prepare_cached(
+                "UPDATE cachetail_lease SET epoch = ?1 WHERE name = 'main' AND holder = ?2 AND epoch = ?3 AND epoch < ?1",
+            )?
+            .execute(params![to, self.holder, epoch]);
+        match raised {
+            Ok(1) => {
+                self.epoch = Some(to);
+                Ok(true)
+            }
+            Ok(_) => {
+                self.epoch = None;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// How long until `keep` must renew.
     pub fn renew_in(&self) -> Duration {
         (self.duration / 3).saturating_sub(self.renewed_at.elapsed())
@@ -278,6 +306,39 @@ mod tests {
         (100_000..4_000_000)
             .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
             .expect("a free pid")
+    }
+
+    #[test]
+    fn the_epoch_is_raised_only_while_this_daemon_holds_the_epoch_it_took() {
+        let conn = Connection::open_in_memory().expect("sqlite");
+        conn.execute_batch(crate::capture::SCHEMA).expect("schema");
+        let (mut first, mut second) = (
+            Lease::new(Duration::from_millis(1)),
+            Lease::new(Duration::from_secs(5)),
+        );
+        assert!(first.try_acquire(&conn).expect("acquire"));
+        assert_eq!(first.epoch(), Some(1));
+        assert!(first.raise_epoch(&conn, 42).expect("raise"));
+        assert_eq!(first.epoch(), Some(42));
+        assert_eq!(
+            Lease::current(&conn).expect("row").map(|h| h.epoch),
+            Some(42)
+        );
+        // Never lowered.
+        assert!(!first.raise_epoch(&conn, 7).expect("raise"));
+        assert!(!first.held());
+        // Another daemon took over (the 1 ms lease ran out): the old holder cannot raise it.
+        std::thread::sleep(Duration::from_millis(5));
+        let mut first = Lease::new(Duration::from_millis(1));
+        assert!(first.try_acquire(&conn).expect("acquire"));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(second.try_acquire(&conn).expect("acquire"));
+        assert!(!first.raise_epoch(&conn, 100).expect("raise"));
+        assert!(!first.held());
+        assert_eq!(
+            Lease::current(&conn).expect("row").map(|h| h.epoch),
+            second.epoch()
+        );
     }
 
     #[test]

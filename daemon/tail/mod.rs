@@ -40,6 +40,10 @@ pub use outbox::{Backlog, Outbox, Read, Rebuilt, backlog};
 const RECHECK_FIRST: Duration = Duration::from_micros(100);
 const RECHECK_LIMIT: Duration = Duration::from_millis(64);
 
+/// How many times a new lease holder raises its epoch above Redis's before giving up (each
+/// time another daemon claimed a higher one meanwhile).
+const CLAIM_TRIES: usize = 4;
+
 /// How often a standby looks at the lease (and follows the durable cursor).
 pub const STANDBY_POLL: Duration = Duration::from_millis(200);
 
@@ -57,6 +61,10 @@ pub enum TailError {
     Store(#[from] StoreError),
     #[error("this daemon lost the lease: another daemon applies the outbox now")]
     LeaseLost,
+    #[error(
+        "redis saw a newer lease epoch {0} times in a row while this daemon claimed its own: is another database's daemon using the same redis prefix?"
+    )]
+    EpochRace(usize),
 }
 
 impl From<BeforeBatchError> for TailError {
@@ -279,12 +287,19 @@ impl Tail {
         let prepared = (|| {
             outbox.reopen()?;
             let head = outbox.head()?;
+            if !self.claim_epoch(outbox)? {
+                return Ok(false);
+            }
             self.applier.cache().take_over(outbox.cursor(), head)?;
-            Ok::<_, TailError>(())
+            Ok::<_, TailError>(true)
         })();
-        if let Err(e) = prepared {
-            outbox.release_lease();
-            return Err(e);
+        match prepared {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(e) => {
+                outbox.release_lease();
+                return Err(e);
+            }
         }
         let epoch = outbox.lease.epoch().unwrap_or(0);
         self.progress.applied(outbox.cursor());
@@ -296,6 +311,37 @@ impl Tail {
             "holding the lease: applying the outbox"
         );
         Ok(true)
+    }
+
+    /// Claims the epoch just taken in the cache (Redis) before anything is applied. If Redis has
+    /// seen one at or above it (the lease row was deleted or reset, e.g. by `uninstall` and
+    /// `install` while daemons ran), the row's epoch is raised above it, while this daemon still
+    /// holds the row at the epoch it took, and claimed again: the daemon never waits for epochs
+    /// to climb past Redis's, and no two daemons ever apply under one epoch. False: the lease was
+    /// lost meanwhile.
+    fn claim_epoch(&self, outbox: &mut Outbox) -> Result<bool, TailError> {
+        for _ in 0..CLAIM_TRIES {
+            let Some(epoch) = outbox.lease.epoch() else {
+                return Ok(false);
+            };
+            let claimed = u64::try_from(epoch).unwrap_or(0);
+            let Some(seen) = self.applier.cache().claim_epoch(claimed)? else {
+                return Ok(true);
+            };
+            let above = i64::try_from(seen)
+                .unwrap_or(i64::MAX - 1)
+                .saturating_add(1);
+            tracing::warn!(
+                epoch,
+                redis_epoch = seen,
+                raised_to = above,
+                "redis has seen a lease epoch at or above this one (the lease row was deleted or reset, e.g. by `uninstall` and `install` while daemons ran): raising the lease's epoch above it"
+            );
+            if !outbox.raise_lease_epoch(above)? {
+                return Ok(false);
+            }
+        }
+        Err(TailError::EpochRace(CLAIM_TRIES))
     }
 
     /// This daemon lost the lease: it applies nothing from now on, and serves as a standby.

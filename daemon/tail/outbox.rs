@@ -111,6 +111,11 @@ impl Outbox {
         self.lease.keep(&self.conn)
     }
 
+    /// Raises the held lease's epoch (see `Lease::raise_epoch`); false when it was lost.
+    pub(super) fn raise_lease_epoch(&mut self, to: i64) -> rusqlite::Result<bool> {
+        self.lease.raise_epoch(&self.conn, to)
+    }
+
     /// Gives the lease up, so a standby takes over at once.
     pub(super) fn release_lease(&mut self) {
         self.lease.release(&self.conn);

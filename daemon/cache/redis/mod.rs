@@ -10,8 +10,9 @@
 //! - `P#g:{group}`: sorted set of the keys in a group (a tag `t:{tag}`, or a family
 //!   `f:{pattern}:{generation}`), scored by expiry, so invalidating a tag touches only its keys.
 //! - `P#gm:{group}`: the position of the group's last invalidation.
-//! - `P#state`: hash `applied` (the highest outbox position applied to Redis) and `floor`
-//!   (values read before it are refused: set when the namespace is rebuilt).
+//! - `P#state`: hash `applied` (the highest outbox position applied to Redis), `floor`
+//!   (values read before it are refused: set when the namespace is rebuilt) and `epoch` (the
+//!   highest lease epoch claimed or applied under: it only grows, a rebuild keeps it).
 //!
 //! A fill stores through one Lua script that refuses a value read before any invalidation that
 //! applies to it (key, groups, floor), and refuses anything if Redis lost cachetail's state
@@ -36,7 +37,7 @@ mod scripts;
 pub use batches::{Invalidation, tag_group};
 use client::{Conn, RedisError, Reply};
 use pool::Pool;
-use scripts::{APPLY, FINISH, PURGE, STORE, Script};
+use scripts::{APPLY, CLAIM, FINISH, PURGE, STORE, Script};
 
 /// How long invalidation marks outlive the invalidation: longer than any fill can take.
 const MARK_TTL: Duration = Duration::from_secs(600);
@@ -75,6 +76,7 @@ pub struct RedisStore {
     suspect: std::sync::atomic::AtomicBool,
     /// When the applying daemon last checked Redis's applied position (`heal`).
     probed_at: Mutex<Option<std::time::Instant>>,
+    claim_script: Script,
     apply_script: Script,
     purge_script: Script,
     finish_script: Script,
@@ -105,6 +107,7 @@ impl RedisStore {
             health: Mutex::new(Health::default()),
             suspect: std::sync::atomic::AtomicBool::new(false),
             probed_at: Mutex::new(None),
+            claim_script: Script::new(CLAIM),
             apply_script: Script::new(APPLY),
             purge_script: Script::new(PURGE),
             finish_script: Script::new(FINISH),
@@ -179,7 +182,10 @@ impl RedisStore {
             self.seen.fetch_max(applied.unwrap_or(0), Ordering::AcqRel);
             return Ok(());
         }
-        let removed = self.remove_namespace(conn)?;
+        // `applied` goes first, so stores and batches find the state lost (and refuse) while
+        // keys are removed; `#state` itself stays, with the epoch: fencing must never go back.
+        conn.cmd(&[&b"HDEL"[..], state.as_bytes(), b"applied", b"floor"])?;
+        let removed = self.remove_namespace(conn, &state)?;
         conn.cmd(&[
             &b"HSET"[..],
             state.as_bytes(),
@@ -198,8 +204,9 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Removes every key under the prefix (SCAN, not KEYS: never blocks Redis for long).
-    fn remove_namespace(&self, conn: &mut Conn) -> Result<u64, RedisError> {
+    /// Removes every key under the prefix but `keep` (SCAN, not KEYS: never blocks Redis for
+    /// long).
+    fn remove_namespace(&self, conn: &mut Conn, keep: &str) -> Result<u64, RedisError> {
         let pattern = format!("{}*", glob_escape(&self.prefix));
         let mut cursor = b"0".to_vec();
         let mut removed = 0u64;
@@ -222,7 +229,7 @@ impl RedisStore {
             let keys: Vec<Vec<u8>> = keys
                 .into_iter()
                 .filter_map(|k| match k {
-                    Reply::Bulk(k) => Some(k),
+                    Reply::Bulk(k) if k != keep.as_bytes() => Some(k),
                     _ => None,
                 })
                 .collect();
@@ -236,6 +243,31 @@ impl RedisStore {
                 return Ok(removed);
             }
             cursor = next;
+        }
+    }
+
+    /// Claims lease epoch `epoch` for this daemon before it applies anything (see `CLAIM`).
+    /// Returns None when claimed, or the epoch Redis has seen when that is at or above it: the
+    /// lease row was deleted or reset since, and the daemon must take an epoch above it.
+    pub fn claim_epoch(&self, epoch: u64) -> Result<Option<u64>, RedisError> {
+        let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
+        let result = (|| {
+            let args = [self.prefix.as_bytes(), epoch.to_string().as_bytes()].map(<[u8]>::to_vec);
+            match self
+                .claim_script
+                .run(connected(&mut guard, &self.url)?, &args)?
+            {
+                Reply::Int(known) => Ok(u64::try_from(known).unwrap_or(0)),
+                other => Err(RedisError::Protocol(format!("CLAIM answered {other:?}"))),
+            }
+        })();
+        self.note(&result);
+        match result {
+            Ok(known) => Ok((known >= epoch).then_some(known)),
+            Err(e) => {
+                *guard = None;
+                Err(e)
+            }
         }
     }
 

@@ -1,4 +1,5 @@
 //! The Lua scripts that keep Redis exactly as fresh as the database, atomically inside Redis:
+//! `CLAIM` records a new lease holder's epoch (refused unless above every epoch seen);
 //! `APPLY` runs a batch's invalidations (and refuses one from an older lease epoch), with
 //! `PURGE` and `FINISH` after it when a group is too large to empty in one script (Redis runs
 //! nothing else while a script runs); `STORE` stores a fill unless an invalidation it did not
@@ -6,6 +7,18 @@
 //! again after a restart forgot them).
 
 use super::client::{Conn, RedisError, Reply};
+
+/// A daemon that took the lease claims its epoch before it touches anything else: Redis's epoch
+/// only grows, and a claim succeeds only above it, so no two daemons ever apply under one epoch
+/// (even when the lease row was reset and gave an epoch out again). Returns the epoch Redis held
+/// before: at or above the claimed one, the claim was refused.
+pub(super) const CLAIM: &str = r#"
+local state = ARGV[1] .. '#state'
+local epoch = tonumber(ARGV[2])
+local known = tonumber(redis.call('HGET', state, 'epoch') or '0')
+if known < epoch then redis.call('HSET', state, 'epoch', epoch) end
+return known
+"#;
 
 pub(super) const APPLY: &str = r#"
 local prefix = ARGV[1]

@@ -350,3 +350,59 @@ fn a_large_group_is_emptied_a_page_at_a_time_behind_its_mark() {
         ["start@5", "big@10"]
     );
 }
+
+/// The lease row was reset (`uninstall` and `install`, a `DELETE`), so two daemons were given
+/// one epoch by the database: the first to claim it in Redis has it, the other is refused and
+/// must take one above Redis's. A holder that claimed an epoch is fenced off as soon as a newer
+/// one is claimed, before that holder applies anything; and a rebuild keeps Redis's epoch.
+#[test]
+fn an_epoch_is_claimed_once_and_a_newer_claim_fences_the_older_holder_at_once() {
+    let server = Server::start();
+    let (old, new) = (server.daemon(), server.daemon());
+    let mut probe = server.conn();
+    let state = format!("{PREFIX}#state");
+    old.reconcile(0, None).expect("redis state");
+    assert_eq!(
+        old.claim_epoch(5).expect("claim"),
+        None,
+        "the first claim of 5"
+    );
+    old.apply(&batch(5, 10, &["a"], "old@10"), 0)
+        .expect("the claimer applies under its epoch");
+
+    // The row was reset: the new holder was given 1, then (another reset) 5 again.
+    assert_eq!(new.claim_epoch(1).expect("claim"), Some(5), "1 is below 5");
+    assert_eq!(
+        new.claim_epoch(5).expect("claim"),
+        Some(5),
+        "5 was claimed already"
+    );
+    // The old holder still applies: no newer holder has claimed yet.
+    old.apply(&batch(5, 20, &["a"], "old@20"), 10)
+        .expect("no newer claim yet");
+    // The new holder raised its row above Redis's epoch, and claims that: the old holder is
+    // refused from now on, though the new one has applied nothing yet.
+    assert_eq!(new.claim_epoch(6).expect("claim"), None);
+    let refused = old.apply(&batch(5, 30, &["a"], "old@30"), 20);
+    assert!(matches!(refused, Err(RedisError::Fenced)), "{refused:?}");
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+        Some("20")
+    );
+
+    // A rebuild (Redis behind the cursor) removes every value and mark, but keeps the epoch.
+    new.reconcile(50, None).expect("rebuilt");
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "applied"]).as_deref(),
+        Some("50")
+    );
+    assert_eq!(
+        text(&mut probe, &["HGET", &state, "epoch"]).as_deref(),
+        Some("6"),
+        "fencing never goes back"
+    );
+    new.apply(&batch(6, 60, &["a"], "new@60"), 50)
+        .expect("the new holder applies");
+    let refused = old.apply(&batch(5, 70, &["a"], "old@70"), 60);
+    assert!(matches!(refused, Err(RedisError::Fenced)), "{refused:?}");
+}
