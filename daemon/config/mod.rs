@@ -85,12 +85,15 @@ pub enum Backend {
     /// In the daemon's memory (moka): the default.
     Memory,
     /// In Redis, shared by every app server; `publish` sends each batch of invalidations on
-    /// `{prefix}invalidations`; at most `max_connections` connections for reads and fills.
+    /// `{prefix}invalidations` and appends it to the stream `{prefix}#invalidations`, which
+    /// keeps the last `stream_max_len` entries; at most `max_connections` connections for reads
+    /// and fills.
     Redis {
         url: RedisUrl,
         prefix: String,
         publish: bool,
         max_connections: usize,
+        stream_max_len: u64,
     },
 }
 
@@ -389,6 +392,7 @@ mod tests {
             prefix,
             publish,
             max_connections,
+            stream_max_len,
         } = &redis.cache.backend
         else {
             panic!("the redis backend");
@@ -399,6 +403,7 @@ mod tests {
         );
         assert_eq!((prefix.as_str(), *publish), ("cachetail:", true));
         assert_eq!(*max_connections, 64);
+        assert_eq!(*stream_max_len, 100_000);
     }
 
     #[test]

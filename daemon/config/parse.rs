@@ -49,6 +49,7 @@ pub(super) struct RawCache {
     pub(super) prefix: Option<Spanned<String>>,
     pub(super) publish: Option<bool>,
     pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) stream_max_len: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
