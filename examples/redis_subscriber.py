@@ -32,8 +32,9 @@ With `--state`, the local cache and the id of the last entry it reflects are wri
 file (atomically, by rename) after each round of entries, and read back on start: a restarted
 subscriber resumes too. Without it, it resumes across reconnects only (a restart starts empty).
 
-Each time it (re)connects it prints `{"subscribed": true, "resumed_from": ID, "dropped": N,
-"cached": {...}}`: the entry it resumed after, how many entries it dropped, and what it holds
+Each time it (re)connects, once it caught up with the entries that came while it was away
+(each printed like the others), it prints `{"subscribed": true, "resumed_from": ID, "dropped":
+N, "cached": {...}}`: the entry it resumed after, how many entries it dropped, and what it holds
 after reading the `--keep` keys again (a stand-in for the app's own reads, which fill the local
 cache from Redis on a miss; it reads them again after each round of entries too). When it drops
 its whole local cache it first prints `{"dropped_whole": N, "reason": "..."}`.
@@ -266,18 +267,25 @@ class Subscriber:
                 if value is not None:
                     self.cache.put(key, value.decode())
 
+    def read(self, redis, block):
+        """Applies the next entries (waiting up to --block-ms for one if block); how many."""
+        wait = ("BLOCK", self.args.block_ms) if block else ()
+        reply = redis.call("XREAD", "COUNT", 1000, *wait, "STREAMS", self.stream, self.last_id)
+        applied = 0
+        for _, entries in reply or []:
+            for entry, fields in entries:
+                values = dict(zip(fields[::2], fields[1::2]))
+                message = json.loads(values[b"message"])
+                self.cache.apply(message)
+                self.last_id = entry.decode()
+                applied += 1
+                print(json.dumps(message), flush=True)
+        return applied
+
     def follow(self, redis):
         """Applies the stream's entries as they come, saving after each round."""
         while True:
-            reply = redis.call("XREAD", "COUNT", 1000, "BLOCK", self.args.block_ms,
-                               "STREAMS", self.stream, self.last_id)
-            for _, entries in reply or []:
-                for entry, fields in entries:
-                    values = dict(zip(fields[::2], fields[1::2]))
-                    message = json.loads(values[b"message"])
-                    self.cache.apply(message)
-                    self.last_id = entry.decode()
-                    print(json.dumps(message), flush=True)
+            self.read(redis, block=True)
             self.refill(redis)
             self.save()
 
@@ -288,6 +296,8 @@ class Subscriber:
                 redis = Redis(self.args.url)
                 resumed_from = self.last_id
                 dropped = self.resume(redis)
+                while self.read(redis, block=False):
+                    pass  # what came while it was away
                 self.refill(redis)
                 self.save()
                 cached = {key: self.cache.get(key) for key in sorted(self.cache.entries)}
