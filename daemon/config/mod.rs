@@ -337,6 +337,18 @@ mod tests {
                 "prefix = \"\"",
                 "config.toml:4:10: `cache.prefix` must not be empty",
             ),
+            (
+                "stream_max_len = 0",
+                "config.toml:4:18: `cache.stream_max_len` must be a whole number from 1 to 10000000, not 0",
+            ),
+            (
+                "stream_max_len = 10000001",
+                "config.toml:4:18: `cache.stream_max_len` must be a whole number from 1 to 10000000, not 10000001",
+            ),
+            (
+                "publish = false\nstream_max_len = 10",
+                "config.toml:5:18: `cache.stream_max_len` has no effect with `publish = false`",
+            ),
         ] {
             let err = redis(settings).expect_err(settings);
             assert!(err.to_string().contains(problem), "{settings}: {err}");
