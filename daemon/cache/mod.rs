@@ -183,10 +183,11 @@ impl Cache {
                 prefix,
                 publish,
                 max_connections,
+                stream_max_len,
             } => Store::Redis(Box::new(RedisStore::new(
                 url.clone(),
                 prefix.clone(),
-                *publish,
+                (*publish, *stream_max_len),
                 *max_connections,
             ))),
         };

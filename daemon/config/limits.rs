@@ -35,6 +35,9 @@ pub const MAX_READERS: u64 = 1024;
 pub const MAX_READ_QUEUE: u64 = 1_000_000;
 /// `[cache] max_connections`: Redis's own default client limit.
 pub const MAX_REDIS_CONNECTIONS: u64 = 10_000;
+/// `[cache] stream_max_len`: the invalidation stream's entries kept in Redis (each the size of
+/// its message: ten million small ones are a few GB).
+pub const MAX_STREAM_LEN: u64 = 10_000_000;
 
 /// A duration setting, at most `max` (the default when absent or wrong).
 pub(super) fn duration(

@@ -85,12 +85,15 @@ pub enum Backend {
     /// In the daemon's memory (moka): the default.
     Memory,
     /// In Redis, shared by every app server; `publish` sends each batch of invalidations on
-    /// `{prefix}invalidations`; at most `max_connections` connections for reads and fills.
+    /// `{prefix}invalidations` and appends it to the stream `{prefix}#invalidations`, which
+    /// keeps the last `stream_max_len` entries; at most `max_connections` connections for reads
+    /// and fills.
     Redis {
         url: RedisUrl,
         prefix: String,
         publish: bool,
         max_connections: usize,
+        stream_max_len: u64,
     },
 }
 
@@ -394,6 +397,18 @@ mod tests {
                 "prefix = \"\"",
                 "config.toml:4:10: `cache.prefix` must not be empty",
             ),
+            (
+                "stream_max_len = 0",
+                "config.toml:4:18: `cache.stream_max_len` must be a whole number from 1 to 10000000, not 0",
+            ),
+            (
+                "stream_max_len = 10000001",
+                "config.toml:4:18: `cache.stream_max_len` must be a whole number from 1 to 10000000, not 10000001",
+            ),
+            (
+                "publish = false\nstream_max_len = 10",
+                "config.toml:5:18: `cache.stream_max_len` has no effect with `publish = false`",
+            ),
         ] {
             let err = redis(settings).expect_err(settings);
             assert!(err.to_string().contains(problem), "{settings}: {err}");
@@ -449,6 +464,7 @@ mod tests {
             prefix,
             publish,
             max_connections,
+            stream_max_len,
         } = &redis.cache.backend
         else {
             panic!("the redis backend");
@@ -460,6 +476,7 @@ mod tests {
         assert_eq!((prefix.as_str(), *publish), ("cachetail:", true));
         assert_eq!(*max_connections, 64);
         assert_eq!((url.tls, &url.tls_ca), (false, &None));
+        assert_eq!(*stream_max_len, 100_000);
     }
 
     #[test]

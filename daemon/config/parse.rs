@@ -50,6 +50,7 @@ pub(super) struct RawCache {
     pub(super) publish: Option<bool>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) tls_ca: Option<Spanned<String>>,
+    pub(super) stream_max_len: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]

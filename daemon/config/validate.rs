@@ -12,7 +12,7 @@ use toml::Spanned;
 
 use super::limits::{
     MAX_BATCH_SIZE, MAX_CONNECTIONS, MAX_ENTRIES, MAX_EVENT_STREAMS, MAX_READ_QUEUE, MAX_READERS,
-    MAX_REDIS_CONNECTIONS, MAX_WAIT, MAX_WORKERS, count, duration, positive, ttl,
+    MAX_REDIS_CONNECTIONS, MAX_STREAM_LEN, MAX_WAIT, MAX_WORKERS, count, duration, positive, ttl,
 };
 use super::parse::{
     Problems, RawCache, RawConfig, RawFamily, RawHttp, RawRule, RawTail, RawWriteBehind,
@@ -518,6 +518,10 @@ fn backend(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> Backend 
                     raw.max_connections.as_ref().map(Spanned::span),
                 ),
                 ("tls_ca", raw.tls_ca.as_ref().map(Spanned::span)),
+                (
+                    "stream_max_len",
+                    raw.stream_max_len.as_ref().map(Spanned::span),
+                ),
             ] {
                 if let Some(span) = span {
                     problems.at(
@@ -557,6 +561,7 @@ fn backend(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> Backend 
                 prefix,
                 publish: raw.publish.unwrap_or(true),
                 max_connections: redis_connections(raw.max_connections.as_ref(), problems),
+                stream_max_len: stream_max_len(raw, problems),
             }
         }
         other => {
@@ -620,6 +625,27 @@ fn redis_connections(raw: Option<&Spanned<i64>>, problems: &mut Problems<'_>) ->
         problems,
     );
     usize::try_from(n).unwrap_or(64)
+}
+
+/// `cache.stream_max_len`: the invalidation stream's length, from 1 to ten million; it follows
+/// `publish`, so it is refused beside `publish = false` (it would bound nothing).
+fn stream_max_len(raw: &RawCache, problems: &mut Problems<'_>) -> u64 {
+    let given = raw.stream_max_len.as_ref();
+    if let Some(given) = given
+        && raw.publish == Some(false)
+    {
+        problems.at(
+            given.span(),
+            "`cache.stream_max_len` has no effect with `publish = false`: nothing is appended to the invalidation stream; remove one of them",
+        );
+    }
+    positive(
+        given,
+        "cache.stream_max_len",
+        100_000,
+        MAX_STREAM_LEN,
+        problems,
+    )
 }
 
 fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {

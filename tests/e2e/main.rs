@@ -35,4 +35,5 @@ mod spellings;
 mod standby;
 mod startup;
 mod strategies;
+mod stream_fanout;
 mod write_shapes;

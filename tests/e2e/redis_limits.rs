@@ -515,6 +515,7 @@ for _, key in ipairs(redis.call('KEYS', ARGV[1] .. '#*')) do
   local kind = redis.call('TYPE', key)['ok']
   local want
   if rest == '#state' then want = 'hash'
+  elseif rest == '#invalidations' then want = 'stream'
   elseif string.sub(rest, 1, 3) == '#m:' then want = 'hash'
   elseif string.sub(rest, 1, 4) == '#gm:' then want = 'string'
   elseif string.sub(rest, 1, 3) == '#g:' then want = 'zset'

@@ -16,7 +16,8 @@ pub struct Invalidation {
     pub groups: Vec<(String, u64)>,
     /// Values read before this position are refused (0: no change).
     pub floor: u64,
-    /// The pub/sub message (JSON) for app-local caches.
+    /// The message (JSON) for app-local caches: published on the channel and appended to the
+    /// stream, both in the script that applies the batch.
     pub message: String,
     /// The applying daemon's lease epoch: Redis refuses a batch from an older epoch.
     pub epoch: u64,
@@ -103,7 +104,8 @@ impl Invalidation {
     }
 }
 
-/// The pub/sub message app-local caches receive for one invalidation (README, "Fan-out").
+/// The message app-local caches receive for one invalidation, on the channel and as the stream
+/// entry's `message` field (README, "Fan-out").
 pub fn fan_out_message(
     position: u64,
     keys: &[&str],

@@ -18,7 +18,9 @@
 //! applies to it (key, groups, floor), and refuses anything if Redis lost cachetail's state
 //! (`applied` below what this daemon saw: a restart from an older snapshot, a FLUSHALL).
 //! Invalidations of a batch run in one script too, which also records `applied` and publishes
-//! the batch on `P` + `invalidations` for app-local caches.
+//! the batch on `P` + `invalidations` for app-local caches, and appends it to the stream
+//! `P#invalidations` (field `message`, the last `[cache] stream_max_len` entries kept), from
+//! which a subscriber that was away resumes.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +67,8 @@ pub struct RedisStore {
     url: RedisUrl,
     pub prefix: String,
     channel: String,
+    /// The invalidation stream's entries kept (`[cache] stream_max_len`).
+    stream_max_len: u64,
     apply_conn: Mutex<Option<Conn>>,
     /// The shared connections for reads and fills' stores, requests in flight capped
     /// (`[cache] max_connections`).
@@ -91,7 +95,12 @@ enum Begun {
 }
 
 impl RedisStore {
-    pub fn new(url: RedisUrl, prefix: String, publish: bool, max_connections: usize) -> RedisStore {
+    pub fn new(
+        url: RedisUrl,
+        prefix: String,
+        (publish, stream_max_len): (bool, u64),
+        max_connections: usize,
+    ) -> RedisStore {
         let channel = if publish {
             format!("{prefix}invalidations")
         } else {
@@ -102,6 +111,7 @@ impl RedisStore {
             url,
             prefix,
             channel,
+            stream_max_len,
             apply_conn: Mutex::new(None),
             seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
@@ -393,6 +403,7 @@ impl RedisStore {
             batch.epoch.to_string().as_bytes(),
             self.channel.as_bytes(),
             batch.message.as_bytes(),
+            self.stream_max_len.to_string().as_bytes(),
         ]
         .map(<[u8]>::to_vec);
         Ok(self.finish_script.run(conn, &args)?.as_int())
@@ -421,6 +432,7 @@ impl RedisStore {
         args.push(batch.floor.to_string().into_bytes());
         args.push(batch.message.as_bytes().to_vec());
         args.push(PURGE_PAGE.to_string().into_bytes());
+        args.push(self.stream_max_len.to_string().into_bytes());
         args
     }
 

@@ -5,6 +5,11 @@
 //! nothing else while a script runs); `STORE` stores a fill unless an invalidation it did not
 //! see came first. Loaded on first use (and
 //! again after a restart forgot them).
+//!
+//! A batch's fan-out happens in the script that records it applied (`APPLY`, or `FINISH`),
+//! atomic with it: its message is published on the channel and appended to the stream
+//! `{prefix}#invalidations` (field `message`, trimmed exactly to `[cache] stream_max_len`
+//! entries), both or neither, and only when `publish` is on (an empty channel argument).
 
 use super::client::{Conn, RedisError, Reply};
 
@@ -74,7 +79,10 @@ end
 if floor > tonumber(redis.call('HGET', state, 'floor') or '0') then redis.call('HSET', state, 'floor', floor) end
 if #pending > 0 then return pending end
 if pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[i + 1]) end
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[i + 1])
+  redis.call('XADD', prefix .. '#invalidations', 'MAXLEN', ARGV[i + 3], '*', 'message', ARGV[i + 1])
+end
 return 1
 "#;
 
@@ -97,7 +105,7 @@ return page[1]
 "#;
 
 /// Records a batch whose groups `PURGE` emptied: its position applied, its message published
-/// (only now: an app-local cache that refetches on the message must not find a value the batch
+/// and appended to the stream (only now: an app-local cache that refetches on the message must not find a value the batch
 /// removes). Refused like `APPLY` if Redis lost its state or another epoch took over meanwhile.
 pub(super) const FINISH: &str = r#"
 local prefix, pos = ARGV[1], tonumber(ARGV[2])
@@ -106,7 +114,10 @@ local applied = redis.call('HGET', state, 'applied')
 if not applied or tonumber(applied) < tonumber(ARGV[3]) then return -1 end
 if tonumber(redis.call('HGET', state, 'epoch') or '0') > tonumber(ARGV[4]) then return -2 end
 if pos > tonumber(applied) then redis.call('HSET', state, 'applied', pos) end
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  redis.call('XADD', prefix .. '#invalidations', 'MAXLEN', ARGV[7], '*', 'message', ARGV[6])
+end
 return 1
 "#;
 

@@ -42,7 +42,7 @@ impl Server {
 
     /// One daemon's handle on the shared Redis.
     fn daemon(&self) -> RedisStore {
-        RedisStore::new(self.url.clone(), PREFIX.to_owned(), true, 8)
+        RedisStore::new(self.url.clone(), PREFIX.to_owned(), (true, 100_000), 8)
     }
 
     fn conn(&self) -> Conn {
