@@ -135,6 +135,14 @@ pub struct Want {
     pub paused: bool,
 }
 
+impl Want {
+    /// Whether a value cached in memory may answer this request as it is (neither `no-cache`
+    /// nor a fresh read that found capture paused).
+    pub fn may_use_cached(&self) -> bool {
+        !self.uncached && !self.paused
+    }
+}
+
 /// What reads and fills did, for status and metrics.
 #[derive(Debug)]
 pub struct CacheCounters {

@@ -49,7 +49,7 @@ pub enum Answer {
 pub async fn answer(http: &Http, key: &str, fresh: bool, want: Want) -> Answer {
     let cache = &http.sources.cache;
     if !fresh
-        && !want.uncached
+        && want.may_use_cached()
         && let Some(entry) = cache.hot(key)
     {
         return Answer::Value(entry, Source::Hit);
