@@ -314,6 +314,11 @@ fn raw_json(body: &Bytes) -> Option<Box<RawValue>> {
 /// Returns at once whether capture is paused: then no wait covers the writes made since (they
 /// have no outbox row), and the read must come from the database.
 async fn wait_until_applied(http: &Http, timeout: Duration) -> Result<bool, Answer> {
+    let progress = &http.sources.progress;
+    let mut applied = progress.subscribe();
+    // Read before the head: the tail may apply rows committed after the head was read, so a
+    // position read after it may lawfully be above it.
+    let before = *applied.borrow();
     let head = match http.sources.pool.read(read_head_and_pause).await {
         Ok((_, true)) => return Ok(true),
         Ok((head, false)) => head,
@@ -324,13 +329,11 @@ async fn wait_until_applied(http: &Http, timeout: Duration) -> Result<bool, Answ
             )));
         }
     };
-    let progress = &http.sources.progress;
-    let mut applied = progress.subscribe();
-    // The head is never below an applied position (pruning keeps the row at the cursor) unless
-    // the outbox was emptied by hand: the tail then restarts above every position it used
-    // (`tail::outbox`), and the changes committed meanwhile are applied only from there.
-    let now = *applied.borrow();
-    let target = if head < now { now + 1 } else { head };
+    // The head is never below a position applied before it was read (pruning keeps the row at
+    // the cursor) unless the outbox was emptied by hand: the tail then restarts above every
+    // position it used (`tail::outbox`), and the changes committed meanwhile are applied only
+    // from there.
+    let target = if head < before { before + 1 } else { head };
     match tokio::time::timeout(timeout, applied.wait_for(|&position| position >= target)).await {
         Ok(Ok(_)) => Ok(false),
         _ => Err(Answer::NotFresh(format!(
