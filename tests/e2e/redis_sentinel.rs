@@ -709,7 +709,10 @@ fn a_promoted_replica_missing_the_last_batch_is_rebuilt_and_never_serves_its_old
     }
     let seen = seen.lock().expect("lock");
     let hits = seen.iter().filter(|l| l.contains(" hit ")).count();
-    eprintln!("{} reads of row 1 during and after the failover, {hits} hits", seen.len());
+    eprintln!(
+        "{} reads of row 1 during and after the failover, {hits} hits",
+        seen.len()
+    );
     let wrong: Vec<&String> = seen
         .iter()
         .filter(|l| !(l.contains(" 200 ") && l.contains("1000")))

@@ -77,6 +77,9 @@ pub struct RedisStore {
     pool: Pool,
     /// The highest `applied` this daemon wrote or read: Redis below it lost state.
     seen: AtomicU64,
+    /// The lease epoch this daemon last claimed or applied under (0: none): claimed again on
+    /// every new connection, so a promoted replica that missed the claim holds it at once.
+    epoch: AtomicU64,
     health: Mutex<Health>,
     /// Redis failed or showed lost state since the last reconcile: the tail checks it again.
     suspect: std::sync::atomic::AtomicBool,
@@ -118,6 +121,7 @@ impl RedisStore {
             stream_max_len,
             apply_conn: Mutex::new(None),
             seen: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             suspect: std::sync::atomic::AtomicBool::new(false),
             probed_at: Mutex::new(None),
@@ -203,6 +207,14 @@ impl RedisStore {
     ) -> Result<(), RedisError> {
         let conn = self.connected(slot)?;
         let state = format!("{}#state", self.prefix);
+        // Redis's epoch only grows: a server that missed this daemon's claim (a replica promoted
+        // after a failover) gets it back before anything else (refused if above: then batches
+        // are fenced, as they would be anyway).
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if epoch > 0 {
+            let args = [self.prefix.as_bytes(), epoch.to_string().as_bytes()].map(<[u8]>::to_vec);
+            self.claim_script.run(conn, &args)?;
+        }
         let applied = conn.cmd(&[&b"HGET"[..], state.as_bytes(), b"applied"])?;
         let applied = applied.as_int().map(|a| a.max(0) as u64);
         let trustworthy = match applied {
@@ -291,7 +303,11 @@ impl RedisStore {
         })();
         self.note(&result);
         match result {
-            Ok(known) => Ok((known >= epoch).then_some(known)),
+            Ok(known) if known < epoch => {
+                self.epoch.store(epoch, Ordering::Release);
+                Ok(None)
+            }
+            Ok(known) => Ok(Some(known)),
             Err(e) => {
                 *guard = None;
                 Err(e)
