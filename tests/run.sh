@@ -8,7 +8,9 @@
 #
 # What the tests use: the sqlite3 shell and python3 (with its sqlite3 module) as separate
 # writer processes, redis-server and redis-cli (the Redis tests start their own server, one over
-# TLS with a CA and certificates made by the openssl CLI),
+# TLS with a CA and certificates made by the openssl CLI), redis-sentinel (the Sentinel test
+# starts a primary, a replica and three sentinels; without the command it runs
+# `redis-server --sentinel`),
 # Debian's chromium and chromedriver (the dashboard's browser test), and python3's
 # prometheus-client (the /metrics test parses with the Prometheus project's parser).
 set -euo pipefail
@@ -62,6 +64,12 @@ fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}"
   apt_install "${missing[@]}"
+fi
+# Debian and Ubuntu package redis-sentinel apart from redis-server; where there is no such
+# package, `redis-server --sentinel` (which the test falls back to) does the same.
+if ! command -v redis-sentinel >/dev/null 2>&1; then
+  echo "tests/run.sh: installing redis-sentinel"
+  apt_install redis-sentinel || echo "tests/run.sh: no redis-sentinel package; the Sentinel test runs redis-server --sentinel"
 fi
 
 python3 -c 'import sqlite3' # the tests' writer processes use the standard sqlite3 module

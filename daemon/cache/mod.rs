@@ -402,13 +402,16 @@ pub fn unreachable(settings: &crate::config::CacheSettings) -> Option<String> {
     let crate::config::Backend::Redis { url, .. } = &settings.backend else {
         return None;
     };
-    let pinged = redis::client::Conn::connect(url, Duration::from_secs(2))
-        .and_then(|mut conn| conn.cmd(&["PING"]));
-    pinged.err().map(|e| {
-        format!(
+    let pinged = redis::client::ping(url, Duration::from_secs(2));
+    pinged.err().map(|e| match &url.sentinel {
+        Some(s) => format!(
+            "redis (the primary `{}` per the sentinels) does not answer ({e}); the daemon will retry until it does",
+            s.master
+        ),
+        None => format!(
             "redis at {}:{} does not answer ({e}); the daemon will retry until it does",
             url.host, url.port
-        )
+        ),
     })
 }
 

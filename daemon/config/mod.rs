@@ -37,7 +37,7 @@ pub use diff::ConfigDiff;
 pub use hosts::{AllowedHost, split_host};
 pub(crate) use parse::Problems;
 pub use parse::{ConfigError, Problem};
-pub use redis_url::RedisUrl;
+pub use redis_url::{RedisUrl, Sentinels};
 pub use secret::Secret;
 pub use template::Template;
 
@@ -378,6 +378,69 @@ mod tests {
     }
 
     #[test]
+    fn sentinels_come_with_a_master_name_and_host_port_addresses() {
+        let config = parse(
+            "database = \"x.db\"\n[cache]\nbackend = \"redis\"\nurl = \"redis://:pw@ignored/2\"\nsentinels = [\"10.0.0.5:26379\", \"[::1]:26380\"]\nsentinel_master = \"m\"\n",
+        )
+        .expect("valid");
+        let Backend::Redis { url, .. } = &config.cache.backend else {
+            panic!("the redis backend");
+        };
+        assert_eq!(
+            url.sentinel,
+            Some(Box::new(Sentinels {
+                addresses: vec![("10.0.0.5".to_owned(), 26379), ("::1".to_owned(), 26380)],
+                master: "m".to_owned(),
+            }))
+        );
+        assert_eq!(url.db, 2);
+        let redis = |settings: &str| {
+            parse(&format!(
+                "database = \"x.db\"\n[cache]\nbackend = \"redis\"\n{settings}\n"
+            ))
+        };
+        for (settings, problem) in [
+            (
+                "sentinels = [\"h:26379\"]",
+                "config.toml:4:13: `cache.sentinels` needs `cache.sentinel_master`",
+            ),
+            (
+                "sentinel_master = \"m\"",
+                "config.toml:4:19: `cache.sentinel_master` needs `cache.sentinels`",
+            ),
+            (
+                "sentinels = []\nsentinel_master = \"m\"",
+                "config.toml:4:13: `cache.sentinels` is empty",
+            ),
+            (
+                "sentinels = [\"h:26379\", \"h\"]\nsentinel_master = \"m\"",
+                "config.toml:4:25: `cache.sentinels`: \"h\" is not `host:port`",
+            ),
+            (
+                "sentinels = [\"h:0\"]\nsentinel_master = \"m\"",
+                "config.toml:4:14: `cache.sentinels`: \"h:0\": the port must be a number from 1 to 65535",
+            ),
+            (
+                "sentinels = [\"h:26379\"]\nsentinel_master = \"my master\"",
+                "config.toml:5:19: `cache.sentinel_master` must be the name",
+            ),
+        ] {
+            let err = redis(settings).expect_err(settings);
+            assert!(err.to_string().contains(problem), "{settings}: {err}");
+        }
+        let err =
+            parse("database = \"x.db\"\n[cache]\nsentinels = [\"h:1\"]\nsentinel_master = \"m\"\n")
+                .expect_err("redis only");
+        for field in ["sentinels", "sentinel_master"] {
+            assert!(
+                err.to_string()
+                    .contains(&format!("`cache.{field}` is for `backend = \"redis\"`")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn redis_connection_limits_and_the_prefix_are_checked() {
         let redis = |settings: &str| {
             parse(&format!(
@@ -476,6 +539,7 @@ mod tests {
         assert_eq!((prefix.as_str(), *publish), ("cachetail:", true));
         assert_eq!(*max_connections, 64);
         assert_eq!((url.tls, &url.tls_ca), (false, &None));
+        assert_eq!(url.sentinel, None);
         assert_eq!(*stream_max_len, 100_000);
     }
 

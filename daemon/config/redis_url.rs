@@ -25,6 +25,33 @@ pub struct RedisUrl {
     /// `[cache] tls_ca`: the PEM file of the CA(s) to verify the server against instead of the
     /// system roots (only with `tls`).
     pub tls_ca: Option<PathBuf>,
+    /// `[cache] sentinels` and `sentinel_master`: the primary is found through Sentinel (the
+    /// URL's host and port are then not used; its user, password, database and TLS are).
+    pub sentinel: Option<Box<Sentinels>>,
+}
+
+/// Where the Sentinels are, and the name they monitor the primary under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sentinels {
+    pub addresses: Vec<(String, u16)>,
+    pub master: String,
+}
+
+/// A Sentinel's address: `host:port` or `[v6]:port` (the port is required: Sentinels usually
+/// listen on 26379, not Redis's 6379).
+pub fn sentinel_address(text: &str) -> Result<(String, u16), String> {
+    let has_port = match text.strip_prefix('[') {
+        Some(rest) => rest
+            .split_once(']')
+            .is_some_and(|(_, after)| after.starts_with(':')),
+        None => text.contains(':'),
+    };
+    if !has_port || text.trim() != text || text.contains('/') {
+        return Err(format!(
+            "{text:?} is not `host:port` (like \"10.0.0.5:26379\" or \"[::1]:26379\")"
+        ));
+    }
+    host_and_port(text).map_err(|e| format!("{text:?}: {e}"))
 }
 
 impl RedisUrl {
@@ -38,6 +65,7 @@ impl RedisUrl {
             password: None,
             tls: false,
             tls_ca: None,
+            sentinel: None,
         }
     }
 
@@ -92,6 +120,7 @@ impl RedisUrl {
             password,
             tls,
             tls_ca: None,
+            sentinel: None,
         })
     }
 }
@@ -196,6 +225,23 @@ mod tests {
             "redis://[::1",
         ] {
             assert!(RedisUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sentinel_addresses_need_a_host_and_a_port() {
+        assert_eq!(
+            sentinel_address("10.0.0.5:26379"),
+            Ok(("10.0.0.5".to_owned(), 26379))
+        );
+        assert_eq!(
+            sentinel_address("[::1]:26380"),
+            Ok(("::1".to_owned(), 26380))
+        );
+        for bad in [
+            "10.0.0.5", "[::1]", ":26379", "h:0", "h:x", "h:99999", " h:1", "h:1/0", "",
+        ] {
+            assert!(sentinel_address(bad).is_err(), "{bad}");
         }
     }
 

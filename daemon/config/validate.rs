@@ -17,10 +17,11 @@ use super::limits::{
 use super::parse::{
     Problems, RawCache, RawConfig, RawFamily, RawHttp, RawRule, RawTail, RawWriteBehind,
 };
+use super::redis_url::sentinel_address;
 use super::template::Template;
 use super::{
     AllowedHost, Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, RedisUrl,
-    Rule, Secret, TailSettings, WriteBehindSettings,
+    Rule, Secret, Sentinels, TailSettings, WriteBehindSettings,
 };
 use crate::types::{Op, Strategy};
 
@@ -522,6 +523,11 @@ fn backend(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> Backend 
                     "stream_max_len",
                     raw.stream_max_len.as_ref().map(Spanned::span),
                 ),
+                ("sentinels", raw.sentinels.as_ref().map(Spanned::span)),
+                (
+                    "sentinel_master",
+                    raw.sentinel_master.as_ref().map(Spanned::span),
+                ),
             ] {
                 if let Some(span) = span {
                     problems.at(
@@ -544,6 +550,7 @@ fn backend(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> Backend 
                 .tls_ca
                 .as_ref()
                 .and_then(|ca| tls_ca(ca, &url, base, problems));
+            url.sentinel = sentinels(raw, problems);
             let prefix = raw
                 .prefix
                 .as_ref()
@@ -613,6 +620,53 @@ fn tls_ca(
         Ok(_) => return Some(path),
     }
     None
+}
+
+/// `cache.sentinels` and `cache.sentinel_master`: both or neither; a non-empty list of
+/// `host:port` and a name without spaces.
+fn sentinels(raw: &RawCache, problems: &mut Problems<'_>) -> Option<Box<Sentinels>> {
+    let (list, master) = match (&raw.sentinels, &raw.sentinel_master) {
+        (None, None) => return None,
+        (Some(list), Some(master)) => (list, master),
+        (Some(list), None) => {
+            problems.at(
+                list.span(),
+                "`cache.sentinels` needs `cache.sentinel_master`: the name the Sentinels monitor the primary under (their `sentinel monitor <name> …`)",
+            );
+            return None;
+        }
+        (None, Some(master)) => {
+            problems.at(
+                master.span(),
+                "`cache.sentinel_master` needs `cache.sentinels`: the Sentinels' addresses, like [\"10.0.0.5:26379\", \"10.0.0.6:26379\"]",
+            );
+            return None;
+        }
+    };
+    if list.get_ref().is_empty() {
+        problems.at(
+            list.span(),
+            "`cache.sentinels` is empty: name at least one Sentinel, like [\"10.0.0.5:26379\"] (three, for a failover to survive one of them)",
+        );
+    }
+    let mut addresses = Vec::new();
+    for entry in list.get_ref() {
+        match sentinel_address(entry.get_ref()) {
+            Ok(address) => addresses.push(address),
+            Err(e) => problems.at(entry.span(), format!("`cache.sentinels`: {e}")),
+        }
+    }
+    let name = master.get_ref();
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        problems.at(
+            master.span(),
+            "`cache.sentinel_master` must be the name the Sentinels monitor the primary under: not empty, no spaces",
+        );
+    }
+    Some(Box::new(Sentinels {
+        addresses,
+        master: name.clone(),
+    }))
 }
 
 /// `cache.max_connections`: at least 1, at most 10,000 (Redis's own default client limit).

@@ -28,6 +28,7 @@ mod recompute;
 mod redis;
 mod redis_claims;
 mod redis_limits;
+mod redis_sentinel;
 mod redis_tls;
 mod reload;
 mod secrets;

@@ -6,9 +6,17 @@
 //! The crate replaced a hand-written RESP2 client: it brings multiplexing (many requests in
 //! flight on one connection, the speed goal of issue 15), and TLS, Sentinel, Cluster and RESP3
 //! for the topologies real deployments run.
+//!
+//! Where connections go is a `Target`: the server of `[cache] url`, or, with `[cache] sentinels`,
+//! the primary the Sentinels name at the moment a connection is opened (asked again for every
+//! new connection, so a connection that failed after a failover reconnects to the new primary).
+//! A server that turns out to be a replica (it answers `ROLE` as one, or refuses a write with
+//! `READONLY`) is treated like a server that does not answer: the connection is dropped and the
+//! primary looked up again, and meanwhile reads answer from the database.
 
 use std::time::Duration;
 
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, Value};
 
 use crate::config::RedisUrl;
@@ -47,6 +55,14 @@ impl From<redis::RedisError> for RedisError {
         }
         if e.is_connection_dropped() || e.is_io_error() {
             return io(std::io::ErrorKind::ConnectionAborted);
+        }
+        // A primary demoted to a replica (a failover happened): like a server that went away,
+        // the connection is replaced (through Sentinel, by the primary it names now).
+        if e.code() == Some("READONLY") || e.to_string().contains("READONLY") {
+            return RedisError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                format!("the server is a replica, not the primary ({e})"),
+            ));
         }
         match e.kind() {
             ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
@@ -152,6 +168,147 @@ pub fn client(url: &RedisUrl) -> Result<redis::Client, RedisError> {
     }
 }
 
+/// Where connections go: the server of `[cache] url`, or the primary the Sentinels of
+/// `[cache] sentinels` name (the URL's user, password, database and TLS apply to it, and TLS
+/// and `tls_ca` to the Sentinels too; the Sentinels are asked without a password).
+pub struct Target {
+    url: RedisUrl,
+    /// Built once: it keeps a connection to each Sentinel it asked.
+    sentinel: Option<Result<tokio::sync::Mutex<SentinelClient>, String>>,
+    /// The primary the Sentinels named last (for `/v1/status` and the logs).
+    named: std::sync::Mutex<Option<(String, u16)>>,
+}
+
+impl Target {
+    pub fn new(url: &RedisUrl) -> Target {
+        Target {
+            url: url.clone(),
+            sentinel: url
+                .sentinel
+                .as_ref()
+                .map(|_| sentinel_client(url).map(tokio::sync::Mutex::new)),
+            named: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn is_sentinel(&self) -> bool {
+        self.sentinel.is_some()
+    }
+
+    /// Where the primary is, as last known: the URL's address, or the one the Sentinels named
+    /// last (None before they were first asked).
+    pub fn address(&self) -> Option<(String, u16)> {
+        match self.sentinel {
+            None => Some((self.url.host.clone(), self.url.port)),
+            Some(_) => self.named.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
+    /// The URL to connect to now: `[cache] url`, or with Sentinel, that URL at the address of
+    /// the primary the Sentinels name (the crate asks them in turn, skips one that does not
+    /// answer or sees the primary down, and checks the node with `ROLE`). At most `timeout`.
+    pub async fn primary(&self, timeout: Duration) -> Result<RedisUrl, RedisError> {
+        let Some(sentinel) = &self.sentinel else {
+            return Ok(self.url.clone());
+        };
+        let sentinel = sentinel
+            .as_ref()
+            .map_err(|e| RedisError::Io(std::io::Error::other(e.clone())))?;
+        let named = tokio::time::timeout(timeout, async {
+            let client = sentinel.lock().await.async_get_client().await?;
+            match client.get_connection_info().addr() {
+                ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                    Ok((host.clone(), *port))
+                }
+                other => Err(RedisError::Protocol(format!(
+                    "sentinel named an address of an unexpected kind: {other:?}"
+                ))),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(RedisError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the sentinels did not name a primary in time",
+            )))
+        })
+        .map_err(|e| hide_password(e, &self.url))?;
+        *self.named.lock().unwrap_or_else(|e| e.into_inner()) = Some(named.clone());
+        let mut url = self.url.clone();
+        (url.host, url.port) = named;
+        Ok(url)
+    }
+}
+
+/// The crate's Sentinel client for `url`'s `[cache] sentinels`: the Sentinels over TLS when the
+/// URL is `rediss://` (verified like the primary), the primary checked with the URL's
+/// credentials and database.
+fn sentinel_client(url: &RedisUrl) -> Result<SentinelClient, String> {
+    let Some(sentinels) = &url.sentinel else {
+        return Err("no sentinels".to_owned());
+    };
+    let addresses = sentinels.addresses.iter().map(|(host, port)| {
+        if url.tls {
+            ConnectionAddr::TcpTls {
+                host: host.clone(),
+                port: *port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host.clone(), *port)
+        }
+    });
+    let nodelay = || redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    let mut builder =
+        SentinelClientBuilder::new(addresses, &sentinels.master, SentinelServerType::Master)
+            .map_err(|e| e.to_string())?
+            .set_client_to_redis_db(url.db)
+            .set_client_to_redis_tcp_settings(nodelay())
+            .set_client_to_sentinel_tcp_settings(nodelay());
+    if let Some(user) = &url.username {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = &url.password {
+        builder = builder.set_client_to_redis_password(password.expose());
+    }
+    if url.tls {
+        crypto_provider();
+        builder = builder
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+        if let Some(path) = &url.tls_ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read `[cache] tls_ca` {}: {e}", path.display()))?;
+            let certificates = || redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            };
+            builder = builder
+                .set_client_to_redis_certificates(certificates())
+                .set_client_to_sentinel_certificates(certificates());
+        }
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// Whether a `ROLE` reply is a primary's (`master`, …); else the error that drops the
+/// connection.
+pub fn check_primary(role: &Value, url: &RedisUrl) -> Result<(), RedisError> {
+    match role {
+        Value::Array(items) if matches!(items.first(), Some(Value::BulkString(r)) if r == b"master") => {
+            Ok(())
+        }
+        _ => Err(RedisError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!(
+                "{}:{} is not the primary (a failover is under way); asking the sentinels again",
+                url.host, url.port
+            ),
+        ))),
+    }
+}
+
 /// Installs rustls's `ring` provider as the process's default, once: the redis crate builds its
 /// TLS configuration from the default provider and leaves the choice to the application.
 fn crypto_provider() {
@@ -160,6 +317,22 @@ fn crypto_provider() {
         // Err: one is installed already (by another part of the process), which serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// Connects to the primary (with Sentinel: the one the Sentinels name) and sends `PING`, for
+/// `cachetail check`. Blocking.
+pub fn ping(url: &RedisUrl, timeout: Duration) -> Result<(), RedisError> {
+    let target = Target::new(url);
+    let url = if target.is_sentinel() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(target.primary(timeout))?
+    } else {
+        url.clone()
+    };
+    Conn::connect(&url, timeout, target.is_sentinel())?.cmd(&["PING"])?;
+    Ok(())
 }
 
 /// A connection's error with the password (should a server quote the AUTH it refused, as some
@@ -192,11 +365,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn connect(url: &RedisUrl, timeout: Duration) -> Result<Conn, RedisError> {
+    /// Connects to `url`'s server; `primary`: and checks it is a primary (with Sentinel, where
+    /// the URL is the one the Sentinels just named).
+    pub fn connect(url: &RedisUrl, timeout: Duration, primary: bool) -> Result<Conn, RedisError> {
         let connected = (|| {
-            let conn = client(url)?.get_connection_with_timeout(timeout)?;
+            let mut conn = client(url)?.get_connection_with_timeout(timeout)?;
             conn.set_read_timeout(Some(timeout))?;
             conn.set_write_timeout(Some(timeout))?;
+            if primary {
+                let role: Value = redis::cmd("ROLE").query(&mut conn)?;
+                check_primary(&role, url)?;
+            }
             Ok(Conn { conn })
         })();
         connected.map_err(|e| hide_password(e, url))

@@ -37,7 +37,7 @@ mod pool;
 mod scripts;
 
 pub use batches::{Invalidation, tag_group};
-use client::{Conn, RedisError, Reply};
+use client::{Conn, RedisError, Reply, Target};
 use pool::Pool;
 use scripts::{APPLY, CLAIM, FINISH, PURGE, STORE, Script};
 
@@ -65,6 +65,8 @@ pub struct Health {
 
 pub struct RedisStore {
     url: RedisUrl,
+    /// Where connections go: the URL's server, or the primary Sentinel names.
+    target: std::sync::Arc<Target>,
     pub prefix: String,
     channel: String,
     /// The invalidation stream's entries kept (`[cache] stream_max_len`).
@@ -75,6 +77,9 @@ pub struct RedisStore {
     pool: Pool,
     /// The highest `applied` this daemon wrote or read: Redis below it lost state.
     seen: AtomicU64,
+    /// The lease epoch this daemon last claimed or applied under (0: none): claimed again on
+    /// every new connection, so a promoted replica that missed the claim holds it at once.
+    epoch: AtomicU64,
     health: Mutex<Health>,
     /// Redis failed or showed lost state since the last reconcile: the tail checks it again.
     suspect: std::sync::atomic::AtomicBool,
@@ -106,14 +111,17 @@ impl RedisStore {
         } else {
             String::new()
         };
+        let target = std::sync::Arc::new(Target::new(&url));
         RedisStore {
-            pool: Pool::new(&url, max_connections, IO_TIMEOUT),
+            pool: Pool::new(std::sync::Arc::clone(&target), max_connections, IO_TIMEOUT),
+            target,
             url,
             prefix,
             channel,
             stream_max_len,
             apply_conn: Mutex::new(None),
             seen: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             suspect: std::sync::atomic::AtomicBool::new(false),
             probed_at: Mutex::new(None),
@@ -125,8 +133,25 @@ impl RedisStore {
         }
     }
 
+    /// The primary's address and database (with Sentinel: the one named last, and the name).
     pub fn address(&self) -> String {
-        format!("{}:{}/{}", self.url.host, self.url.port, self.url.db)
+        let at = match self.target.address() {
+            Some((host, port)) => format!("{host}:{port}/{}", self.url.db),
+            None => format!("?/{}", self.url.db),
+        };
+        match &self.url.sentinel {
+            Some(sentinels) => format!("{at} (primary `{}` per sentinel)", sentinels.master),
+            None => at,
+        }
+    }
+
+    /// A new blocking connection (the tail's) to the primary: with Sentinel, the one named now.
+    fn connect(&self) -> Result<Conn, RedisError> {
+        let url = match self.pool.block_on(self.target.primary(IO_TIMEOUT)) {
+            Some(url) => url?,
+            None => return Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
+        };
+        Conn::connect(&url, IO_TIMEOUT, self.target.is_sentinel())
     }
 
     pub fn health(&self) -> Health {
@@ -180,8 +205,16 @@ impl RedisStore {
         cursor: u64,
         head: Option<u64>,
     ) -> Result<(), RedisError> {
-        let conn = connected(slot, &self.url)?;
+        let conn = self.connected(slot)?;
         let state = format!("{}#state", self.prefix);
+        // Redis's epoch only grows: a server that missed this daemon's claim (a replica promoted
+        // after a failover) gets it back before anything else (refused if above: then batches
+        // are fenced, as they would be anyway).
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if epoch > 0 {
+            let args = [self.prefix.as_bytes(), epoch.to_string().as_bytes()].map(<[u8]>::to_vec);
+            self.claim_script.run(conn, &args)?;
+        }
         let applied = conn.cmd(&[&b"HGET"[..], state.as_bytes(), b"applied"])?;
         let applied = applied.as_int().map(|a| a.max(0) as u64);
         let trustworthy = match applied {
@@ -263,17 +296,18 @@ impl RedisStore {
         let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
         let result = (|| {
             let args = [self.prefix.as_bytes(), epoch.to_string().as_bytes()].map(<[u8]>::to_vec);
-            match self
-                .claim_script
-                .run(connected(&mut guard, &self.url)?, &args)?
-            {
+            match self.claim_script.run(self.connected(&mut guard)?, &args)? {
                 Reply::Int(known) => Ok(u64::try_from(known).unwrap_or(0)),
                 other => Err(RedisError::Protocol(format!("CLAIM answered {other:?}"))),
             }
         })();
         self.note(&result);
         match result {
-            Ok(known) => Ok((known >= epoch).then_some(known)),
+            Ok(known) if known < epoch => {
+                self.epoch.store(epoch, Ordering::Release);
+                Ok(None)
+            }
+            Ok(known) => Ok(Some(known)),
             Err(e) => {
                 *guard = None;
                 Err(e)
@@ -306,11 +340,11 @@ impl RedisStore {
             if fresh {
                 self.reconcile_on(&mut guard, cursor, None)?;
             }
-            let mut outcome = self.run_batch(connected(&mut guard, &self.url)?, batch)?;
+            let mut outcome = self.run_batch(self.connected(&mut guard)?, batch)?;
             if outcome == Some(-1) {
                 // Redis lost state since the last batch (a FLUSHALL, a restart): rebuild, retry.
                 self.reconcile_on(&mut guard, cursor, None)?;
-                outcome = self.run_batch(connected(&mut guard, &self.url)?, batch)?;
+                outcome = self.run_batch(self.connected(&mut guard)?, batch)?;
             }
             match outcome {
                 Some(-2) => Err(RedisError::Fenced),
@@ -550,6 +584,15 @@ impl RedisStore {
         }
     }
 
+    /// The tail's connection, opened if there is none.
+    fn connected<'a>(&self, slot: &'a mut Option<Conn>) -> Result<&'a mut Conn, RedisError> {
+        if slot.is_none() {
+            *slot = Some(self.connect()?);
+        }
+        slot.as_mut()
+            .ok_or_else(|| RedisError::Protocol("no connection".into()))
+    }
+
     /// Sends `commands` at once on a shared connection and returns their replies, in order.
     async fn pipelined(&self, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>, RedisError> {
         let result = self.pool.run(|conn| pipeline(conn, commands)).await;
@@ -634,14 +677,6 @@ async fn pipeline(
     }
     let values: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
     Ok(values.into_iter().map(Reply::from).collect())
-}
-
-fn connected<'a>(slot: &'a mut Option<Conn>, url: &RedisUrl) -> Result<&'a mut Conn, RedisError> {
-    if slot.is_none() {
-        *slot = Some(Conn::connect(url, IO_TIMEOUT)?);
-    }
-    slot.as_mut()
-        .ok_or_else(|| RedisError::Protocol("no connection".into()))
 }
 
 /// Escapes a literal for a Redis glob pattern.

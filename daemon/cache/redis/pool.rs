@@ -7,12 +7,15 @@
 //! requests, or a Redis that stopped answering, never queues without bound.
 //!
 //! A connection that failed is opened again by the next request that needs it; one whose open
-//! failed is not tried again before a delay that doubles (`BACKOFF_FIRST` to `BACKOFF_MAX`), and
-//! meanwhile requests fail at once (reads answer from the database without waiting).
+//! failed is not tried again before a delay that doubles (`BACKOFF_FIRST` to `BACKOFF_MAX`, or
+//! `SENTINEL_BACKOFF_MAX` with Sentinel: a new primary must be found within a second of its
+//! promotion), and meanwhile requests fail at once (reads answer from the database without
+//! waiting). Each open goes where the `Target` says: with Sentinel, the primary named now.
 //!
 //! The connections live on a runtime of their own (one thread): their driver tasks outlive any
 //! request, and blocking callers (fill threads, `verify`) run their requests on it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -20,8 +23,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
-use super::client::{RedisError, hide_password};
-use crate::config::RedisUrl;
+use super::client::{RedisError, Target, check_primary, hide_password};
 
 /// How long a request waits for a free place when `max` are in flight.
 const WAIT: Duration = Duration::from_millis(100);
@@ -30,6 +32,9 @@ const WAIT: Duration = Duration::from_millis(100);
 const CONNECTIONS: usize = 4;
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// With Sentinel, a retry costs a question to the Sentinels, and the new primary of a failover
+/// must be found soon after they name it.
+const SENTINEL_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// One shared connection, or when to try opening it again.
 #[derive(Default)]
@@ -41,8 +46,7 @@ struct Shared {
 
 pub(super) struct Pool {
     max: usize,
-    url: RedisUrl,
-    client: Result<redis::Client, String>,
+    target: Arc<Target>,
     in_flight: Semaphore,
     shared: Vec<Mutex<Shared>>,
     next: AtomicUsize,
@@ -62,7 +66,7 @@ impl Drop for Pool {
 }
 
 impl Pool {
-    pub(super) fn new(url: &RedisUrl, max: usize, io_timeout: Duration) -> Pool {
+    pub(super) fn new(target: Arc<Target>, max: usize, io_timeout: Duration) -> Pool {
         let max = max.max(1);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -72,8 +76,7 @@ impl Pool {
             .expect("a one-thread runtime for the redis connections can be built");
         Pool {
             max,
-            url: url.clone(),
-            client: super::client::client(url).map_err(|e| e.to_string()),
+            target,
             in_flight: Semaphore::new(max),
             shared: (0..CONNECTIONS.min(max))
                 .map(|_| Mutex::new(Shared::default()))
@@ -122,6 +125,12 @@ impl Pool {
         }
     }
 
+    /// Runs `work` on this pool's runtime, blocking (for the tail thread's Sentinel lookups:
+    /// the crate's connections to the Sentinels live on this runtime).
+    pub(super) fn block_on<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        self.runtime.as_ref().map(|runtime| runtime.block_on(work))
+    }
+
     async fn permit(&self) -> Result<SemaphorePermit<'_>, RedisError> {
         match tokio::time::timeout(WAIT, self.in_flight.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
@@ -165,7 +174,12 @@ impl Pool {
                 Ok(conn)
             }
             Err(e) => {
-                shared.backoff = (shared.backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+                let max = if self.target.is_sentinel() {
+                    SENTINEL_BACKOFF_MAX
+                } else {
+                    BACKOFF_MAX
+                };
+                shared.backoff = (shared.backoff * 2).clamp(BACKOFF_FIRST, max);
                 shared.retry_at = Some(Instant::now() + shared.backoff);
                 Err(e)
             }
@@ -178,28 +192,34 @@ impl Pool {
         }
     }
 
-    /// Opens a connection on this pool's runtime (where its driver task then lives).
+    /// Opens a connection on this pool's runtime (where its driver task then lives), to where
+    /// the target says now; with Sentinel, checked to be the primary.
     async fn open(&self) -> Result<MultiplexedConnection, RedisError> {
-        let client = self
-            .client
-            .clone()
-            .map_err(|e| RedisError::Io(std::io::Error::other(e)))?;
+        let (target, timeout) = (Arc::clone(&self.target), self.io_timeout);
         let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.io_timeout))
-            .set_response_timeout(Some(self.io_timeout));
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
         let Some(runtime) = &self.runtime else {
             return Err(RedisError::Io(std::io::ErrorKind::NotConnected.into()));
         };
         let opened = runtime
             .spawn(async move {
-                client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
+                let url = target.primary(timeout).await?;
+                let connected = async {
+                    let mut conn = super::client::client(&url)?
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?;
+                    if target.is_sentinel() {
+                        let role: redis::Value = redis::cmd("ROLE").query_async(&mut conn).await?;
+                        check_primary(&role, &url)?;
+                    }
+                    Ok(conn)
+                };
+                connected.await.map_err(|e| hide_password(e, &url))
             })
             .await;
         match opened {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(hide_password(e.into(), &self.url)),
+            Ok(result) => result,
             Err(e) => Err(RedisError::Io(std::io::Error::other(e.to_string()))),
         }
     }
@@ -211,8 +231,8 @@ mod tests {
 
     #[test]
     fn requests_in_flight_are_capped_and_a_waiter_gets_a_freed_place_or_gives_up() {
-        let url = RedisUrl::parse("redis://127.0.0.1:1/0").expect("url");
-        let pool = Pool::new(&url, 2, Duration::from_secs(1));
+        let url = crate::config::RedisUrl::parse("redis://127.0.0.1:1/0").expect("url");
+        let pool = Pool::new(Arc::new(Target::new(&url)), 2, Duration::from_secs(1));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()

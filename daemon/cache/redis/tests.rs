@@ -27,7 +27,7 @@ impl Server {
             .expect("redis-server runs (apt-get install redis-server): these tests need one");
         let url = RedisUrl::parse(&format!("redis://127.0.0.1:{port}/0")).expect("url");
         let started = Instant::now();
-        while Conn::connect(&url, IO_TIMEOUT)
+        while Conn::connect(&url, IO_TIMEOUT, false)
             .and_then(|mut c| c.cmd(&["PING"]))
             .is_err()
         {
@@ -46,7 +46,7 @@ impl Server {
     }
 
     fn conn(&self) -> Conn {
-        Conn::connect(&self.url, IO_TIMEOUT).expect("connect")
+        Conn::connect(&self.url, IO_TIMEOUT, false).expect("connect")
     }
 }
 
