@@ -37,3 +37,4 @@ mod startup;
 mod strategies;
 mod stream_fanout;
 mod write_shapes;
+mod redis_cluster;
