@@ -51,6 +51,7 @@ pub(super) struct RawCache {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) tls_ca: Option<Spanned<String>>,
     pub(super) stream_max_len: Option<Spanned<i64>>,
+    pub(super) cluster: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -25,6 +25,10 @@ pub struct RedisUrl {
     /// `[cache] tls_ca`: the PEM file of the CA(s) to verify the server against instead of the
     /// system roots (only with `tls`).
     pub tls_ca: Option<PathBuf>,
+    /// `[cache] cluster`: the seed nodes of a Redis Cluster, (host, port); empty for one server.
+    /// With seeds, `host` and `port` name one of them and the rest (user, password, TLS) apply
+    /// to every node.
+    pub cluster: Vec<(String, u16)>,
 }
 
 impl RedisUrl {
@@ -38,6 +42,7 @@ impl RedisUrl {
             password: None,
             tls: false,
             tls_ca: None,
+            cluster: Vec::new(),
         }
     }
 
@@ -92,7 +97,22 @@ impl RedisUrl {
             password,
             tls,
             tls_ca: None,
+            cluster: Vec::new(),
         })
+    }
+
+    /// One seed node of `[cache] cluster`: `host:port` (`[v6]:port`), the port required.
+    pub fn seed(text: &str) -> Result<(String, u16), String> {
+        let has_port = text.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && !port.is_empty() && !port.ends_with(']')
+        });
+        if !has_port || text.contains(['@', '/']) {
+            return Err(format!(
+                "{text:?} is not host:port (like \"10.0.0.1:7000\"; user, password and TLS go in `cache.url`)"
+            ));
+        }
+        let url = RedisUrl::parse(&format!("redis://{text}"))?;
+        Ok((url.host, url.port))
     }
 }
 

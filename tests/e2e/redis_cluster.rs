@@ -103,7 +103,13 @@ impl Cluster {
     /// `redis-cli -c` (follows redirects): reads a key wherever it lives, as an app server would.
     fn get(&self, key: &str) -> String {
         let output = Command::new("redis-cli")
-            .args(["-c", "-h", "127.0.0.1", "-p", &self.nodes[0].port.to_string()])
+            .args([
+                "-c",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.nodes[0].port.to_string(),
+            ])
             .args(["--raw", "GET", key])
             .output()
             .expect("redis-cli runs");
@@ -162,10 +168,7 @@ impl Cluster {
             "OK"
         );
         loop {
-            let keys = cli(
-                source.port,
-                &["CLUSTER", "GETKEYSINSLOT", &slot_text, "1"],
-            );
+            let keys = cli(source.port, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "1"]);
             let Some(key) = keys.lines().next().filter(|k| !k.is_empty()) else {
                 break;
             };
@@ -186,10 +189,11 @@ impl Cluster {
             assert!(moved == "OK" || moved == "NOKEY", "MIGRATE: {moved}");
             std::thread::sleep(pause);
         }
-        for node in [target, source]
-            .into_iter()
-            .chain(self.nodes.iter().filter(|n| n.id != source.id && n.id != target.id))
-        {
+        for node in [target, source].into_iter().chain(
+            self.nodes
+                .iter()
+                .filter(|n| n.id != source.id && n.id != target.id),
+        ) {
             assert_eq!(
                 cli(
                     node.port,
@@ -244,7 +248,11 @@ fn one_strategy(cluster: &Cluster, strategy: &str, prefix: &str) {
     assert_eq!((first.status, x_cache(&first)), (200, "miss"), "{strategy}");
     assert_eq!(x_cache(&daemon.get("book:1")), "hit", "{strategy}");
     let name = format!("{prefix}book:1");
-    assert_eq!(cluster.get(&name), first.text(), "{strategy}: stored as {name}");
+    assert_eq!(
+        cluster.get(&name),
+        first.text(),
+        "{strategy}: stored as {name}"
+    );
 
     catalog
         .python("con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (1, 3, 1)')");
@@ -252,7 +260,11 @@ fn one_strategy(cluster: &Cluster, strategy: &str, prefix: &str) {
     assert_eq!(fresh.status, 200, "{}", fresh.text());
     assert_eq!(review_count(&fresh), review_count(&first) + 1, "{strategy}");
     let expected = daemon.get_uncached("book:1").text();
-    assert_eq!(fresh.text(), expected, "{strategy}: ?fresh=1 answers the change");
+    assert_eq!(
+        fresh.text(),
+        expected,
+        "{strategy}: ?fresh=1 answers the change"
+    );
     eventually("redis holds no stale book:1", || {
         let stored = cluster.get(&name);
         (stored.is_empty() || stored == expected).then_some(())
@@ -296,7 +308,12 @@ fn one_strategy(cluster: &Cluster, strategy: &str, prefix: &str) {
     daemon.wait_caught_up();
     let report = daemon.verify();
     assert_eq!(report["stale"], 0, "{strategy}: {report}");
-    assert!(report["checked"].as_u64() >= Some(4), "{strategy}: {report}");
+    // A group's members stay listed after their values go (until their TTL): `gone`.
+    let listed = report["checked"].as_u64().unwrap_or(0) + report["gone"].as_u64().unwrap_or(0);
+    assert!(
+        report["checked"].as_u64() >= Some(1) && listed >= 4,
+        "{strategy}: {report}"
+    );
     daemon.stop();
 }
 
@@ -441,10 +458,11 @@ fn slots_moved_between_primaries_during_a_stream_of_changes_serve_no_stale_read(
                     };
                     reads.fetch_add(1, Ordering::Relaxed);
                     if reply.status != 200 {
-                        stale
-                            .lock()
-                            .expect("lock")
-                            .push(format!("{path}: {} {}", reply.status, reply.text()));
+                        stale.lock().expect("lock").push(format!(
+                            "{path}: {} {}",
+                            reply.status,
+                            reply.text()
+                        ));
                         continue;
                     }
                     let count = json(&reply)["review_count"].as_u64().unwrap_or(0);
@@ -488,7 +506,12 @@ fn slots_moved_between_primaries_during_a_stream_of_changes_serve_no_stale_read(
         reader.join().expect("reader");
     }
     let stale = stale.lock().expect("lock").clone();
-    assert!(stale.is_empty(), "{} stale or failed reads: {:#?}", stale.len(), &stale[..stale.len().min(20)]);
+    assert!(
+        stale.is_empty(),
+        "{} stale or failed reads: {:#?}",
+        stale.len(),
+        &stale[..stale.len().min(20)]
+    );
     assert!(reads.load(Ordering::Relaxed) > 100, "readers ran");
 
     daemon.wait_caught_up();
@@ -497,7 +520,10 @@ fn slots_moved_between_primaries_during_a_stream_of_changes_serve_no_stale_read(
         let expected = daemon.get_uncached(&key).text();
         assert_eq!(daemon.get(&key).text(), expected, "{key}");
         let stored = cluster.get(&format!("{prefix}{key}"));
-        assert!(stored.is_empty() || stored == expected, "{key} in redis: {stored}");
+        assert!(
+            stored.is_empty() || stored == expected,
+            "{key} in redis: {stored}"
+        );
     }
     let report = daemon.verify();
     assert_eq!(report["stale"], 0, "{report}");

@@ -16,7 +16,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
@@ -31,10 +32,56 @@ const CONNECTIONS: usize = 4;
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// A shared connection: to one server, or to a Redis Cluster (the crate's, which routes each
+/// command to the node of its key's slot and follows MOVED/ASK redirects).
+#[derive(Clone)]
+pub(super) enum Link {
+    One(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Link::One(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Link::One(c) => c.req_packed_commands(cmd, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::One(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// What connections are opened from.
+#[derive(Clone)]
+enum Opener {
+    One(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
 /// One shared connection, or when to try opening it again.
 #[derive(Default)]
 struct Shared {
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Link>,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -42,7 +89,7 @@ struct Shared {
 pub(super) struct Pool {
     max: usize,
     url: RedisUrl,
-    client: Result<redis::Client, String>,
+    client: Result<Opener, String>,
     in_flight: Semaphore,
     shared: Vec<Mutex<Shared>>,
     next: AtomicUsize,
@@ -73,9 +120,19 @@ impl Pool {
         Pool {
             max,
             url: url.clone(),
-            client: super::client::client(url).map_err(|e| e.to_string()),
+            client: if url.cluster.is_empty() {
+                super::client::client(url).map(Opener::One)
+            } else {
+                super::client::cluster_client(url, io_timeout).map(Opener::Cluster)
+            }
+            .map_err(|e| e.to_string()),
             in_flight: Semaphore::new(max),
-            shared: (0..CONNECTIONS.min(max))
+            // A cluster connection holds one multiplexed connection per node already.
+            shared: (0..if url.cluster.is_empty() {
+                CONNECTIONS.min(max)
+            } else {
+                1
+            })
                 .map(|_| Mutex::new(Shared::default()))
                 .collect(),
             next: AtomicUsize::new(0),
@@ -87,9 +144,19 @@ impl Pool {
     /// Runs `work` on a shared connection: a place among `max`, waiting at most `WAIT` for
     /// one; a connection that fails with `Io` is replaced, and `work` tried once more on the
     /// new one (a Redis restart closes every connection).
-    pub(super) async fn run<R, F>(
+    pub(super) async fn run<R, F>(&self, work: impl Fn(Link) -> F) -> Result<R, RedisError>
+    where
+        F: Future<Output = Result<R, RedisError>>,
+    {
+        self.run_for(self.io_timeout, work).await
+    }
+
+    /// `run`, the work given `timeout` instead of the usual one (a cluster's rebuild, a batch
+    /// touching many slots).
+    pub(super) async fn run_for<R, F>(
         &self,
-        work: impl Fn(MultiplexedConnection) -> F,
+        timeout: Duration,
+        work: impl Fn(Link) -> F,
     ) -> Result<R, RedisError>
     where
         F: Future<Output = Result<R, RedisError>>,
@@ -98,21 +165,33 @@ impl Pool {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.shared.len();
         let shared = &self.shared[index];
         let conn = self.connection(shared).await?;
-        let result = self.timed(work(conn)).await;
+        let result = self.timed(timeout, work(conn)).await;
         if !matches!(result, Err(RedisError::Io(_))) {
             return result;
         }
         tracing::debug!("a shared redis connection failed; reconnecting");
         self.forget(shared).await;
         let conn = self.connection(shared).await?;
-        self.timed(work(conn)).await
+        self.timed(timeout, work(conn)).await
+    }
+
+    /// `run_for`, blocking.
+    pub(super) fn run_blocking_for<R, F>(
+        &self,
+        timeout: Duration,
+        work: impl Fn(Link) -> F,
+    ) -> Result<R, RedisError>
+    where
+        F: Future<Output = Result<R, RedisError>>,
+    {
+        match &self.runtime {
+            Some(runtime) => runtime.block_on(self.run_for(timeout, work)),
+            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
+        }
     }
 
     /// `run`, blocking (for fill threads and `verify`: never from a runtime's worker thread).
-    pub(super) fn run_blocking<R, F>(
-        &self,
-        work: impl Fn(MultiplexedConnection) -> F,
-    ) -> Result<R, RedisError>
+    pub(super) fn run_blocking<R, F>(&self, work: impl Fn(Link) -> F) -> Result<R, RedisError>
     where
         F: Future<Output = Result<R, RedisError>>,
     {
@@ -131,19 +210,17 @@ impl Pool {
 
     async fn timed<T>(
         &self,
+        timeout: Duration,
         work: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, RedisError> {
-        tokio::time::timeout(self.io_timeout, work)
+        tokio::time::timeout(timeout, work)
             .await
             .unwrap_or_else(|_| Err(RedisError::Io(std::io::ErrorKind::TimedOut.into())))
     }
 
     /// The shared connection, opened now if it is not (unless the last open failed less than
     /// its backoff ago: then at once an error).
-    async fn connection(
-        &self,
-        shared: &Mutex<Shared>,
-    ) -> Result<MultiplexedConnection, RedisError> {
+    async fn connection(&self, shared: &Mutex<Shared>) -> Result<Link, RedisError> {
         let Ok(mut shared) = tokio::time::timeout(WAIT, shared.lock()).await else {
             return Err(RedisError::PoolFull(self.max));
         };
@@ -179,7 +256,7 @@ impl Pool {
     }
 
     /// Opens a connection on this pool's runtime (where its driver task then lives).
-    async fn open(&self) -> Result<MultiplexedConnection, RedisError> {
+    async fn open(&self) -> Result<Link, RedisError> {
         let client = self
             .client
             .clone()
@@ -192,9 +269,15 @@ impl Pool {
         };
         let opened = runtime
             .spawn(async move {
-                client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
+                match client {
+                    Opener::One(client) => client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map(Link::One),
+                    Opener::Cluster(client) => {
+                        client.get_async_connection().await.map(Link::Cluster)
+                    }
+                }
             })
             .await;
         match opened {
