@@ -277,9 +277,9 @@ impl RedisStore {
     /// lease row was deleted or reset since, and the daemon must take an epoch above it.
     pub fn claim_epoch(&self, epoch: u64) -> Result<Option<u64>, RedisError> {
         if self.cluster.is_some() {
-            return Ok(self
+            return self
                 .cluster_claim(epoch)
-                .map(|known| (known >= epoch).then_some(known))?);
+                .map(|known| (known >= epoch).then_some(known));
         }
         let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
         let result = (|| {

@@ -74,8 +74,8 @@ impl ConnectionLike for Link {
 /// What connections are opened from.
 #[derive(Clone)]
 enum Opener {
-    One(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    One(Box<redis::Client>),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 /// One shared connection, or when to try opening it again.
@@ -121,9 +121,9 @@ impl Pool {
             max,
             url: url.clone(),
             client: if url.cluster.is_empty() {
-                super::client::client(url).map(Opener::One)
+                super::client::client(url).map(|c| Opener::One(Box::new(c)))
             } else {
-                super::client::cluster_client(url, io_timeout).map(Opener::Cluster)
+                super::client::cluster_client(url, io_timeout).map(|c| Opener::Cluster(Box::new(c)))
             }
             .map_err(|e| e.to_string()),
             in_flight: Semaphore::new(max),
