@@ -52,7 +52,7 @@ fn fixed_settings_changed(running: &Config, new: &Config) -> Vec<String> {
     }
     if new.cache.backend != running.cache.backend {
         changed.push(
-            "`cache.backend`, `cache.url`, `cache.prefix`, `cache.publish`, `cache.max_connections`, `cache.tls_ca`, `cache.stream_max_len`, `cache.sentinels` and `cache.sentinel_master` cannot change while the daemon runs; restart it".to_owned(),
+            "`cache.backend`, `cache.url`, `cache.prefix`, `cache.publish`, `cache.max_connections`, `cache.tls_ca`, `cache.stream_max_len`, `cache.sentinels`, `cache.sentinel_master` and `cache.cluster` cannot change while the daemon runs; restart it".to_owned(),
         );
     }
     if new.listen != running.listen {

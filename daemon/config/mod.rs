@@ -541,6 +541,19 @@ mod tests {
         assert_eq!((url.tls, &url.tls_ca), (false, &None));
         assert_eq!(url.sentinel, None);
         assert_eq!(*stream_max_len, 100_000);
+        assert!(url.cluster.is_empty(), "one server unless `cluster` is set");
+        let cluster = parse(
+            "database = \"x.db\"\n[cache]\nbackend = \"redis\"\ncluster = [\"10.0.0.1:7000\", \"[::1]:7001\"]\nurl = \"rediss://u:p@10.0.0.1:7000\"\n",
+        )
+        .expect("valid");
+        let Backend::Redis { url, .. } = &cluster.cache.backend else {
+            panic!("the redis backend");
+        };
+        assert_eq!(
+            url.cluster,
+            vec![("10.0.0.1".to_owned(), 7000), ("::1".to_owned(), 7001)]
+        );
+        assert!(url.tls && url.username.as_deref() == Some("u"));
     }
 
     #[test]

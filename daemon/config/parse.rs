@@ -53,6 +53,7 @@ pub(super) struct RawCache {
     pub(super) stream_max_len: Option<Spanned<i64>>,
     pub(super) sentinels: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) sentinel_master: Option<Spanned<String>>,
+    pub(super) cluster: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -28,6 +28,10 @@ pub struct RedisUrl {
     /// `[cache] sentinels` and `sentinel_master`: the primary is found through Sentinel (the
     /// URL's host and port are then not used; its user, password, database and TLS are).
     pub sentinel: Option<Box<Sentinels>>,
+    /// `[cache] cluster`: the seed nodes of a Redis Cluster, (host, port); empty for one server.
+    /// With seeds, `host` and `port` name one of them and the rest (user, password, TLS) apply
+    /// to every node.
+    pub cluster: Vec<(String, u16)>,
 }
 
 /// Where the Sentinels are, and the name they monitor the primary under.
@@ -66,6 +70,7 @@ impl RedisUrl {
             tls: false,
             tls_ca: None,
             sentinel: None,
+            cluster: Vec::new(),
         }
     }
 
@@ -121,7 +126,22 @@ impl RedisUrl {
             tls,
             tls_ca: None,
             sentinel: None,
+            cluster: Vec::new(),
         })
+    }
+
+    /// One seed node of `[cache] cluster`: `host:port` (`[v6]:port`), the port required.
+    pub fn seed(text: &str) -> Result<(String, u16), String> {
+        let has_port = text.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && !port.is_empty() && !port.ends_with(']')
+        });
+        if !has_port || text.contains(['@', '/']) {
+            return Err(format!(
+                "{text:?} is not host:port (like \"10.0.0.1:7000\"; user, password and TLS go in `cache.url`)"
+            ));
+        }
+        let url = RedisUrl::parse(&format!("redis://{text}"))?;
+        Ok((url.host, url.port))
     }
 }
 

@@ -528,6 +528,7 @@ fn backend(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> Backend 
                     "sentinel_master",
                     raw.sentinel_master.as_ref().map(Spanned::span),
                 ),
+                ("cluster", raw.cluster.as_ref().map(Spanned::span)),
             ] {
                 if let Some(span) = span {
                     problems.at(
@@ -562,6 +563,15 @@ fn backend(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> Backend 
                     given.span(),
                     "`cache.prefix` must not be empty: every key cachetail writes starts with it, and rebuilding Redis removes every key under it (with an empty prefix, the whole database)",
                 );
+            }
+            if let Some(seeds) = &raw.cluster {
+                if url.sentinel.is_some() {
+                    problems.at(
+                        seeds.span(),
+                        "`cache.cluster` and `cache.sentinels` cannot be used together: a Redis Cluster fails its primaries over itself (list its nodes in `cluster`), Sentinel watches one primary (list the Sentinels in `sentinels`)",
+                    );
+                }
+                url = cluster(seeds, raw, url, &prefix, problems);
             }
             Backend::Redis {
                 url,
@@ -667,6 +677,63 @@ fn sentinels(raw: &RawCache, problems: &mut Problems<'_>) -> Option<Box<Sentinel
         addresses,
         master: name.clone(),
     }))
+}
+
+/// `cache.cluster`: the seed nodes of a Redis Cluster, each `host:port`, at least one. The
+/// `cache.url` then gives the user, the password and TLS; its host:port, if given, must be one
+/// of the seeds (a URL naming another server is a mistake), and its database 0 (a cluster has no
+/// other). A prefix holding `{` or `}` is refused: Redis would hash every key by the text between
+/// them, putting the whole cache in one slot, and cachetail's bookkeeping names rely on theirs.
+fn cluster(
+    seeds: &Spanned<Vec<Spanned<String>>>,
+    raw: &RawCache,
+    mut url: RedisUrl,
+    prefix: &str,
+    problems: &mut Problems<'_>,
+) -> RedisUrl {
+    for seed in seeds.get_ref() {
+        match RedisUrl::seed(seed.get_ref()) {
+            Ok(node) => url.cluster.push(node),
+            Err(e) => problems.at(seed.span(), format!("`cache.cluster`: {e}")),
+        }
+    }
+    if seeds.get_ref().is_empty() {
+        problems.at(
+            seeds.span(),
+            "`cache.cluster` must list at least one seed node, host:port (or leave it out for one Redis server)",
+        );
+    }
+    if prefix.contains(['{', '}']) {
+        let span = raw.prefix.as_ref().map_or(seeds.span(), Spanned::span);
+        problems.at(
+            span,
+            "`cache.prefix` must not hold `{` or `}` with `cache.cluster`: Redis would place every key by the text between them, all in one slot",
+        );
+    }
+    if let Some(text) = &raw.url {
+        if url.db != 0 {
+            problems.at(
+                text.span(),
+                "`cache.url`: a Redis Cluster has only database 0 (end the URL with /0 or nothing)",
+            );
+        }
+        let named = (url.host.clone(), url.port);
+        if !url.cluster.is_empty() && !url.cluster.contains(&named) {
+            problems.at(
+                text.span(),
+                format!(
+                    "`cache.url`'s host:port {}:{} is not among `cache.cluster`: with a cluster the URL gives the user, password and TLS; name one of the seeds there, or none (like rediss://user:password@)",
+                    named.0, named.1
+                ),
+            );
+        }
+    }
+    if let Some((host, port)) = url.cluster.first().cloned()
+        && !url.cluster.contains(&(url.host.clone(), url.port))
+    {
+        (url.host, url.port) = (host, port);
+    }
+    url
 }
 
 /// `cache.max_connections`: at least 1, at most 10,000 (Redis's own default client limit).

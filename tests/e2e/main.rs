@@ -27,6 +27,7 @@ mod race;
 mod recompute;
 mod redis;
 mod redis_claims;
+mod redis_cluster;
 mod redis_limits;
 mod redis_sentinel;
 mod redis_tls;

@@ -126,6 +126,35 @@ impl From<Value> for Reply {
 /// `rediss://`, the server's certificate verified against `tls_ca` (read at each connection, so a
 /// renewed CA file is picked up) or else the system roots.
 pub fn client(url: &RedisUrl) -> Result<redis::Client, RedisError> {
+    let info = connection_info(url, &url.host, url.port)?;
+    match ca_certificates(url)? {
+        Some(certificates) => Ok(redis::Client::build_with_tls(info, certificates)?),
+        None => Ok(redis::Client::open(info)?),
+    }
+}
+
+/// A Redis Cluster client from `[cache] cluster`'s seed nodes (user, password and TLS from
+/// `[cache] url`, as `client`): it learns the slots' owners from them and follows them.
+pub fn cluster_client(
+    url: &RedisUrl,
+    timeout: Duration,
+) -> Result<redis::cluster::ClusterClient, RedisError> {
+    let seeds = url
+        .cluster
+        .iter()
+        .map(|(host, port)| connection_info(url, host, *port))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+        .connection_timeout(timeout)
+        .response_timeout(timeout);
+    if let Some(certificates) = ca_certificates(url)? {
+        builder = builder.certs(certificates);
+    }
+    Ok(builder.build()?)
+}
+
+/// The connection details of one server (`host`, `port`) with `url`'s user, password and TLS.
+fn connection_info(url: &RedisUrl, host: &str, port: u16) -> Result<ConnectionInfo, RedisError> {
     let mut redis = RedisConnectionInfo::default()
         .set_db(url.db)
         .set_skip_set_lib_name();
@@ -138,18 +167,22 @@ pub fn client(url: &RedisUrl) -> Result<redis::Client, RedisError> {
     let addr = if url.tls {
         crypto_provider();
         ConnectionAddr::TcpTls {
-            host: url.host.clone(),
-            port: url.port,
+            host: host.to_owned(),
+            port,
             insecure: false,
             tls_params: None,
         }
     } else {
-        ConnectionAddr::Tcp(url.host.clone(), url.port)
+        ConnectionAddr::Tcp(host.to_owned(), port)
     };
-    let info: ConnectionInfo = addr
+    Ok(addr
         .into_connection_info()?
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
-        .set_redis_settings(redis);
+        .set_redis_settings(redis))
+}
+
+/// The CA of `[cache] tls_ca`, when TLS is on and one is set.
+fn ca_certificates(url: &RedisUrl) -> Result<Option<redis::TlsCertificates>, RedisError> {
     match &url.tls_ca {
         Some(path) if url.tls => {
             let pem = std::fs::read(path).map_err(|e| {
@@ -158,13 +191,12 @@ pub fn client(url: &RedisUrl) -> Result<redis::Client, RedisError> {
                     format!("cannot read `[cache] tls_ca` {}: {e}", path.display()),
                 )
             })?;
-            let certificates = redis::TlsCertificates {
+            Ok(Some(redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(pem),
-            };
-            Ok(redis::Client::build_with_tls(info, certificates)?)
+            }))
         }
-        _ => Ok(redis::Client::open(info)?),
+        _ => Ok(None),
     }
 }
 
@@ -189,6 +221,11 @@ impl Target {
                 .map(|_| sentinel_client(url).map(tokio::sync::Mutex::new)),
             named: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The URL connections are made from (with Sentinel: its user, password, database, TLS).
+    pub fn url(&self) -> &RedisUrl {
+        &self.url
     }
 
     pub fn is_sentinel(&self) -> bool {

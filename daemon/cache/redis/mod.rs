@@ -33,6 +33,7 @@ use crate::escape::Escaped;
 
 mod batches;
 pub mod client;
+mod cluster;
 mod pool;
 mod scripts;
 
@@ -90,6 +91,8 @@ pub struct RedisStore {
     purge_script: Script,
     finish_script: Script,
     store_script: Script,
+    /// On a Redis Cluster (`[cache] cluster`): its names, scripts and slots' positions.
+    cluster: Option<cluster::Cluster>,
 }
 
 /// What `APPLY` did: all of the batch (its outcome), or all but emptying these groups (each
@@ -115,6 +118,7 @@ impl RedisStore {
         RedisStore {
             pool: Pool::new(std::sync::Arc::clone(&target), max_connections, IO_TIMEOUT),
             target,
+            cluster: (!url.cluster.is_empty()).then(|| cluster::Cluster::new(&prefix)),
             url,
             prefix,
             channel,
@@ -135,6 +139,15 @@ impl RedisStore {
 
     /// The primary's address and database (with Sentinel: the one named last, and the name).
     pub fn address(&self) -> String {
+        if !self.url.cluster.is_empty() {
+            let seeds: Vec<String> = self
+                .url
+                .cluster
+                .iter()
+                .map(|(h, p)| format!("{h}:{p}"))
+                .collect();
+            return format!("cluster {}", seeds.join(","));
+        }
         let at = match self.target.address() {
             Some((host, port)) => format!("{host}:{port}/{}", self.url.db),
             None => format!("?/{}", self.url.db),
@@ -190,6 +203,9 @@ impl RedisStore {
     /// has applied beyond the database's outbox (the outbox was recreated), every cachetail key
     /// is removed and the state starts at `cursor`. Blocking.
     pub fn reconcile(&self, cursor: u64, head: Option<u64>) -> Result<(), RedisError> {
+        if self.cluster.is_some() {
+            return self.cluster_reconcile(cursor, head);
+        }
         let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.reconcile_on(&mut guard, cursor, head);
         self.note(&result);
@@ -293,6 +309,11 @@ impl RedisStore {
     /// Returns None when claimed, or the epoch Redis has seen when that is at or above it: the
     /// lease row was deleted or reset since, and the daemon must take an epoch above it.
     pub fn claim_epoch(&self, epoch: u64) -> Result<Option<u64>, RedisError> {
+        if self.cluster.is_some() {
+            return self
+                .cluster_claim(epoch)
+                .map(|known| (known >= epoch).then_some(known));
+        }
         let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
         let result = (|| {
             let args = [self.prefix.as_bytes(), epoch.to_string().as_bytes()].map(<[u8]>::to_vec);
@@ -334,6 +355,9 @@ impl RedisStore {
     /// Applies one batch of invalidations atomically, then publishes it. Blocking (the tail
     /// thread). `cursor` is the position applied before this batch.
     pub fn apply(&self, batch: &Invalidation, cursor: u64) -> Result<(), RedisError> {
+        if self.cluster.is_some() {
+            return self.cluster_apply(batch, cursor);
+        }
         let mut guard = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = guard.is_none();
         let result = (|| {
@@ -482,6 +506,9 @@ impl RedisStore {
         body: Option<&[u8]>,
         groups: &[String],
     ) -> Result<bool, RedisError> {
+        if self.cluster.is_some() {
+            return self.cluster_store(key, (version, known), ttl, body, groups);
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -547,6 +574,9 @@ impl RedisStore {
         key: &str,
         known: u64,
     ) -> Result<Option<(Bytes, Duration)>, RedisError> {
+        if self.cluster.is_some() {
+            return self.cluster_get(key, known).await;
+        }
         let value = format!("{}{key}", self.prefix);
         let state = format!("{}#state", self.prefix);
         let commands = [
@@ -631,7 +661,10 @@ impl RedisStore {
             if keys.len() >= limit {
                 break;
             }
-            let set = format!("{}#g:{group}", self.prefix);
+            let set = match &self.cluster {
+                Some(c) => c.group_set(group),
+                None => format!("{}#g:{group}", self.prefix),
+            };
             let stop = (limit - keys.len()).saturating_sub(1).to_string();
             let reply =
                 self.command_blocking(&[&b"ZRANGE"[..], set.as_bytes(), b"0", stop.as_bytes()])?;
@@ -647,6 +680,9 @@ impl RedisStore {
 
     /// How many values the groups hold (expired members may linger until the next store).
     pub async fn count(&self, groups: &[String]) -> Result<u64, RedisError> {
+        if self.cluster.is_some() {
+            return self.cluster_count(groups).await;
+        }
         let sets: Vec<String> = groups
             .iter()
             .map(|g| format!("{}#g:{g}", self.prefix))
@@ -667,10 +703,7 @@ impl RedisStore {
     }
 }
 
-async fn pipeline(
-    mut conn: redis::aio::MultiplexedConnection,
-    commands: &[Vec<&[u8]>],
-) -> Result<Vec<Reply>, RedisError> {
+async fn pipeline(mut conn: pool::Link, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>, RedisError> {
     let mut pipe = redis::pipe();
     for args in commands {
         pipe.add_command(client::command(args));

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
@@ -36,10 +37,49 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// must be found soon after they name it.
 const SENTINEL_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
+/// A shared connection: to one server, or to a Redis Cluster (the crate's, which routes each
+/// command to the node of its key's slot and follows MOVED/ASK redirects).
+#[derive(Clone)]
+pub(super) enum Link {
+    One(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Link::One(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Link::One(c) => c.req_packed_commands(cmd, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::One(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// One shared connection, or when to try opening it again.
 #[derive(Default)]
 struct Shared {
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Link>,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -47,6 +87,8 @@ struct Shared {
 pub(super) struct Pool {
     max: usize,
     target: Arc<Target>,
+    /// With `[cache] cluster`: the client every connection is opened from.
+    cluster: Option<Result<Box<redis::cluster::ClusterClient>, String>>,
     in_flight: Semaphore,
     shared: Vec<Mutex<Shared>>,
     next: AtomicUsize,
@@ -68,6 +110,7 @@ impl Drop for Pool {
 impl Pool {
     pub(super) fn new(target: Arc<Target>, max: usize, io_timeout: Duration) -> Pool {
         let max = max.max(1);
+        let url = target.url().clone();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("redis-io")
@@ -76,9 +119,19 @@ impl Pool {
             .expect("a one-thread runtime for the redis connections can be built");
         Pool {
             max,
+            cluster: (!url.cluster.is_empty()).then(|| {
+                super::client::cluster_client(&url, io_timeout)
+                    .map(Box::new)
+                    .map_err(|e| e.to_string())
+            }),
             target,
             in_flight: Semaphore::new(max),
-            shared: (0..CONNECTIONS.min(max))
+            // A cluster connection holds one multiplexed connection per node already.
+            shared: (0..if url.cluster.is_empty() {
+                CONNECTIONS.min(max)
+            } else {
+                1
+            })
                 .map(|_| Mutex::new(Shared::default()))
                 .collect(),
             next: AtomicUsize::new(0),
@@ -90,9 +143,19 @@ impl Pool {
     /// Runs `work` on a shared connection: a place among `max`, waiting at most `WAIT` for
     /// one; a connection that fails with `Io` is replaced, and `work` tried once more on the
     /// new one (a Redis restart closes every connection).
-    pub(super) async fn run<R, F>(
+    pub(super) async fn run<R, F>(&self, work: impl Fn(Link) -> F) -> Result<R, RedisError>
+    where
+        F: Future<Output = Result<R, RedisError>>,
+    {
+        self.run_for(self.io_timeout, work).await
+    }
+
+    /// `run`, the work given `timeout` instead of the usual one (a cluster's rebuild, a batch
+    /// touching many slots).
+    pub(super) async fn run_for<R, F>(
         &self,
-        work: impl Fn(MultiplexedConnection) -> F,
+        timeout: Duration,
+        work: impl Fn(Link) -> F,
     ) -> Result<R, RedisError>
     where
         F: Future<Output = Result<R, RedisError>>,
@@ -101,21 +164,33 @@ impl Pool {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.shared.len();
         let shared = &self.shared[index];
         let conn = self.connection(shared).await?;
-        let result = self.timed(work(conn)).await;
+        let result = self.timed(timeout, work(conn)).await;
         if !matches!(result, Err(RedisError::Io(_))) {
             return result;
         }
         tracing::debug!("a shared redis connection failed; reconnecting");
         self.forget(shared).await;
         let conn = self.connection(shared).await?;
-        self.timed(work(conn)).await
+        self.timed(timeout, work(conn)).await
+    }
+
+    /// `run_for`, blocking.
+    pub(super) fn run_blocking_for<R, F>(
+        &self,
+        timeout: Duration,
+        work: impl Fn(Link) -> F,
+    ) -> Result<R, RedisError>
+    where
+        F: Future<Output = Result<R, RedisError>>,
+    {
+        match &self.runtime {
+            Some(runtime) => runtime.block_on(self.run_for(timeout, work)),
+            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
+        }
     }
 
     /// `run`, blocking (for fill threads and `verify`: never from a runtime's worker thread).
-    pub(super) fn run_blocking<R, F>(
-        &self,
-        work: impl Fn(MultiplexedConnection) -> F,
-    ) -> Result<R, RedisError>
+    pub(super) fn run_blocking<R, F>(&self, work: impl Fn(Link) -> F) -> Result<R, RedisError>
     where
         F: Future<Output = Result<R, RedisError>>,
     {
@@ -140,19 +215,17 @@ impl Pool {
 
     async fn timed<T>(
         &self,
+        timeout: Duration,
         work: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, RedisError> {
-        tokio::time::timeout(self.io_timeout, work)
+        tokio::time::timeout(timeout, work)
             .await
             .unwrap_or_else(|_| Err(RedisError::Io(std::io::ErrorKind::TimedOut.into())))
     }
 
     /// The shared connection, opened now if it is not (unless the last open failed less than
     /// its backoff ago: then at once an error).
-    async fn connection(
-        &self,
-        shared: &Mutex<Shared>,
-    ) -> Result<MultiplexedConnection, RedisError> {
+    async fn connection(&self, shared: &Mutex<Shared>) -> Result<Link, RedisError> {
         let Ok(mut shared) = tokio::time::timeout(WAIT, shared.lock()).await else {
             return Err(RedisError::PoolFull(self.max));
         };
@@ -192,10 +265,11 @@ impl Pool {
         }
     }
 
-    /// Opens a connection on this pool's runtime (where its driver task then lives), to where
-    /// the target says now; with Sentinel, checked to be the primary.
-    async fn open(&self) -> Result<MultiplexedConnection, RedisError> {
+    /// Opens a connection on this pool's runtime (where its driver task then lives): to the
+    /// cluster, or to where the target says now (with Sentinel, checked to be the primary).
+    async fn open(&self) -> Result<Link, RedisError> {
         let (target, timeout) = (Arc::clone(&self.target), self.io_timeout);
+        let cluster = self.cluster.clone();
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
@@ -204,6 +278,10 @@ impl Pool {
         };
         let opened = runtime
             .spawn(async move {
+                if let Some(cluster) = cluster {
+                    let client = cluster.map_err(|e| RedisError::Io(std::io::Error::other(e)))?;
+                    return Ok(Link::Cluster(client.get_async_connection().await?));
+                }
                 let url = target.primary(timeout).await?;
                 let connected = async {
                     let mut conn = super::client::client(&url)?
@@ -213,7 +291,7 @@ impl Pool {
                         let role: redis::Value = redis::cmd("ROLE").query_async(&mut conn).await?;
                         check_primary(&role, &url)?;
                     }
-                    Ok(conn)
+                    Ok(Link::One(conn))
                 };
                 connected.await.map_err(|e| hide_password(e, &url))
             })

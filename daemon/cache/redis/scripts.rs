@@ -188,10 +188,25 @@ impl Script {
     /// On a shared (multiplexed) connection.
     pub(super) async fn run_async(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut super::pool::Link,
         args: &[Vec<u8>],
     ) -> Result<Reply, RedisError> {
-        let value: redis::Value = self.invocation(args).invoke_async(conn).await?;
+        self.run_keys_async::<&[u8]>(conn, &[], args).await
+    }
+
+    /// With its keys declared (`KEYS`): a Redis Cluster runs it on the node of their slot
+    /// (they all share one), and redirects it while that slot moves.
+    pub(super) async fn run_keys_async<K: AsRef<[u8]>>(
+        &self,
+        conn: &mut super::pool::Link,
+        keys: &[K],
+        args: &[Vec<u8>],
+    ) -> Result<Reply, RedisError> {
+        let mut invocation = self.invocation(args);
+        for key in keys {
+            invocation.key(key.as_ref());
+        }
+        let value: redis::Value = invocation.invoke_async(conn).await?;
         Ok(Reply::from(value))
     }
 }
