@@ -389,12 +389,20 @@ fn evicting_the_state_only_makes_the_daemon_empty_redis_and_start_again() {
         reply.text()
     );
     // The daemon removes every key under the prefix (values, marks, groups, anything) and
-    // starts again at its cursor.
+    // starts again at its cursor, with one stream entry telling app-local caches to drop all.
     let cursor = daemon.status()["cursor"].as_u64().expect("cursor");
     eventually("the daemon rebuilds redis", || {
         let keys = redis.cli(&["--scan", "--pattern", &format!("{PREFIX}*")]);
-        (keys.trim() == format!("{PREFIX}#state")).then_some(())
+        let mut keys: Vec<&str> = keys.lines().map(str::trim).collect();
+        keys.sort_unstable();
+        (keys == [format!("{PREFIX}#invalidations"), format!("{PREFIX}#state")]).then_some(())
     });
+    let stream = redis.cli(&["XRANGE", &format!("{PREFIX}#invalidations"), "-", "+"]);
+    assert!(stream.contains("\"all\":true"), "{stream}");
+    assert_eq!(
+        redis.cli(&["XLEN", &format!("{PREFIX}#invalidations")]),
+        "1"
+    );
     assert_eq!(
         redis.cli(&["HGET", &format!("{PREFIX}#state"), "applied"]),
         cursor.to_string()

@@ -290,6 +290,47 @@ fn a_subscriber_whose_last_entry_was_trimmed_away_drops_its_cache_once() {
     assert_eq!(drops[0]["dropped_whole"], BOOKS, "{drops:?}");
 }
 
+/// A subscriber connected but behind when Redis loses cachetail's data (here a FLUSHALL): the
+/// daemon rebuilds the namespace, the stream with it, so the entries the subscriber had not read
+/// yet are gone, and the new stream's ids are all above its last one: nothing tells it of what
+/// it missed but the rebuild's own `all` entry, first in the new stream. Without it, the book
+/// changed before the flush stayed stale in its local cache.
+#[test]
+fn a_subscriber_behind_when_redis_is_rebuilt_drops_what_the_lost_entries_covered() {
+    let (mut scenario, subscriber) = scenario("");
+    let subscriber = Reaped(subscriber);
+    let signal = |which: &str| {
+        let status = Command::new("kill")
+            .args([which, &subscriber.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {which}");
+    };
+    // Stopped, and past its XREAD's 200 ms wait: it has read nothing of what follows.
+    signal("-STOP");
+    std::thread::sleep(Duration::from_millis(400));
+    let review = |book: u64| {
+        scenario.catalog.python(&format!(
+            "con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES ({book}, 2, 1)')"
+        ));
+    };
+    review(2);
+    scenario.daemon.wait_caught_up();
+    assert_eq!(scenario.redis.cli(&["FLUSHALL"]), "OK");
+    // The next batch finds Redis's state gone: the daemon rebuilds, then applies it.
+    review(3);
+    scenario.daemon.wait_caught_up();
+    let entries = scenario
+        .redis
+        .cli(&["XRANGE", &format!("{PREFIX}#invalidations"), "-", "+"]);
+    assert!(
+        entries.contains("\"all\":true"),
+        "the new stream: {entries}"
+    );
+    signal("-CONT");
+    scenario.assert_subscriber_matches_database();
+}
+
 /// A child process killed when dropped (a failing test leaves no subscriber behind).
 struct Reaped(Child);
 

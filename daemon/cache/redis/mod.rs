@@ -37,6 +37,7 @@ mod cluster;
 mod pool;
 mod scripts;
 
+use batches::fan_out_message;
 pub use batches::{Invalidation, tag_group};
 use client::{Conn, RedisError, Reply, Target};
 use pool::Pool;
@@ -254,12 +255,35 @@ impl RedisStore {
             cursor.to_string().as_bytes(),
         ])?;
         self.seen.fetch_max(cursor, Ordering::AcqRel);
+        self.announce_rebuild(conn, cursor)?;
         tracing::warn!(
             redis_applied = ?applied,
             cursor,
             removed,
             "redis did not hold every applied invalidation (restarted, flushed, or a new outbox): its cachetail keys were removed"
         );
+        Ok(())
+    }
+
+    /// Tells app-local caches that everything must go (the namespace was rebuilt: the stream
+    /// went with it, and with it the entries a subscriber still connected had not read yet): an
+    /// `all` message, published and first in the new stream.
+    fn announce_rebuild(&self, conn: &mut Conn, cursor: u64) -> Result<(), RedisError> {
+        if self.channel.is_empty() {
+            return Ok(());
+        }
+        let message = fan_out_message(cursor, &[], &[], &[], true);
+        let stream = format!("{}#invalidations", self.prefix);
+        conn.cmd(&[
+            &b"XADD"[..],
+            stream.as_bytes(),
+            b"MAXLEN",
+            self.stream_max_len.to_string().as_bytes(),
+            b"*",
+            b"message",
+            message.as_bytes(),
+        ])?;
+        conn.cmd(&[&b"PUBLISH"[..], self.channel.as_bytes(), message.as_bytes()])?;
         Ok(())
     }
 
