@@ -79,7 +79,8 @@ fn text(conn: &mut Conn, args: &[&str]) -> Option<String> {
     }
 }
 
-/// The messages published on the channel, in order, until (and with) `last`.
+/// The messages published on the channel, in order, until (and with) `last`; but the `all`
+/// a rebuild announces (the store's first look at an empty Redis is one).
 fn messages_until(subscriber: &mut Conn, last: &str) -> Vec<String> {
     let mut seen = Vec::new();
     while seen.last().map(String::as_str) != Some(last) {
@@ -89,7 +90,10 @@ fn messages_until(subscriber: &mut Conn, last: &str) -> Vec<String> {
         {
             Reply::Array(parts) => match parts.as_slice() {
                 [Reply::Bulk(kind), _, Reply::Bulk(body)] if kind == b"message" => {
-                    seen.push(String::from_utf8_lossy(body).into_owned());
+                    let body = String::from_utf8_lossy(body).into_owned();
+                    if !body.starts_with(r#"{"all":true"#) {
+                        seen.push(body);
+                    }
                 }
                 _ => {}
             },
