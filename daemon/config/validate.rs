@@ -680,9 +680,8 @@ fn sentinels(raw: &RawCache, problems: &mut Problems<'_>) -> Option<Box<Sentinel
 }
 
 /// `cache.cluster`: the seed nodes of a Redis Cluster, each `host:port`, at least one. The
-/// `cache.url` then gives the user, the password and TLS; its host:port, if given, must be one
-/// of the seeds (a URL naming another server is a mistake), and its database 0 (a cluster has no
-/// other). A prefix holding `{` or `}` is refused: Redis would hash every key by the text between
+/// `cache.url` then gives the user, the password and TLS (its host:port is not used), and its
+/// database must be 0 (a cluster has no other). A prefix holding `{` or `}` is refused: Redis would hash every key by the text between
 /// them, putting the whole cache in one slot, and cachetail's bookkeeping names rely on theirs.
 fn cluster(
     seeds: &Spanned<Vec<Spanned<String>>>,
@@ -710,24 +709,16 @@ fn cluster(
             "`cache.prefix` must not hold `{` or `}` with `cache.cluster`: Redis would place every key by the text between them, all in one slot",
         );
     }
-    if let Some(text) = &raw.url {
-        if url.db != 0 {
-            problems.at(
-                text.span(),
-                "`cache.url`: a Redis Cluster has only database 0 (end the URL with /0 or nothing)",
-            );
-        }
-        let named = (url.host.clone(), url.port);
-        if !url.cluster.is_empty() && !url.cluster.contains(&named) {
-            problems.at(
-                text.span(),
-                format!(
-                    "`cache.url`'s host:port {}:{} is not among `cache.cluster`: with a cluster the URL gives the user, password and TLS; name one of the seeds there, or none (like rediss://user:password@)",
-                    named.0, named.1
-                ),
-            );
-        }
+    if let Some(text) = &raw.url
+        && url.db != 0
+    {
+        problems.at(
+            text.span(),
+            "`cache.url`: a Redis Cluster has only database 0 (end the URL with /0 or nothing)",
+        );
     }
+    // The URL's host:port is not used unless it is a seed (as with Sentinel, it may name any
+    // server): the crate needs an address, the first seed's.
     if let Some((host, port)) = url.cluster.first().cloned()
         && !url.cluster.contains(&(url.host.clone(), url.port))
     {
