@@ -272,7 +272,10 @@ impl RedisStore {
         if self.channel.is_empty() {
             return Ok(());
         }
-        let message = fan_out_message(cursor, &[], &[], &[], true);
+        // Never below a position published before (a daemon taking over may start from a
+        // durable cursor behind what its predecessor applied): `position` only grows.
+        let position = cursor.max(self.seen.load(Ordering::Acquire));
+        let message = fan_out_message(position, &[], &[], &[], true);
         let stream = format!("{}#invalidations", self.prefix);
         conn.cmd(&[
             &b"XADD"[..],
