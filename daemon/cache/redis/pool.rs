@@ -207,6 +207,10 @@ impl Pool {
     }
 
     async fn permit(&self) -> Result<SemaphorePermit<'_>, RedisError> {
+        // A free place is taken without arming a timer (the usual case, on every read).
+        if let Ok(permit) = self.in_flight.try_acquire() {
+            return Ok(permit);
+        }
         match tokio::time::timeout(WAIT, self.in_flight.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(RedisError::PoolFull(self.max)),
@@ -226,8 +230,12 @@ impl Pool {
     /// The shared connection, opened now if it is not (unless the last open failed less than
     /// its backoff ago: then at once an error).
     async fn connection(&self, shared: &Mutex<Shared>) -> Result<Link, RedisError> {
-        let Ok(mut shared) = tokio::time::timeout(WAIT, shared.lock()).await else {
-            return Err(RedisError::PoolFull(self.max));
+        let mut shared = match shared.try_lock() {
+            Ok(shared) => shared,
+            Err(_) => match tokio::time::timeout(WAIT, shared.lock()).await {
+                Ok(shared) => shared,
+                Err(_) => return Err(RedisError::PoolFull(self.max)),
+            },
         };
         if let Some(conn) = &shared.conn {
             return Ok(conn.clone());
