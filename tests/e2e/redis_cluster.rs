@@ -178,9 +178,15 @@ impl Cluster {
 
     /// `redis-cli -c` (follows redirects): reads a key wherever it lives, as an app server would.
     fn get(&self, key: &str) -> String {
+        self.redirected(&["GET", key])
+    }
+
+    /// `args` on the cluster, following redirects (`redis-cli -c`), the output trimmed.
+    fn redirected(&self, args: &[&str]) -> String {
         let output = Command::new("redis-cli")
             .args(["-c", "-h", "127.0.0.1", "-p", &self.live().to_string()])
-            .args(["--raw", "GET", key])
+            .arg("--raw")
+            .args(args)
             .output()
             .expect("redis-cli runs");
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
@@ -909,6 +915,13 @@ fn failover_losing_the_last_batch(prefix: &str, on_state_shard: bool) {
         let stored = cluster.get(&name);
         (stored.is_empty() || stored == daemon.get_uncached(&key).text()).then_some(())
     });
+    // App-local caches are told to drop everything: the rebuilt stream starts with `all`.
+    let stream = format!("{prefix}#invalidations");
+    let first = cluster.redirected(&["XRANGE", &stream, "-", "+", "COUNT", "1"]);
+    assert!(
+        first.contains("\"all\":true"),
+        "the rebuilt stream starts with {first}"
+    );
     ends_equal_to_the_database(&mut daemon, &cluster, prefix);
     daemon.stop();
     print_warnings(prefix, said.into_iter().chain(log.try_iter()));

@@ -622,7 +622,37 @@ impl RedisStore {
         c.loaded.store(true, Ordering::Release);
         c.rebuilds.fetch_add(1, Ordering::AcqRel);
         self.seen.fetch_max(cursor, Ordering::AcqRel);
+        self.cluster_announce_rebuild(c)?;
         Ok(removed)
+    }
+
+    /// The rebuild's `all` message, published and first in the new stream (see
+    /// `announce_rebuild`: a subscriber behind lost its unread entries with the old stream).
+    fn cluster_announce_rebuild(&self, c: &Cluster) -> Result<(), RedisError> {
+        if self.channel.is_empty() {
+            return Ok(());
+        }
+        let position = self.seen.load(Ordering::Acquire);
+        let message = super::fan_out_message(position, &[], &[], &[], true);
+        let max_len = self.stream_max_len.to_string();
+        let xadd = [
+            &b"XADD"[..],
+            c.stream.as_bytes(),
+            b"MAXLEN",
+            max_len.as_bytes(),
+            b"*",
+            b"message",
+            message.as_bytes(),
+        ];
+        let publish = [&b"PUBLISH"[..], self.channel.as_bytes(), message.as_bytes()];
+        self.pool.run_blocking(|mut conn| {
+            let (xadd, publish) = (&xadd, &publish);
+            async move {
+                cmd(&mut conn, xadd).await?;
+                cmd(&mut conn, publish).await
+            }
+        })?;
+        Ok(())
     }
 
     /// One command per slot state, a wave at a time.
