@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod auto;
+mod backend;
 pub mod check;
 pub mod diff;
 mod hosts;

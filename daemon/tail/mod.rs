@@ -333,7 +333,7 @@ impl Tail {
                 .saturating_add(1);
             tracing::warn!(
                 epoch,
-                redis_epoch = seen,
+                cache_epoch = seen,
                 raised_to = above,
                 "redis has seen a lease epoch at or above this one (the lease row was deleted or reset, e.g. by `uninstall` and `install` while daemons ran): raising the lease's epoch above it"
             );

@@ -32,14 +32,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::future::join_all;
 
-use super::client::{self, Conn, RedisError, Reply};
+use super::client::{self, RedisError, Reply};
+use super::cluster_scripts::{
+    BEGIN, CLAIM, FINISH, KEYS_OF_SLOT, MARK, READ, REGISTER, RESET, STORE,
+};
 use super::pool::Link;
 use super::scripts::Script;
-use super::{IO_TIMEOUT, Invalidation, MARK_TTL, RETIRED, RedisStore, glob_escape};
+use super::{Invalidation, MARK_TTL, RETIRED, RedisStore};
 
 pub(super) const SLOTS: usize = 16384;
 /// How long a batch or a rebuild may take on a cluster (one script per slot touched).
-const LONG: Duration = Duration::from_secs(60);
+pub(super) const LONG: Duration = Duration::from_secs(60);
 /// Scripts or commands sent at once, at most.
 const WAVE: usize = 256;
 /// The most keys one slot's script deletes.
@@ -100,141 +103,30 @@ pub(super) fn slot_tags() -> Vec<String> {
     tags
 }
 
-/// Reads a value, its slot's applied position and the value's TTL, atomically.
-const READ: &str = r#"
-return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'applied'), redis.call('PTTL', KEYS[1])}
-"#;
-
-const CLAIM: &str = r#"
-local epoch = tonumber(ARGV[1])
-local known = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-if known < epoch then redis.call('HSET', KEYS[1], 'epoch', epoch) end
-return known
-"#;
-
-/// A batch's start on the global state: refused if it lost state (-1) or another epoch took
-/// over (-2); records the epoch and the floor.
-const BEGIN: &str = r#"
-local applied = redis.call('HGET', KEYS[1], 'applied')
-if not applied or tonumber(applied) < tonumber(ARGV[1]) then return -1 end
-local epoch = tonumber(ARGV[2])
-local known = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-if known > epoch then return -2 end
-if epoch > known then redis.call('HSET', KEYS[1], 'epoch', epoch) end
-if tonumber(ARGV[3]) > tonumber(redis.call('HGET', KEYS[1], 'floor') or '0') then redis.call('HSET', KEYS[1], 'floor', ARGV[3]) end
-return 1
-"#;
-
-/// Raises a group's mark: from now on no fill read before it registers in the group.
-const MARK: &str = r#"
-local old = tonumber(redis.call('GET', KEYS[1]) or '0')
-redis.call('SET', KEYS[1], math.max(old, tonumber(ARGV[1])), 'PX', ARGV[2])
-return 1
-"#;
-
-/// One slot's share of a batch: KEYS are the slot's state, then (value, key mark) pairs; ARGV
-/// the batch's position, the marks' TTL, the slot's applied position this daemon expects at
-/// least, then per key the position below which its value goes and its new key mark.
-const KEYS_OF_SLOT: &str = r#"
-local applied = redis.call('HGET', KEYS[1], 'applied')
-if not applied or tonumber(applied) < tonumber(ARGV[3]) then return -1 end
-local pos, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-for j = 2, #KEYS, 2 do
-  local value, meta = KEYS[j], KEYS[j + 1]
-  local below, mark = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
-  if tonumber(redis.call('HGET', meta, 'v') or '0') < below then redis.call('UNLINK', value) end
-  if tonumber(redis.call('HGET', meta, 'i') or '0') < mark then redis.call('HSET', meta, 'i', mark) end
-  if redis.call('PTTL', meta) < ttl then redis.call('PEXPIRE', meta, ttl) end
-end
-if pos > tonumber(applied) then redis.call('HSET', KEYS[1], 'applied', pos) end
-return 1
-"#;
-
-/// A batch's end on the global state: the slots it touched recorded, its position applied,
-/// its message published and appended to the stream (KEYS: state, stream).
-const FINISH: &str = r#"
-local applied = redis.call('HGET', KEYS[1], 'applied')
-if not applied or tonumber(applied) < tonumber(ARGV[2]) then return -1 end
-if tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0') > tonumber(ARGV[3]) then return -2 end
-local pos = tonumber(ARGV[1])
-for j = 7, #ARGV do
-  local field = 's' .. ARGV[j]
-  if tonumber(redis.call('HGET', KEYS[1], field) or '0') < pos then redis.call('HSET', KEYS[1], field, pos) end
-end
-if pos > tonumber(applied) then redis.call('HSET', KEYS[1], 'applied', pos) end
-if ARGV[4] ~= '' then
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'message', ARGV[5])
-end
-return 1
-"#;
-
-/// A fill's registration in one of its groups (KEYS: the group's mark and set): refused (0)
-/// if the group was invalidated after the fill's read.
-const REGISTER: &str = r#"
-if tonumber(ARGV[1]) < tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
-if ARGV[4] == 'check' then return 1 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, 32)
-if #expired > 0 then redis.call('ZREM', KEYS[2], unpack(expired)) end
-local ttl = tonumber(ARGV[5])
-if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
-return 1
-"#;
-
-/// A fill's store in the value's slot (KEYS: value, key mark, slot state), as `STORE` on one
-/// server but for the groups (checked at registration).
-const STORE: &str = r#"
-local applied = redis.call('HGET', KEYS[3], 'applied')
-if not applied or tonumber(applied) < tonumber(ARGV[4]) then return -1 end
-local v = tonumber(ARGV[1])
-if v < tonumber(redis.call('HGET', KEYS[3], 'floor') or '0') then return 0 end
-local m = redis.call('HMGET', KEYS[2], 'i', 'v')
-if v < tonumber(m[1] or '0') then return 0 end
-if v < tonumber(m[2] or '0') then return 0 end
-local ttl = tonumber(ARGV[2])
-if ARGV[5] ~= 'check' then
-  redis.call('SET', KEYS[1], ARGV[3], 'PX', ttl)
-elseif v > tonumber(m[2] or '0') then
-  redis.call('UNLINK', KEYS[1])
-end
-if v > tonumber(m[2] or '0') then redis.call('HSET', KEYS[2], 'v', v) end
-if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
-return 1
-"#;
-
-/// A rebuild's start: the global state emptied but for the epoch (fencing never goes back).
-const RESET: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-redis.call('DEL', KEYS[1])
-if epoch then redis.call('HSET', KEYS[1], 'epoch', epoch) end
-return 1
-"#;
-
 /// What the daemon knows of a cluster: the names, the scripts, and per slot the last position
 /// applied to it.
 pub(super) struct Cluster {
-    prefix: String,
-    tags: Vec<String>,
-    state: String,
-    stream: String,
+    pub(super) prefix: String,
+    pub(super) tags: Vec<String>,
+    pub(super) state: String,
+    pub(super) stream: String,
     /// Per slot: the highest position this daemon knows the slot's state holds.
-    known: Vec<AtomicU64>,
+    pub(super) known: Vec<AtomicU64>,
     /// `known` was loaded from the global state since the last rebuild.
-    loaded: AtomicBool,
-    rebuilds: AtomicU64,
+    pub(super) loaded: AtomicBool,
+    pub(super) rebuilds: AtomicU64,
     /// A slot was found to have lost state: the rebuild count + 1 when seen (a loss seen
     /// during a rebuild is not one).
-    lost: AtomicU64,
-    read: Script,
-    claim: Script,
-    begin: Script,
-    mark: Script,
-    keys_of_slot: Script,
-    finish: Script,
-    register: Script,
-    store: Script,
-    reset: Script,
+    pub(super) lost: AtomicU64,
+    pub(super) read: Script,
+    pub(super) claim: Script,
+    pub(super) begin: Script,
+    pub(super) mark: Script,
+    pub(super) keys_of_slot: Script,
+    pub(super) finish: Script,
+    pub(super) register: Script,
+    pub(super) store: Script,
+    pub(super) reset: Script,
 }
 
 impl Cluster {
@@ -275,7 +167,7 @@ impl Cluster {
         format!("{}#m:{{{}}}{key}", self.prefix, self.tags[self.slot(key)])
     }
 
-    fn slot_state(&self, slot: usize) -> String {
+    pub(super) fn slot_state(&self, slot: usize) -> String {
         format!("{}#s:{{{}}}", self.prefix, self.tags[slot])
     }
 
@@ -296,17 +188,17 @@ impl Cluster {
     }
 }
 
-async fn cmd(conn: &mut Link, args: &[&[u8]]) -> Result<Reply, RedisError> {
+pub(super) async fn cmd(conn: &mut Link, args: &[&[u8]]) -> Result<Reply, RedisError> {
     let value: redis::Value = client::command(args).query_async(conn).await?;
     Ok(Reply::from(value))
 }
 
-fn int(reply: Option<&Reply>) -> Option<u64> {
+pub(super) fn int(reply: Option<&Reply>) -> Option<u64> {
     reply.and_then(Reply::as_int).map(|n| n.max(0) as u64)
 }
 
 /// Runs `futures` at most `WAVE` at a time; their results in order.
-async fn in_waves<T, F: Future<Output = T>>(futures: Vec<F>) -> Vec<T> {
+pub(super) async fn in_waves<T, F: Future<Output = T>>(futures: Vec<F>) -> Vec<T> {
     let mut results = Vec::with_capacity(futures.len());
     let mut futures = futures.into_iter().peekable();
     while futures.peek().is_some() {
@@ -316,7 +208,7 @@ async fn in_waves<T, F: Future<Output = T>>(futures: Vec<F>) -> Vec<T> {
 }
 
 impl RedisStore {
-    fn cluster(&self) -> Result<&Cluster, RedisError> {
+    pub(super) fn cluster(&self) -> Result<&Cluster, RedisError> {
         self.cluster
             .as_ref()
             .ok_or_else(|| RedisError::Protocol("not a cluster".into()))
@@ -508,206 +400,6 @@ impl RedisStore {
         }
     }
 
-    /// `reconcile` on a cluster: trusted if the global
-    /// state holds at least `cursor` (and at most `head`) and no slot was seen to have lost
-    /// state; else rebuilt. Blocking.
-    pub(super) fn cluster_reconcile(
-        &self,
-        cursor: u64,
-        head: Option<u64>,
-    ) -> Result<(), RedisError> {
-        let c = self.cluster()?;
-        let _tail = self.apply_conn.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.cluster_reconcile_on(c, cursor, head);
-        self.note(&result);
-        result
-    }
-
-    fn cluster_reconcile_on(
-        &self,
-        c: &Cluster,
-        cursor: u64,
-        head: Option<u64>,
-    ) -> Result<(), RedisError> {
-        let state = [&b"HGETALL"[..], c.state.as_bytes()];
-        let all = self.pool.run_blocking(|mut conn| {
-            let state = &state;
-            async move { cmd(&mut conn, state).await }
-        })?;
-        let Reply::Array(all) = all else {
-            return Err(RedisError::Protocol(
-                "HGETALL did not answer an array".into(),
-            ));
-        };
-        let mut fields = BTreeMap::new();
-        for pair in all.chunks(2) {
-            if let [Reply::Bulk(name), value] = pair {
-                fields.insert(String::from_utf8_lossy(name).into_owned(), int(Some(value)));
-            }
-        }
-        let applied = fields.get("applied").copied().flatten();
-        let trustworthy = applied.is_some_and(|a| a >= cursor && head.is_none_or(|h| a <= h));
-        let lost = c.lost.load(Ordering::Acquire) > c.rebuilds.load(Ordering::Acquire);
-        if trustworthy && !lost {
-            self.seen.fetch_max(applied.unwrap_or(0), Ordering::AcqRel);
-            if !c.loaded.swap(true, Ordering::AcqRel) {
-                for (name, position) in &fields {
-                    let slot = name.strip_prefix('s').and_then(|s| s.parse::<usize>().ok());
-                    if let (Some(slot), Some(position)) = (slot.filter(|s| *s < SLOTS), position) {
-                        c.known[slot].fetch_max(*position, Ordering::AcqRel);
-                    }
-                }
-            }
-            return Ok(());
-        }
-        let removed = self.cluster_rebuild(c, cursor)?;
-        tracing::warn!(
-            redis_applied = ?applied,
-            cursor,
-            removed,
-            slot_lost = lost,
-            "the redis cluster did not hold every applied invalidation (a node restarted or failed over, flushed, or a new outbox): its cachetail keys were removed"
-        );
-        Ok(())
-    }
-
-    /// Removes every cachetail key from every primary and starts the state at `cursor`: the
-    /// global state first (reads refuse), then every slot's state (stores refuse), then the
-    /// rest, then every slot's state again with `floor` = `cursor`, then the global state.
-    fn cluster_rebuild(&self, c: &Cluster, cursor: u64) -> Result<u64, RedisError> {
-        let position = cursor.to_string();
-        let state = [c.state.as_bytes()];
-        self.pool.run_blocking(|mut conn| {
-            let state = &state;
-            async move { c.reset.run_keys_async(&mut conn, state, &[]).await }
-        })?;
-        let slot_states: Vec<String> = (0..SLOTS).map(|s| c.slot_state(s)).collect();
-        self.each_slot_state(&slot_states, |name| {
-            vec![b"DEL".to_vec(), name.as_bytes().to_vec()]
-        })?;
-        let mut removed = 0;
-        for (host, port) in self.primaries()? {
-            let mut url = self.url.clone();
-            (url.host, url.port) = (host, port);
-            let mut conn = Conn::connect(&url, IO_TIMEOUT, false)?;
-            removed += remove_from_node(&mut conn, &c.prefix, &c.state)?;
-        }
-        for known in &c.known {
-            known.store(0, Ordering::Release);
-        }
-        self.each_slot_state(&slot_states, |name| {
-            [
-                b"HSET",
-                name.as_bytes(),
-                b"applied",
-                position.as_bytes(),
-                b"floor",
-                position.as_bytes(),
-            ]
-            .map(<[u8]>::to_vec)
-            .to_vec()
-        })?;
-        let set = [
-            &b"HSET"[..],
-            c.state.as_bytes(),
-            b"applied",
-            position.as_bytes(),
-            b"floor",
-            position.as_bytes(),
-        ];
-        self.pool.run_blocking(|mut conn| {
-            let set = &set;
-            async move { cmd(&mut conn, set).await }
-        })?;
-        c.loaded.store(true, Ordering::Release);
-        c.rebuilds.fetch_add(1, Ordering::AcqRel);
-        self.seen.fetch_max(cursor, Ordering::AcqRel);
-        self.cluster_announce_rebuild(c)?;
-        Ok(removed)
-    }
-
-    /// The rebuild's `all` message, published and first in the new stream (see
-    /// `announce_rebuild`: a subscriber behind lost its unread entries with the old stream).
-    fn cluster_announce_rebuild(&self, c: &Cluster) -> Result<(), RedisError> {
-        if self.channel.is_empty() {
-            return Ok(());
-        }
-        let position = self.seen.load(Ordering::Acquire);
-        let message = super::fan_out_message(position, &[], &[], &[], true);
-        let max_len = self.stream_max_len.to_string();
-        let xadd = [
-            &b"XADD"[..],
-            c.stream.as_bytes(),
-            b"MAXLEN",
-            max_len.as_bytes(),
-            b"*",
-            b"message",
-            message.as_bytes(),
-        ];
-        let publish = [&b"PUBLISH"[..], self.channel.as_bytes(), message.as_bytes()];
-        self.pool.run_blocking(|mut conn| {
-            let (xadd, publish) = (&xadd, &publish);
-            async move {
-                cmd(&mut conn, xadd).await?;
-                cmd(&mut conn, publish).await
-            }
-        })?;
-        Ok(())
-    }
-
-    /// One command per slot state, a wave at a time.
-    fn each_slot_state(
-        &self,
-        names: &[String],
-        command: impl Fn(&str) -> Vec<Vec<u8>>,
-    ) -> Result<(), RedisError> {
-        let commands: Vec<Vec<Vec<u8>>> = names.iter().map(|n| command(n)).collect();
-        let commands = &commands;
-        self.pool.run_blocking_for(LONG, |conn| async move {
-            let sends = commands.iter().map(|args| {
-                let mut conn = conn.clone();
-                async move {
-                    let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-                    cmd(&mut conn, &args).await
-                }
-            });
-            for sent in in_waves(sends.collect()).await {
-                sent?;
-            }
-            Ok(())
-        })
-    }
-
-    /// The primaries' addresses (CLUSTER SLOTS).
-    fn primaries(&self) -> Result<Vec<(String, u16)>, RedisError> {
-        let reply = self.pool.run_blocking(|mut conn| async move {
-            cmd(&mut conn, &[b"CLUSTER", b"SLOTS"]).await
-        })?;
-        let Reply::Array(ranges) = reply else {
-            return Err(RedisError::Protocol(
-                "CLUSTER SLOTS did not answer an array".into(),
-            ));
-        };
-        let mut primaries = Vec::new();
-        for range in ranges {
-            let Reply::Array(parts) = range else { continue };
-            let Some(Reply::Array(node)) = parts.get(2) else {
-                continue;
-            };
-            let host = match node.first() {
-                Some(Reply::Bulk(h)) if !h.is_empty() => String::from_utf8_lossy(h).into_owned(),
-                _ => self.url.host.clone(),
-            };
-            let port = int(node.get(1)).and_then(|p| u16::try_from(p).ok());
-            if let Some(port) = port
-                && !primaries.contains(&(host.clone(), port))
-            {
-                primaries.push((host, port));
-            }
-        }
-        Ok(primaries)
-    }
-
     /// `apply` on a cluster. Blocking (the tail thread).
     pub(super) fn cluster_apply(
         &self,
@@ -788,58 +480,12 @@ impl RedisStore {
         for marked in in_waves(marks.collect()).await {
             marked?;
         }
-        // Each key to delete: the position below which its value goes, and its new key mark.
-        let mut targets: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for (group, mark) in &batch.groups {
-            let key_mark = if *mark >= RETIRED { pos } else { *mark };
-            for member in group_members(&mut conn, &c.group_set(group)).await? {
-                let entry = targets.entry(member).or_insert((0, 0));
-                *entry = (entry.0.max(*mark), entry.1.max(key_mark));
-            }
-        }
-        for key in &batch.keys {
-            targets.insert(key.clone(), (ALWAYS, pos));
-        }
-        let mut by_slot: BTreeMap<usize, Vec<(String, u64, u64)>> = BTreeMap::new();
-        for (key, (below, mark)) in targets {
-            // No family stores a key beginning with `#` (see `apply_args`).
-            if !key.starts_with('#') {
-                by_slot
-                    .entry(c.slot(&key))
-                    .or_default()
-                    .push((key, below, mark));
-            }
-        }
-        let scripts = by_slot.iter().flat_map(|(slot, keys)| {
-            keys.chunks(PER_SCRIPT).map(|chunk| {
-                let mut conn = conn.clone();
-                let mut names = vec![c.slot_state(*slot)];
-                let mut args = vec![
-                    pos.to_string().into_bytes(),
-                    mark_ttl.clone(),
-                    c.known[*slot]
-                        .load(Ordering::Acquire)
-                        .to_string()
-                        .into_bytes(),
-                ];
-                for (key, below, mark) in chunk {
-                    names.extend([c.value(key), c.meta(key)]);
-                    args.extend([
-                        below.to_string().into_bytes(),
-                        mark.to_string().into_bytes(),
-                    ]);
-                }
-                async move {
-                    c.keys_of_slot
-                        .run_keys_async(&mut conn, &names, &args)
-                        .await
-                }
-            })
-        });
-        for done in in_waves(scripts.collect()).await {
-            if done?.as_int() != Some(1) {
-                return Ok(-1);
-            }
+        let by_slot = cluster_targets(c, &mut conn, batch).await?;
+        if !self
+            .cluster_delete_in_slots(c, &conn, &by_slot, pos, &mark_ttl)
+            .await?
+        {
+            return Ok(-1);
         }
         let mut args = vec![
             pos.to_string().into_bytes(),
@@ -862,6 +508,50 @@ impl RedisStore {
             }
         }
         Ok(finished)
+    }
+
+    /// Deletes each slot's targets (in scripts of at most `PER_SCRIPT` keys, a wave at a time),
+    /// raising their key marks and the slot's applied position. False: a slot lost its state.
+    async fn cluster_delete_in_slots(
+        &self,
+        c: &Cluster,
+        conn: &Link,
+        by_slot: &BySlot,
+        pos: u64,
+        mark_ttl: &[u8],
+    ) -> Result<bool, RedisError> {
+        let scripts = by_slot.iter().flat_map(|(slot, keys)| {
+            keys.chunks(PER_SCRIPT).map(|chunk| {
+                let mut conn = conn.clone();
+                let mut names = vec![c.slot_state(*slot)];
+                let mut args = vec![
+                    pos.to_string().into_bytes(),
+                    mark_ttl.to_vec(),
+                    c.known[*slot]
+                        .load(Ordering::Acquire)
+                        .to_string()
+                        .into_bytes(),
+                ];
+                for (key, below, mark) in chunk {
+                    names.extend([c.value(key), c.meta(key)]);
+                    args.extend([
+                        below.to_string().into_bytes(),
+                        mark.to_string().into_bytes(),
+                    ]);
+                }
+                async move {
+                    c.keys_of_slot
+                        .run_keys_async(&mut conn, &names, &args)
+                        .await
+                }
+            })
+        });
+        for done in in_waves(scripts.collect()).await {
+            if done?.as_int() != Some(1) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// `count` on a cluster: each group's set in its own slot.
@@ -888,6 +578,40 @@ impl RedisStore {
         }
         result
     }
+}
+
+/// A batch's keys to delete, by slot: each with the position below which its value goes and
+/// its new key mark (a group's members, read before its mark; the batch's own keys, always).
+type BySlot = BTreeMap<usize, Vec<(String, u64, u64)>>;
+
+async fn cluster_targets(
+    c: &Cluster,
+    conn: &mut Link,
+    batch: &Invalidation,
+) -> Result<BySlot, RedisError> {
+    let pos = batch.position;
+    let mut targets: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (group, mark) in &batch.groups {
+        let key_mark = if *mark >= RETIRED { pos } else { *mark };
+        for member in group_members(conn, &c.group_set(group)).await? {
+            let entry = targets.entry(member).or_insert((0, 0));
+            *entry = (entry.0.max(*mark), entry.1.max(key_mark));
+        }
+    }
+    for key in &batch.keys {
+        targets.insert(key.clone(), (ALWAYS, pos));
+    }
+    let mut by_slot = BySlot::new();
+    for (key, (below, mark)) in targets {
+        // No family stores a key beginning with `#` (see `apply_args`).
+        if !key.starts_with('#') {
+            by_slot
+                .entry(c.slot(&key))
+                .or_default()
+                .push((key, below, mark));
+        }
+    }
+    Ok(by_slot)
 }
 
 /// Whether a `READ` reply shows its slot holding at least `expected`.
@@ -922,46 +646,6 @@ async fn group_members(conn: &mut Link, set: &str) -> Result<Vec<String>, RedisE
         }));
         if next == b"0" {
             return Ok(members);
-        }
-        cursor = next;
-    }
-}
-
-/// Removes every key under `prefix` from one node but `keep` (SCAN; one UNLINK per key, as keys
-/// of different slots cannot go in one command). Returns how many.
-fn remove_from_node(conn: &mut Conn, prefix: &str, keep: &str) -> Result<u64, RedisError> {
-    let pattern = format!("{}*", glob_escape(prefix));
-    let mut cursor = b"0".to_vec();
-    let mut removed = 0;
-    loop {
-        let reply = conn.cmd(&[
-            &b"SCAN"[..],
-            &cursor,
-            b"MATCH",
-            pattern.as_bytes(),
-            b"COUNT",
-            b"1000",
-        ])?;
-        let Reply::Array(mut parts) = reply else {
-            return Err(RedisError::Protocol("SCAN did not answer an array".into()));
-        };
-        let (Some(Reply::Array(keys)), Some(Reply::Bulk(next))) = (parts.pop(), parts.pop()) else {
-            return Err(RedisError::Protocol("SCAN answered an odd shape".into()));
-        };
-        let mut pipe = redis::pipe();
-        for key in keys {
-            if let Reply::Bulk(key) = key
-                && key != keep.as_bytes()
-            {
-                pipe.add_command(client::command(&[&b"UNLINK"[..], &key]));
-                removed += 1;
-            }
-        }
-        if !pipe.is_empty() {
-            let _: Vec<redis::Value> = pipe.query(conn.inner())?;
-        }
-        if next == b"0" {
-            return Ok(removed);
         }
         cursor = next;
     }
