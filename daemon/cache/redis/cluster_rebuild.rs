@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::client::{self, Conn, RedisError, Reply};
 use super::cluster::{Cluster, LONG, SLOTS, cmd, in_waves, int};
-use super::{IO_TIMEOUT, RedisStore, glob_escape};
+use super::{IO_TIMEOUT, RedisStore};
 
 impl RedisStore {
     /// `reconcile` on a cluster: trusted if the global
@@ -214,39 +214,12 @@ impl RedisStore {
 /// Removes every key under `prefix` from one node but `keep` (SCAN; one UNLINK per key, as keys
 /// of different slots cannot go in one command). Returns how many.
 fn remove_from_node(conn: &mut Conn, prefix: &str, keep: &str) -> Result<u64, RedisError> {
-    let pattern = format!("{}*", glob_escape(prefix));
-    let mut cursor = b"0".to_vec();
-    let mut removed = 0;
-    loop {
-        let reply = conn.cmd(&[
-            &b"SCAN"[..],
-            &cursor,
-            b"MATCH",
-            pattern.as_bytes(),
-            b"COUNT",
-            b"1000",
-        ])?;
-        let Reply::Array(mut parts) = reply else {
-            return Err(RedisError::Protocol("SCAN did not answer an array".into()));
-        };
-        let (Some(Reply::Array(keys)), Some(Reply::Bulk(next))) = (parts.pop(), parts.pop()) else {
-            return Err(RedisError::Protocol("SCAN answered an odd shape".into()));
-        };
+    super::rebuild::remove_scanned(conn, prefix, keep, |conn, keys| {
         let mut pipe = redis::pipe();
         for key in keys {
-            if let Reply::Bulk(key) = key
-                && key != keep.as_bytes()
-            {
-                pipe.add_command(client::command(&[&b"UNLINK"[..], &key]));
-                removed += 1;
-            }
+            pipe.add_command(client::command(&[&b"UNLINK"[..], &key]));
         }
-        if !pipe.is_empty() {
-            let _: Vec<redis::Value> = pipe.query(conn.inner())?;
-        }
-        if next == b"0" {
-            return Ok(removed);
-        }
-        cursor = next;
-    }
+        let _: Vec<redis::Value> = pipe.query(conn.inner())?;
+        Ok(())
+    })
 }

@@ -194,10 +194,7 @@ impl Pool {
     where
         F: Future<Output = Result<R, RedisError>>,
     {
-        match &self.runtime {
-            Some(runtime) => runtime.block_on(self.run(work)),
-            None => Err(RedisError::Io(std::io::ErrorKind::NotConnected.into())),
-        }
+        self.run_blocking_for(self.io_timeout, work)
     }
 
     /// Runs `work` on this pool's runtime, blocking (for the tail thread's Sentinel lookups:

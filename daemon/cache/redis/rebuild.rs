@@ -101,45 +101,13 @@ impl RedisStore {
     }
 
     /// Removes every key under the prefix but `keep` (SCAN, not KEYS: never blocks Redis for
-    /// long).
+    /// long), a page at a time in one UNLINK.
     pub(super) fn remove_namespace(&self, conn: &mut Conn, keep: &str) -> Result<u64, RedisError> {
-        let pattern = format!("{}*", glob_escape(&self.prefix));
-        let mut cursor = b"0".to_vec();
-        let mut removed = 0u64;
-        loop {
-            let reply = conn.cmd(&[
-                &b"SCAN"[..],
-                &cursor,
-                b"MATCH",
-                pattern.as_bytes(),
-                b"COUNT",
-                b"1000",
-            ])?;
-            let Reply::Array(mut parts) = reply else {
-                return Err(RedisError::Protocol("SCAN did not answer an array".into()));
-            };
-            let (Some(Reply::Array(keys)), Some(Reply::Bulk(next))) = (parts.pop(), parts.pop())
-            else {
-                return Err(RedisError::Protocol("SCAN answered an odd shape".into()));
-            };
-            let keys: Vec<Vec<u8>> = keys
-                .into_iter()
-                .filter_map(|k| match k {
-                    Reply::Bulk(k) if k != keep.as_bytes() => Some(k),
-                    _ => None,
-                })
-                .collect();
-            if !keys.is_empty() {
-                let mut command = vec![b"UNLINK".to_vec()];
-                removed += keys.len() as u64;
-                command.extend(keys);
-                conn.cmd(&command)?;
-            }
-            if next == b"0" {
-                return Ok(removed);
-            }
-            cursor = next;
-        }
+        remove_scanned(conn, &self.prefix, keep, |conn, keys| {
+            let mut command = vec![b"UNLINK".to_vec()];
+            command.extend(keys);
+            conn.cmd(&command).map(drop)
+        })
     }
 
     /// Reconciles again if Redis failed or lost state since the last look, and at least every
@@ -156,5 +124,49 @@ impl RedisStore {
         *probed_at = Some(std::time::Instant::now());
         drop(probed_at);
         self.reconcile(cursor, None)
+    }
+}
+
+/// Every key under `prefix` but `keep`, a SCAN page at a time (never blocking Redis for long),
+/// handed to `remove`; returns how many.
+pub(super) fn remove_scanned(
+    conn: &mut Conn,
+    prefix: &str,
+    keep: &str,
+    mut remove: impl FnMut(&mut Conn, Vec<Vec<u8>>) -> Result<(), RedisError>,
+) -> Result<u64, RedisError> {
+    let pattern = format!("{}*", glob_escape(prefix));
+    let mut cursor = b"0".to_vec();
+    let mut removed = 0u64;
+    loop {
+        let reply = conn.cmd(&[
+            &b"SCAN"[..],
+            &cursor,
+            b"MATCH",
+            pattern.as_bytes(),
+            b"COUNT",
+            b"1000",
+        ])?;
+        let Reply::Array(mut parts) = reply else {
+            return Err(RedisError::Protocol("SCAN did not answer an array".into()));
+        };
+        let (Some(Reply::Array(keys)), Some(Reply::Bulk(next))) = (parts.pop(), parts.pop()) else {
+            return Err(RedisError::Protocol("SCAN answered an odd shape".into()));
+        };
+        let keys: Vec<Vec<u8>> = keys
+            .into_iter()
+            .filter_map(|k| match k {
+                Reply::Bulk(k) if k != keep.as_bytes() => Some(k),
+                _ => None,
+            })
+            .collect();
+        if !keys.is_empty() {
+            removed += keys.len() as u64;
+            remove(conn, keys)?;
+        }
+        if next == b"0" {
+            return Ok(removed);
+        }
+        cursor = next;
     }
 }
