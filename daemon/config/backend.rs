@@ -118,7 +118,7 @@ fn tls_ca(
         return None;
     }
     let path = base.join(raw.get_ref());
-    match std::fs::read(&path) {
+    match read_ca_file(&path) {
         Err(e) => problems.at(
             raw.span(),
             format!(
@@ -264,4 +264,30 @@ fn stream_max_len(raw: &RawCache, problems: &mut Problems<'_>) -> u64 {
         MAX_STREAM_LEN,
         problems,
     )
+}
+
+/// A CA file's bytes, at most this many: a bundle of every public root is about 200 KiB.
+const MAX_CA_FILE: u64 = 1 << 20;
+
+/// Reads `[cache] tls_ca`: a regular file of at most `MAX_CA_FILE` bytes (not a device that never
+/// ends, like `/dev/zero`, nor a FIFO that blocks until a writer comes).
+pub fn read_ca_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    // Looked at before it is opened: opening a FIFO blocks.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let file = std::fs::File::open(path)?;
+    let mut pem = Vec::new();
+    file.take(MAX_CA_FILE + 1).read_to_end(&mut pem)?;
+    if pem.len() as u64 > MAX_CA_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("over {MAX_CA_FILE} bytes: not a file of CA certificates"),
+        ));
+    }
+    Ok(pem)
 }

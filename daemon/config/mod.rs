@@ -22,6 +22,7 @@ use std::time::Duration;
 
 mod auto;
 mod backend;
+pub use backend::read_ca_file;
 pub mod check;
 pub mod diff;
 mod hosts;

@@ -285,3 +285,49 @@ fn rediss_with_a_ca_that_did_not_sign_the_server_answers_from_the_database_and_s
     }
     daemon.stop();
 }
+
+/// A `tls_ca` that is no file of certificates: `/dev/zero` (endless) or a FIFO (blocks until a
+/// writer comes). `cachetail check` refuses each at once with its place in the file, instead of
+/// reading forever (memory without bound) or hanging.
+#[test]
+fn a_tls_ca_that_is_endless_or_no_regular_file_is_refused_at_once() {
+    let catalog = Catalog::new();
+    let fifo = catalog.path().join("ca.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    for ca in [Path::new("/dev/zero"), fifo.as_path()] {
+        let config =
+            catalog.write_config(&tls_config(free_port(), "rediss://127.0.0.1:6390/0", ca));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cachetail check");
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(15) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "`cachetail check` still runs after 15 s with tls_ca = {}",
+                    ca.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert!(!status.success(), "{} accepted: {stderr}", ca.display());
+        assert!(
+            stderr.contains("cache.tls_ca") && stderr.contains("regular file"),
+            "{}: {stderr}",
+            ca.display()
+        );
+    }
+}

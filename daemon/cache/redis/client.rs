@@ -196,7 +196,7 @@ fn connection_info(url: &RedisUrl, host: &str, port: u16) -> Result<ConnectionIn
 fn ca_certificates(url: &RedisUrl) -> Result<Option<redis::TlsCertificates>, RedisError> {
     match &url.tls_ca {
         Some(path) if url.tls => {
-            let pem = std::fs::read(path).map_err(|e| {
+            let pem = crate::config::read_ca_file(path).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
                     format!("cannot read `[cache] tls_ca` {}: {e}", path.display()),
