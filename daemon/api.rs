@@ -35,6 +35,12 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     /// Values cached (None: Redis could not say).
     pub entries: Option<u64>,
+    /// With `[cache] max_bytes` (in memory): the bytes the values take, counted as the bound
+    /// counts them (keys, bodies, tags, per-entry overhead), and the bound. Else absent.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_bytes: Option<u64>,
     pub write_behind_queue: u64,
     pub warm: Warm,
     pub paused: bool,

@@ -309,7 +309,6 @@ mod tests {
     use crate::config::{Config, Reads};
     use crate::db::ReadPool;
     use crate::registry::Registry;
-    use bytes::Bytes;
     use std::path::Path;
 
     fn cache() -> (Cache, Arc<FamilyState>) {
@@ -342,7 +341,7 @@ mod tests {
         // Its read transaction found capture paused: writes since may have no outbox row.
         let computed = Computed {
             version: 5,
-            body: Some(Bytes::from_static(b"{\"id\":1}")),
+            body: Some(b"{\"id\":1}".as_slice().into()),
             paused: true,
             schema_version: 0,
         };

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::{Entry, FillError, FillOutcome};
+use crate::db::Body;
 use crate::registry::FamilyState;
 
 /// The receiving side of a flight: resolves once the fill is done.
@@ -75,7 +75,7 @@ pub enum Begin {
 /// A computed value, ready to store: its version, its body (None: no row), its rendered tags.
 pub struct Filled {
     pub version: u64,
-    pub body: Option<Bytes>,
+    pub body: Option<Body>,
     pub tags: Box<[Arc<str>]>,
 }
 

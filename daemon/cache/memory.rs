@@ -16,26 +16,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use compact_str::CompactString;
 use moka::Expiry;
 
 use super::Entry;
 use crate::registry::FamilyState;
 
+/// A key as moka holds it: moka wraps every key in an `Arc` of its own, so a key of up to 24
+/// bytes is kept inline there, with no allocation of its own (48 bytes an entry saved).
+type Key = CompactString;
+
 struct PerEntryTtl;
 
-impl Expiry<Arc<str>, Arc<Entry>> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _: &Arc<str>,
-        value: &Arc<Entry>,
-        _: Instant,
-    ) -> Option<Duration> {
+impl Expiry<Key, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(&self, _: &Key, value: &Arc<Entry>, _: Instant) -> Option<Duration> {
         Some(value.family.def.ttl)
     }
 
     fn expire_after_update(
         &self,
-        _: &Arc<str>,
+        _: &Key,
         value: &Arc<Entry>,
         _: Instant,
         _: Option<Duration>,
@@ -48,9 +48,45 @@ impl Expiry<Arc<str>, Arc<Entry>> for PerEntryTtl {
 /// stays bounded whatever tags the rules render.
 const MAX_TAG_MARKS: usize = 1_000_000;
 
+/// What moka and this store spend on one entry beyond its key, body and tags: moka's own
+/// (its hash table, entry, policy nodes and per-entry expiry: 353 bytes measured with these
+/// keys and empty values, moka 0.12), the `Entry` (96 bytes with its allocation's header) and
+/// the body's allocation header: 500 bytes measured in all (`cachetail bench --only memory`).
+pub const ENTRY_OVERHEAD: u64 = 500;
+
+/// What one more tag costs an entry: its `Arc<str>` (header and allocation) and its slot.
+const TAG_OVERHEAD: u64 = 48;
+
+/// The bytes an entry takes, counted as `max_bytes` counts them: its key (beyond what fits
+/// inline), body and tags, and the per-entry overhead.
+pub fn entry_bytes(key: &str, entry: &Entry) -> u64 {
+    let key_heap = if key.len() > 24 {
+        key.len() as u64 + 16
+    } else {
+        0
+    };
+    let body = entry.body.as_ref().map_or(0, |b| b.len() as u64);
+    let tags: u64 = entry
+        .tags
+        .iter()
+        .map(|t| t.len() as u64 + TAG_OVERHEAD)
+        .sum();
+    ENTRY_OVERHEAD + key_heap + body + tags
+}
+
+/// How the store is bounded: by a count of values, or by the bytes they take (`max_bytes`),
+/// optionally with a count too (each value then weighs at least `max_bytes / max_entries`, so
+/// neither bound is passed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub max_entries: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
 /// Values and invalidation marks.
 pub struct MemoryStore {
-    entries: moka::sync::Cache<Arc<str>, Arc<Entry>>,
+    entries: moka::sync::Cache<Key, Arc<Entry>>,
+    bounds: Bounds,
     tag_marks: RwLock<HashMap<Arc<str>, u64>>,
     /// The highest tag mark: a value at least this recent needs no tag look-up.
     max_tag_mark: AtomicU64,
@@ -59,12 +95,28 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    pub fn new(max_entries: u64) -> MemoryStore {
-        MemoryStore {
-            entries: moka::sync::Cache::builder()
-                .max_capacity(max_entries)
-                .expire_after(PerEntryTtl)
+    pub fn new(bounds: Bounds) -> MemoryStore {
+        let builder = moka::sync::Cache::builder().expire_after(PerEntryTtl);
+        let entries = match bounds.max_bytes {
+            None => builder
+                .max_capacity(bounds.max_entries.unwrap_or(u64::MAX))
                 .build(),
+            Some(max_bytes) => {
+                let least = bounds
+                    .max_entries
+                    .map_or(0, |n| max_bytes.div_ceil(n.max(1)));
+                builder
+                    .max_capacity(max_bytes)
+                    .weigher(move |key: &Key, entry: &Arc<Entry>| {
+                        let bytes = entry_bytes(key, entry).max(least);
+                        u32::try_from(bytes).unwrap_or(u32::MAX)
+                    })
+                    .build()
+            }
+        };
+        MemoryStore {
+            entries,
+            bounds,
             tag_marks: RwLock::new(HashMap::new()),
             max_tag_mark: AtomicU64::new(0),
             floor: AtomicU64::new(0),
@@ -104,13 +156,13 @@ impl MemoryStore {
         if !self.is_current(entry) {
             return false;
         }
-        if let Some(existing) = self.entries.get(key)
+        if let Some(existing) = self.entries.get(&**key)
             && existing.version > entry.version
             && self.is_current(&existing)
         {
             return false;
         }
-        self.entries.insert(Arc::clone(key), Arc::clone(entry));
+        self.entries.insert(Key::from(&**key), Arc::clone(entry));
         true
     }
 
@@ -149,7 +201,7 @@ impl MemoryStore {
         self.entries
             .iter()
             .take(limit)
-            .map(|(key, _)| Arc::clone(&*key))
+            .map(|(key, _)| Arc::from(key.as_str()))
             .collect()
     }
 
@@ -157,6 +209,14 @@ impl MemoryStore {
     pub fn entry_count(&self) -> u64 {
         self.entries.run_pending_tasks();
         self.entries.entry_count()
+    }
+
+    /// The bytes the stored values take, as `max_bytes` counts them (with `max_bytes` set), and
+    /// the bound.
+    pub fn bytes(&self) -> Option<(u64, u64)> {
+        let max_bytes = self.bounds.max_bytes?;
+        self.entries.run_pending_tasks();
+        Some((self.entries.weighted_size(), max_bytes))
     }
 }
 
@@ -167,7 +227,6 @@ mod tests {
     use crate::cache::flights::{Begin, FillTicket, Filled, Flights};
     use crate::config::{Config, Reads};
     use crate::registry::Registry;
-    use bytes::Bytes;
     use std::path::Path;
 
     fn registry() -> Registry {
@@ -194,7 +253,10 @@ mod tests {
         fn new(max_entries: u64) -> Cache {
             Cache {
                 flights: Flights::new(),
-                store: MemoryStore::new(max_entries),
+                store: MemoryStore::new(Bounds {
+                    max_entries: Some(max_entries),
+                    max_bytes: None,
+                }),
             }
         }
 
@@ -231,7 +293,7 @@ mod tests {
     fn value(version: u64, text: &'static str) -> Result<Filled, Arc<str>> {
         Ok(Filled {
             version,
-            body: Some(Bytes::from_static(text.as_bytes())),
+            body: Some(text.as_bytes().into()),
             tags: vec![Arc::from("t")].into(),
         })
     }

@@ -28,12 +28,12 @@ pub use redis::client::RedisError as StoreError;
 
 use crate::config::{Backend, Config};
 use crate::counters::{Counter, Latency};
-use crate::db::{ReadError, ReadPool};
+use crate::db::{Body, ReadError, ReadPool};
 use crate::progress::Progress;
 use crate::registry::{FamilyState, Registry};
 use crate::types::Params;
 use flights::Flights;
-use memory::MemoryStore;
+use memory::{Bounds, MemoryStore};
 use redis::RedisStore;
 
 /// A cached value.
@@ -42,13 +42,19 @@ pub struct Entry {
     /// The outbox position the value's query read at.
     pub version: u64,
     /// The JSON body, or `None` when a one-row family's query found no row (a cached 404).
-    pub body: Option<Bytes>,
+    pub body: Option<Body>,
     pub family: Arc<FamilyState>,
     pub tags: Box<[Arc<str>]>,
     pub stored_at: Instant,
 }
 
 impl Entry {
+    /// The body as an HTTP body, without copying it: it keeps the entry alive while sent.
+    pub fn body_bytes(self: &Arc<Self>) -> Option<Bytes> {
+        self.body.as_ref()?;
+        Some(Bytes::from_owner(EntryBody(Arc::clone(self))))
+    }
+
     /// How long ago it was computed.
     pub fn age(&self) -> Duration {
         self.stored_at.elapsed()
@@ -57,6 +63,15 @@ impl Entry {
     /// The rest of its TTL.
     pub fn max_age(&self) -> Duration {
         self.family.def.ttl.saturating_sub(self.age())
+    }
+}
+
+/// An entry seen as its body's bytes (empty without one).
+struct EntryBody(Arc<Entry>);
+
+impl AsRef<[u8]> for EntryBody {
+    fn as_ref(&self) -> &[u8] {
+        self.0.body.as_deref().unwrap_or_default()
     }
 }
 
@@ -185,7 +200,10 @@ impl Cache {
         progress: Progress,
     ) -> Cache {
         let store = match &config.cache.backend {
-            Backend::Memory => Store::Memory(MemoryStore::new(config.cache.max_entries)),
+            Backend::Memory => Store::Memory(MemoryStore::new(Bounds {
+                max_entries: config.cache.max_entries,
+                max_bytes: config.cache.max_bytes,
+            })),
             Backend::Redis {
                 url,
                 prefix,
@@ -361,6 +379,15 @@ impl Cache {
         }
     }
 
+    /// The bytes the values take as `max_bytes` counts them, and that bound: in memory with
+    /// `max_bytes` set, else None.
+    pub fn bytes(&self) -> Option<(u64, u64)> {
+        match &self.store {
+            Store::Memory(memory) => memory.bytes(),
+            Store::Redis(_) => None,
+        }
+    }
+
     /// Redis's address, prefix and health; `None` on the memory backend.
     pub fn remote_health(&self) -> Option<(String, String, Health)> {
         match &self.store {
@@ -388,7 +415,7 @@ impl Cache {
 
     /// What is stored for `key` now, as a reader would get it (for `verify`): None when nothing
     /// is; else the body (None: a cached "no row"). Blocking.
-    pub fn stored(&self, key: &str) -> Result<Option<Option<Bytes>>, StoreError> {
+    pub fn stored(&self, key: &str) -> Result<Option<Option<Body>>, StoreError> {
         match &self.store {
             Store::Memory(memory) => Ok(memory.get(key).map(|e| e.body.clone())),
             Store::Redis(redis) => Ok(redis.get_blocking(key)?.map(Some)),
@@ -416,7 +443,7 @@ pub fn unreachable(settings: &crate::config::CacheSettings) -> Option<String> {
 }
 
 /// A value read from Redis: its age from the rest of its TTL.
-fn redis_entry(body: Bytes, remaining: Duration, family: &Arc<FamilyState>) -> Arc<Entry> {
+fn redis_entry(body: Body, remaining: Duration, family: &Arc<FamilyState>) -> Arc<Entry> {
     let now = Instant::now();
     let age = family.def.ttl.saturating_sub(remaining);
     Arc::new(Entry {

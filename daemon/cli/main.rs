@@ -141,6 +141,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    one_malloc_arena();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match execute(cli.command) {
@@ -159,6 +160,22 @@ fn main() -> ExitCode {
             print_lines(&format!("error: {error:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One glibc malloc arena for every thread (glibc gives threads that contend arenas of their
+/// own, up to eight per core). Cached values are allocated by the reader threads that fill them
+/// and freed by whichever thread evicts them: spread over several arenas, each keeps its own
+/// high-water mark, and with `[cache] max_bytes` the RSS settled 20 MiB higher (66 MiB cached
+/// after 1M values read; `cachetail bench --only memory`). Small allocations still come from
+/// each thread's own cache (tcache), without the arena's lock; hot reads measured no slower.
+/// The crate's only `unsafe`: the lint denies it everywhere else.
+#[allow(unsafe_code)]
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets a tunable; it runs first thing, before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::parse::Problems;
+use super::parse::{Problems, RawSize};
 
 /// `fresh_timeout`, `write_behind.delay`, `tail.poll_interval`, `tail.lease`,
 /// `http.request_timeout`, `http.header_timeout`: an hour.
@@ -21,6 +21,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const MIN_TTL: Duration = Duration::from_millis(1);
 /// `cache.max_entries`: a billion.
 pub const MAX_ENTRIES: u64 = 1_000_000_000;
+/// `cache.max_bytes`: from 1 MiB (less would hold next to nothing beside the daemon's own
+/// memory) to 1 TiB.
+pub const MIN_MAX_BYTES: u64 = 1 << 20;
+pub const MAX_BYTES: u64 = 1 << 40;
 /// `write_behind.workers`.
 pub const MAX_WORKERS: u64 = 1024;
 /// `tail.batch_size`.
@@ -139,4 +143,81 @@ pub(super) fn count(
 ) -> usize {
     let max = max.min(usize::MAX as u64);
     usize::try_from(positive(value, name, default as u64, max, problems)).unwrap_or(default)
+}
+
+/// A size from `min` to `MAX_BYTES`: a whole number of bytes, or one with a unit (`B`, `KB`,
+/// `MB`, `GB`, `TB` in powers of 1000; `KiB`, `MiB`, `GiB`, `TiB` in powers of 1024; any
+/// case, a space allowed before it). None (a problem recorded) when it is none of these.
+pub(super) fn size(
+    value: &Spanned<RawSize>,
+    name: &str,
+    min: u64,
+    problems: &mut Problems<'_>,
+) -> Option<u64> {
+    let bytes = match value.get_ref() {
+        RawSize::Bytes(n) => u64::try_from(*n).ok(),
+        RawSize::Text(text) => parse_size(text),
+    };
+    match bytes {
+        Some(n) if (min..=MAX_BYTES).contains(&n) => Some(n),
+        _ => {
+            let shown = match value.get_ref() {
+                RawSize::Bytes(n) => n.to_string(),
+                RawSize::Text(text) => format!("{text:?}"),
+            };
+            problems.at(
+                value.span(),
+                format!(
+                    "`{name}` must be a size from {min} bytes (1MiB) to 1TiB: a number of bytes or one with a unit such as \"512MiB\" or \"2GB\", not {shown}"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `"512MiB"`, `"2 GB"`, `"1048576"`: the bytes it says, if it says a whole number of them.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_read_with_their_units() {
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("2 GB"), Some(2_000_000_000));
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_size("3kib"), Some(3072));
+        for wrong in [
+            "",
+            "MiB",
+            "1.5GiB",
+            "-1MiB",
+            "12 parsecs",
+            "99999999999999999999TiB",
+        ] {
+            assert_eq!(parse_size(wrong), None, "{wrong}");
+        }
+    }
 }

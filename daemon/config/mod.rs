@@ -76,7 +76,11 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheSettings {
-    pub max_entries: u64,
+    /// The bound on the count of values (in memory); None: only `max_bytes` bounds them.
+    pub max_entries: Option<u64>,
+    /// The bound on the bytes the values take (in memory): keys, bodies, tags and the
+    /// per-entry overhead, as `cache::entry_bytes` counts them.
+    pub max_bytes: Option<u64>,
     pub ttl: Duration,
     pub backend: Backend,
 }
@@ -507,7 +511,8 @@ mod tests {
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().expect("an address"));
         assert_eq!(config.fresh_timeout, Duration::from_secs(5));
         assert_eq!(config.admin_token, None);
-        assert_eq!(config.cache.max_entries, 100_000);
+        assert_eq!(config.cache.max_entries, Some(100_000));
+        assert_eq!(config.cache.max_bytes, None);
         assert_eq!(config.cache.ttl, Duration::from_secs(600));
         assert_eq!(config.cache.backend, Backend::Memory);
         assert_eq!(config.write_behind.delay, Duration::from_millis(50));

@@ -38,10 +38,22 @@ pub(super) struct RawConfig {
     pub(super) rules: Vec<RawRule>,
 }
 
+/// A size: a number of bytes, or a text with a unit (`"512MiB"`, `"2 GB"`).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(
+    untagged,
+    expecting = "a size: a whole number of bytes, or a text such as \"512MiB\" or \"2GB\""
+)]
+pub(super) enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCache {
     pub(super) max_entries: Option<Spanned<i64>>,
+    pub(super) max_bytes: Option<Spanned<RawSize>>,
     pub(super) ttl: Option<Spanned<String>>,
     pub(super) backend: Option<Spanned<String>>,
     /// A secret until parsed: it may hold the Redis password.

@@ -11,9 +11,10 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::backend::backend;
+use super::limits;
 use super::limits::{
     MAX_BATCH_SIZE, MAX_CONNECTIONS, MAX_ENTRIES, MAX_EVENT_STREAMS, MAX_READ_QUEUE, MAX_READERS,
-    MAX_WAIT, MAX_WORKERS, count, duration, positive, ttl,
+    MAX_WAIT, MAX_WORKERS, MIN_MAX_BYTES, count, duration, positive, ttl,
 };
 use super::parse::{
     Problems, RawCache, RawConfig, RawFamily, RawHttp, RawRule, RawTail, RawWriteBehind,
@@ -117,15 +118,31 @@ fn admin_token(raw: Option<&Spanned<Secret>>, problems: &mut Problems<'_>) -> Op
 
 /// `[cache]`.
 fn cache_settings(raw: &RawCache, base: &Path, problems: &mut Problems<'_>) -> CacheSettings {
-    CacheSettings {
-        backend: backend(raw, base, problems),
-        max_entries: positive(
+    let max_bytes = raw
+        .max_bytes
+        .as_ref()
+        .and_then(|size| limits::size(size, "cache.max_bytes", MIN_MAX_BYTES, problems));
+    // With `max_bytes`, the count bounds the values only if it is given.
+    let max_entries = (raw.max_entries.is_some() || max_bytes.is_none()).then(|| {
+        positive(
             raw.max_entries.as_ref(),
             "cache.max_entries",
             100_000,
             MAX_ENTRIES,
             problems,
-        ),
+        )
+    });
+    let backend = backend(raw, base, problems);
+    if let (Some(size), Backend::Redis { .. }) = (&raw.max_bytes, &backend) {
+        problems.at(
+            size.span(),
+            "`cache.max_bytes` bounds the in-process cache: with `backend = \"redis\"` the values live in Redis, bound them with Redis's own `maxmemory`",
+        );
+    }
+    CacheSettings {
+        backend,
+        max_entries,
+        max_bytes,
         ttl: ttl(
             raw.ttl.as_ref(),
             "cache.ttl",

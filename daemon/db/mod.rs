@@ -14,7 +14,9 @@ mod pool;
 mod query;
 
 pub use pool::{ReadError, ReadPool, is_interrupted};
-pub use query::{Bound, Computed, bound, compute, read_head, read_head_and_pause, real_key_text};
+pub use query::{
+    Body, Bound, Computed, bound, compute, read_head, read_head_and_pause, real_key_text,
+};
 
 /// How long the daemon's statements wait for a lock held by the app before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

@@ -4,14 +4,16 @@
 
 use std::fmt::Write as _;
 
-use bytes::Bytes;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Statement};
+
+/// A value's JSON, exactly its bytes (cached for minutes: no growth slack, no shared header).
+pub type Body = Box<[u8]>;
 
 /// A computed value: the outbox position it read at and its JSON (None: no row, a 404).
 pub struct Computed {
     pub version: u64,
-    pub body: Option<Bytes>,
+    pub body: Option<Body>,
     /// Capture was paused when it was read: changes made since may have no outbox row, so
     /// nothing would ever mark this value stale. It may answer the request that read it, but
     /// it is never stored.
@@ -124,7 +126,7 @@ pub fn real_key_text(r: f64) -> String {
 
 /// Encodes the rows as JSON: an array of objects when `many`, else the first row's object
 /// (None when there is no row).
-fn encode_rows(stmt: &mut Statement<'_>, many: bool) -> rusqlite::Result<Option<Bytes>> {
+fn encode_rows(stmt: &mut Statement<'_>, many: bool) -> rusqlite::Result<Option<Body>> {
     let names: Vec<String> = stmt
         .column_names()
         .map(|n| serde_json::to_string(n).unwrap_or_else(|_| "\"?\"".to_owned()))
@@ -160,8 +162,7 @@ fn encode_rows(stmt: &mut Statement<'_>, many: bool) -> rusqlite::Result<Option<
         return Ok(None);
     }
     // Cached for minutes: keep exactly the bytes, not the growth slack of the buffer.
-    out.shrink_to_fit();
-    Ok(Some(Bytes::from(out)))
+    Ok(Some(out.into_bytes().into_boxed_slice()))
 }
 
 /// One SQLite value as JSON: numbers as numbers (non-finite reals as null), text as strings,

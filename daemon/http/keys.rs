@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{HeaderMap, Request, Response, StatusCode};
@@ -294,7 +293,7 @@ fn entry_of<'a>(key: &'a str, answered: Option<&Result<Answer, String>>) -> KeyR
             key,
             status: 200,
             cache: Some(reply::cache_header(*source)),
-            value: entry.body.as_ref().and_then(raw_json),
+            value: entry.body.as_deref().and_then(raw_json),
             error: None,
         },
         Some(Ok(other)) => {
@@ -305,7 +304,7 @@ fn entry_of<'a>(key: &'a str, answered: Option<&Result<Answer, String>>) -> KeyR
 }
 
 /// A value's bytes, embedded as they are (they are JSON: the family query's encoding).
-fn raw_json(body: &Bytes) -> Option<Box<RawValue>> {
+fn raw_json(body: &[u8]) -> Option<Box<RawValue>> {
     let text = std::str::from_utf8(body).ok()?;
     RawValue::from_string(text.to_owned()).ok()
 }

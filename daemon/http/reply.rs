@@ -1,6 +1,8 @@
 //! Building answers: JSON and JSON errors (a client's mistake is a 4xx with `{"error": ...}`,
 //! never a 5xx), a value's answer with its validators, and `304 Not Modified`.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -66,9 +68,9 @@ pub fn cache_header(source: Source) -> &'static str {
 /// since it was computed) and `Cache-Control: max-age` (the rest of its TTL; `no-cache` for an
 /// answer that bypassed the cache, with `X-Cachetail-Bypass` saying why). A family query that
 /// found no row is a 404.
-pub fn value(key: &str, entry: &Entry, source: Source) -> Response<Body> {
-    let mut response = match &entry.body {
-        Some(body) => response(StatusCode::OK, "application/json", body.clone()),
+pub fn value(key: &str, entry: &Arc<Entry>, source: Source) -> Response<Body> {
+    let mut response = match entry.body_bytes() {
+        Some(body) => response(StatusCode::OK, "application/json", body),
         None => error(
             StatusCode::NOT_FOUND,
             format!("the key {key:?} has no value: its family's query returned no row"),

@@ -143,6 +143,20 @@ impl Snapshot {
             "1 while capture is paused.",
             flag(s.progress.is_paused()),
         )?;
+        if let Some((used, bound)) = s.cache.bytes() {
+            gauge(
+                e,
+                "cachetail_cache_bytes",
+                "The bytes cached values take, as [cache] max_bytes counts them.",
+                used as f64,
+            )?;
+            gauge(
+                e,
+                "cachetail_cache_max_bytes",
+                "The bound [cache] max_bytes sets.",
+                bound as f64,
+            )?;
+        }
         if let Some((_, _, health)) = s.cache.remote_health() {
             gauge(
                 e,

@@ -28,6 +28,7 @@ pub async fn read_backlog(sources: &Sources) -> Result<Backlog, String> {
 pub async fn full(sources: &Sources) -> Status {
     let backlog = read_backlog(sources).await;
     let (entries, remote) = cache_status(sources).await;
+    let bytes = sources.cache.bytes();
     let live = sources.registry.live();
     let warm = &sources.warm;
     Status {
@@ -44,6 +45,8 @@ pub async fn full(sources: &Sources) -> Status {
         head_error: backlog.as_ref().err().cloned(),
         counters: counters(sources, false),
         entries,
+        bytes: bytes.map(|(used, _)| used),
+        max_bytes: bytes.map(|(_, bound)| bound),
         write_behind_queue: sources.write_behind.depth() as u64,
         warm: Warm {
             total: warm.total.get(),

@@ -86,6 +86,56 @@ fn refused_cases() -> Vec<Case> {
         case(Section("[cache]"), None, "max_entries", "nan"),
         case(Section("[cache]"), None, "max_entries", "1e3"),
         case(
+            Section("[cache]"),
+            Some("cache.max_bytes"),
+            "max_bytes",
+            "0",
+        ),
+        case(
+            Section("[cache]"),
+            Some("cache.max_bytes"),
+            "max_bytes",
+            "-1",
+        ),
+        case(
+            Section("[cache]"),
+            Some("cache.max_bytes"),
+            "max_bytes",
+            I64_MAX,
+        ),
+        case(
+            Section("[cache]"),
+            Some("cache.max_bytes"),
+            "max_bytes",
+            "\"1KiB\"",
+        ),
+        case(
+            Section("[cache]"),
+            Some("cache.max_bytes"),
+            "max_bytes",
+            "\"2TiB\"",
+        ),
+        case(
+            Section("[cache]"),
+            Some("cache.max_bytes"),
+            "max_bytes",
+            "\"1.5GiB\"",
+        ),
+        case(
+            Section("[cache]"),
+            Some("cache.max_bytes"),
+            "max_bytes",
+            "\"12 parsecs\"",
+        ),
+        case(
+            Section("[cache]"),
+            Some("cache.max_bytes"),
+            "max_bytes",
+            "\"99999999999999999999TiB\"",
+        ),
+        case(Section("[cache]"), None, "max_bytes", "1.5"),
+        case(Section("[cache]"), None, "max_bytes", "[1]"),
+        case(
             Section("[write_behind]"),
             Some("write_behind.delay"),
             "delay",
@@ -295,6 +345,7 @@ listen = "127.0.0.1:PORT"
 
 [cache]
 max_entries = 1000000000
+max_bytes = "1TiB"
 ttl = "365d"
 
 [write_behind]

@@ -2,6 +2,7 @@
 //! separate processes, real HTTP over loopback. One test binary, so the crate links once.
 
 mod browser;
+mod cache_bytes;
 mod common;
 mod config_claims;
 mod config_limits;

@@ -29,7 +29,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures_util::future::join_all;
 
 use super::client::{self, RedisError, Reply};
@@ -39,6 +38,7 @@ use super::cluster_scripts::{
 use super::pool::Link;
 use super::scripts::Script;
 use super::{Invalidation, MARK_TTL, RETIRED, RedisStore};
+use crate::db::Body;
 
 pub(super) const SLOTS: usize = 16384;
 /// How long a batch or a rebuild may take on a cluster (one script per slot touched).
@@ -220,7 +220,7 @@ impl RedisStore {
         &self,
         key: &str,
         known: u64,
-    ) -> Result<Option<(Bytes, Duration)>, RedisError> {
+    ) -> Result<Option<(Body, Duration)>, RedisError> {
         let c = self.cluster()?;
         let (value, slot) = (c.value(key), c.slot(key));
         let slot_state = c.slot_state(slot);
@@ -283,7 +283,9 @@ impl RedisStore {
         parts.truncate(3);
         let ttl = int(parts.get(2)).unwrap_or(0);
         match parts.into_iter().next() {
-            Some(Reply::Bulk(body)) => Ok(Some((Bytes::from(body), Duration::from_millis(ttl)))),
+            Some(Reply::Bulk(body)) => {
+                Ok(Some((body.into_boxed_slice(), Duration::from_millis(ttl))))
+            }
             _ => Ok(None),
         }
     }

@@ -26,9 +26,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-
 use crate::config::RedisUrl;
+use crate::db::Body;
 use crate::escape::Escaped;
 
 mod batches;
@@ -450,11 +449,7 @@ impl RedisStore {
     /// The cached value of `key` and the rest of its TTL, if Redis has one it may serve. An
     /// error means the endpoint must answer from the database (Redis is down, or lost state it
     /// has not rebuilt yet). `known`: a position this daemon knows Redis has applied.
-    pub async fn get(
-        &self,
-        key: &str,
-        known: u64,
-    ) -> Result<Option<(Bytes, Duration)>, RedisError> {
+    pub async fn get(&self, key: &str, known: u64) -> Result<Option<(Body, Duration)>, RedisError> {
         if self.cluster.is_some() {
             return self.cluster_get(key, known).await;
         }
@@ -488,7 +483,7 @@ impl RedisStore {
             .and_then(Reply::as_int)
             .map_or(Duration::ZERO, |ms| Duration::from_millis(ms.max(0) as u64));
         match value {
-            Some(Reply::Bulk(body)) => Ok(Some((Bytes::from(body), remaining))),
+            Some(Reply::Bulk(body)) => Ok(Some((body.into_boxed_slice(), remaining))),
             Some(Reply::Nil) | None => Ok(None),
             Some(Reply::Error(e)) => Err(RedisError::Server(e)),
             Some(other) => Err(RedisError::Protocol(format!("GET answered {other:?}"))),
@@ -526,11 +521,11 @@ impl RedisStore {
     }
 
     /// A cached value, blocking (for `verify`).
-    pub fn get_blocking(&self, key: &str) -> Result<Option<Bytes>, RedisError> {
+    pub fn get_blocking(&self, key: &str) -> Result<Option<Body>, RedisError> {
         let value = format!("{}{key}", self.prefix);
         let reply = self.command_blocking(&[&b"GET"[..], value.as_bytes()])?;
         Ok(match reply {
-            Reply::Bulk(body) => Some(Bytes::from(body)),
+            Reply::Bulk(body) => Some(body.into_boxed_slice()),
             _ => None,
         })
     }
