@@ -2,6 +2,7 @@
 //! separate processes, real HTTP over loopback. One test binary, so the crate links once.
 
 mod browser;
+mod capture_rowid;
 mod common;
 mod config_claims;
 mod config_limits;
