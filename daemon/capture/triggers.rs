@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::decode::TEXT_WITH_NUL;
-use super::{TRIGGER_PREFIX, WRITTEN_AT};
+use super::{FLUSH_OP, TRIGGER_PREFIX, WRITTEN_AT};
 use crate::db::quote_identifier;
 use crate::types::Op;
 
@@ -135,6 +135,12 @@ impl TableShape {
         }
     }
 
+    /// Only the rowid can make a REPLACE remove a row (a rowid table with no other UNIQUE key):
+    /// then an insert given no rowid cannot conflict, and the replace trigger need not look.
+    fn replaces_only_by_rowid(&self) -> bool {
+        !self.without_rowid && self.unique_keys.is_empty()
+    }
+
     /// A unique key's column changes in this UPDATE (only then can it replace another row).
     fn unique_column_changes(&self) -> String {
         let mut columns: Vec<&str> = self
@@ -197,11 +203,24 @@ pub(super) fn table_triggers(
     let outbox = "INSERT INTO cachetail_outbox";
     let (insert, update, delete) = (Op::Insert.code(), Op::Update.code(), Op::Delete.code());
     let replaced = "cachetail_replaced";
+    // On a table where only the rowid can conflict, the replace trigger looks only when the
+    // insert names a rowid: in a BEFORE INSERT trigger `NEW.rowid` is -1 when SQLite is to choose
+    // it (a new rowid, no conflict possible). An insert that names -1 itself is told apart after
+    // the fact, by its AFTER INSERT trigger (SQLite never chooses -1): it is recorded as a flush
+    // of the table, as the row it may have replaced went unrecorded.
+    let (replace_when, insert_op) = if shape.replaces_only_by_rowid() {
+        (
+            "WHEN NEW.rowid <> -1 ",
+            format!("CASE NEW.rowid WHEN -1 THEN {FLUSH_OP} ELSE {insert} END"),
+        )
+    } else {
+        ("", insert.to_string())
+    };
     vec![
         named(
             "insert",
             format!(
-                "AFTER INSERT ON {t} BEGIN {outbox} (capture, op, new, at) VALUES ({layout}, {insert}, {}, {WRITTEN_AT}); END",
+                "AFTER INSERT ON {t} BEGIN {outbox} (capture, op, new, at) VALUES ({layout}, {insert_op}, {}, {WRITTEN_AT}); END",
                 values("NEW")
             ),
         ),
@@ -223,7 +242,7 @@ pub(super) fn table_triggers(
         named(
             "replace_insert",
             format!(
-                "BEFORE INSERT ON {t} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {WRITTEN_AT} FROM {t} AS {replaced} WHERE {}; END",
+                "BEFORE INSERT ON {t} {replace_when}BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {WRITTEN_AT} FROM {t} AS {replaced} WHERE {}; END",
                 values(replaced),
                 shape.conflict(replaced)
             ),

@@ -6,7 +6,7 @@
 //! most figures run it in this process (`Running`: `cachetail::run` on a runtime of its own) and
 //! observe it through `/v1/status` and `/v1/keys`. Where the figure is about the daemon as
 //! deployed, it runs as `cachetail run` processes of this same binary (`DaemonProcess`; the
-//! release build under `cargo run --release -- bench`): capture overhead with the daemon applying
+//! release build under `cargo run --release -- bench`): capture cost with the daemon applying
 //! beside the app's writer, takeover between two daemons (kill -9, SIGSTOP), and memory (the
 //! daemon's own RSS). Figures taken over several runs report the median and the range;
 //! alternatives alternate run by run.

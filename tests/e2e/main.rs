@@ -3,6 +3,7 @@
 
 mod browser;
 mod cache_bytes;
+mod capture_rowid;
 mod common;
 mod config_claims;
 mod config_limits;

@@ -172,13 +172,13 @@ fn an_outbox_from_before_write_times_is_upgraded_in_place() {
     // and a change captured that way, waiting to be applied.
     catalog.python(
         "rows = con.execute(\"SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'cachetail_%'\").fetchall()\n\
-         assert rows and all(\"julianday('now')\" in sql for _, sql in rows)\n\
+         assert rows and all(\"julianday()\" in sql for _, sql in rows)\n\
          for name, _ in rows: con.execute(f'DROP TRIGGER \"{name}\"')\n\
          con.execute('CREATE TABLE old_outbox (id INTEGER PRIMARY KEY, capture INTEGER NOT NULL, op INTEGER NOT NULL, old TEXT, new TEXT)')\n\
          con.execute('INSERT INTO old_outbox SELECT id, capture, op, old, new FROM cachetail_outbox')\n\
          con.execute('DROP TABLE cachetail_outbox')\n\
          con.execute('ALTER TABLE old_outbox RENAME TO cachetail_outbox')\n\
-         for _, sql in rows: con.execute(sql.replace(', at)', ')').replace(\", julianday('now')\", ''))\n\
+         for _, sql in rows: con.execute(sql.replace(', at)', ')').replace(', julianday()', ''))\n\
          con.execute('INSERT INTO reviews (book_id, user_id, rating) VALUES (2, 3, 1)')",
     );
     assert_eq!(
