@@ -13,7 +13,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::apply::{Applier, ApplyCounters, WarmProgress, WriteBehindQueue, warm, write_behind};
+use crate::apply::write_behind::Workers;
+use crate::apply::{Applier, ApplyCounters, WarmProgress, WriteBehindQueue, warm};
 use crate::cache::Cache;
 use crate::capture::InstallReport;
 use crate::config::{Config, Reads, check};
@@ -153,34 +154,22 @@ async fn take_first_lease(
     }
 }
 
-/// The write-behind workers, warm start, and SIGHUP (reloads the config, as daemons do; file
+/// Warm start, and SIGHUP (reloads the config, as daemons do; file
 /// changes reload it too).
 fn start_tasks(sources: &Sources) -> Vec<tokio::task::JoinHandle<()>> {
-    let config = sources.registry.config();
-    let mut tasks: Vec<_> = (0..config.write_behind.workers)
-        .map(|_| {
-            tokio::spawn(write_behind::worker(
-                Arc::clone(&sources.write_behind),
-                Arc::clone(&sources.cache),
-                Arc::clone(&sources.registry),
-                sources.progress.clone(),
-                Arc::clone(&sources.apply),
-            ))
-        })
-        .collect();
-    tasks.push(tokio::spawn(warm::run(
+    vec![tokio::spawn(warm::run(
         Arc::clone(&sources.cache),
         Arc::clone(&sources.registry),
         Arc::clone(&sources.pool),
         Arc::clone(&sources.warm),
-    )));
-    tasks
+    ))]
 }
 
-/// The two threads (tail, reload), their doorbells, and what rings them (the file watcher,
+/// The threads (tail, reload, the write-behind workers), the tail's and reload's doorbells, and what rings them (the file watcher,
 /// SIGHUP).
 struct Threads {
     handles: Vec<std::thread::JoinHandle<()>>,
+    write_behind: Arc<WriteBehindQueue>,
     bells: [Arc<Doorbell>; 2],
     _watcher: Option<notify::RecommendedWatcher>,
     hangup: Option<tokio::task::JoinHandle<()>>,
@@ -225,17 +214,31 @@ impl Threads {
                 .spawn(move || reloader.run(&bell, &tail_bell, &stopping))
         };
         handles.extend(spawned.ok());
+        handles.extend(
+            Workers {
+                queue: Arc::clone(&sources.write_behind),
+                cache: Arc::clone(&sources.cache),
+                registry: Arc::clone(&sources.registry),
+                progress: sources.progress.clone(),
+                counters: Arc::clone(&sources.apply),
+                database: config.database.clone(),
+            }
+            .start(config.write_behind.workers),
+        );
         Threads {
             handles,
+            write_behind: Arc::clone(&sources.write_behind),
             hangup: hangup(Arc::clone(&config_bell)),
             bells: [database_bell, config_bell],
             _watcher: watcher.ok(),
         }
     }
 
-    /// Wakes both threads (the shutdown signal was sent) and waits for them: the tail writes
-    /// its cursor and releases its lease on the way out.
+    /// Wakes the threads (the shutdown signal was sent) and waits for them: the tail writes
+    /// its cursor and releases its lease on the way out; the write-behind workers finish the
+    /// recompute they run, if any.
     async fn stop(self) {
+        self.write_behind.stop();
         for bell in &self.bells {
             bell.ring();
         }

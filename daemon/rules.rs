@@ -19,6 +19,9 @@ use crate::types::{
 /// Maps each change through the rules that watch its table.
 pub fn plan(config: &Config, changes: &[Change]) -> Plan {
     let mut plan = Plan::default();
+    // Every key and tag is rendered into this one buffer; only one not seen before in the batch
+    // is copied out (a drained backlog names the same keys again and again).
+    let mut rendered = String::new();
     for change in changes {
         let row = match &change.body {
             ChangeBody::Row(row) => row,
@@ -44,49 +47,58 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
             if !rule.on.contains(&row.op) {
                 continue;
             }
-            let counts = plan.per_rule.entry(index).or_insert((0, 0));
             let images: &[Option<&Vec<Value>>] = match row.op {
                 Op::Insert => &[row.new.as_ref()],
                 Op::Delete => &[row.old.as_ref()],
                 Op::Update => &[row.old.as_ref(), row.new.as_ref()],
             };
+            let (mut named, mut recomputed) = (0, 0);
             for image in images.iter().copied() {
                 let Some(image) = image else { continue };
                 for template in &rule.keys {
-                    match render(template, &row.layout, image) {
-                        Rendered::Key(key) => {
-                            counts.0 += 1;
+                    match render(template, &row.layout, image, &mut rendered) {
+                        Rendered::Key => {
+                            named += 1;
                             if rule.strategy != Strategy::Delete {
-                                counts.1 += 1;
+                                recomputed += 1;
                             }
                             let action = KeyAction {
                                 strategy: rule.strategy,
                                 position: change.position,
                             };
-                            plan.keys
-                                .entry(key)
-                                .and_modify(|a| {
+                            match plan.keys.get_mut(rendered.as_str()) {
+                                Some(a) => {
                                     a.strategy = a.strategy.max(action.strategy);
                                     a.position = a.position.max(action.position);
-                                })
-                                .or_insert(action);
+                                }
+                                None => {
+                                    plan.keys.insert(rendered.clone(), action);
+                                }
+                            }
                         }
                         Rendered::Null => {}
                         Rendered::Uncaptured => plan.flush_all = Some(change.position),
                     }
                 }
                 for template in &rule.tags {
-                    match render(template, &row.layout, image) {
-                        Rendered::Key(tag) => {
-                            counts.0 += 1;
-                            let mark = plan.tags.entry(tag).or_insert(0);
-                            *mark = (*mark).max(change.position);
+                    match render(template, &row.layout, image, &mut rendered) {
+                        Rendered::Key => {
+                            named += 1;
+                            match plan.tags.get_mut(rendered.as_str()) {
+                                Some(mark) => *mark = (*mark).max(change.position),
+                                None => {
+                                    plan.tags.insert(rendered.clone(), change.position);
+                                }
+                            }
                         }
                         Rendered::Null => {}
                         Rendered::Uncaptured => plan.flush_all = Some(change.position),
                     }
                 }
             }
+            let counts = plan.per_rule.entry(index).or_insert((0, 0));
+            counts.0 += named;
+            counts.1 += recomputed;
         }
     }
     plan
@@ -113,22 +125,23 @@ fn plan_admin(plan: &mut Plan, action: &AdminAction, position: u64) {
 }
 
 enum Rendered {
-    Key(String),
+    /// The key (or tag) is in the buffer.
+    Key,
     /// A column the template needs is NULL: no key is named.
     Null,
     /// A column the template needs was not captured for this row (the rules changed since).
     Uncaptured,
 }
 
-fn render(template: &Template, layout: &Layout, image: &[Value]) -> Rendered {
+fn render(template: &Template, layout: &Layout, image: &[Value], out: &mut String) -> Rendered {
     let mut uncaptured = false;
-    let rendered = template.render(|column| {
+    let rendered = template.render_into(out, |column| {
         let value = layout.value(image, column);
         uncaptured |= value.is_none();
         value
     });
     match rendered {
-        Some(key) => Rendered::Key(key),
+        Some(()) => Rendered::Key,
         None if uncaptured => Rendered::Uncaptured,
         None => Rendered::Null,
     }

@@ -9,6 +9,10 @@ use std::sync::Arc;
 use rusqlite::types::Value;
 use serde::{Deserialize, Serialize};
 
+/// A map with a fast seeded hasher (foldhash, as hashbrown's default): for the maps the tail
+/// fills for every outbox row (a batch's keys and tags, the capture layouts).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The values a key gives its family's placeholders, by name (`book:42` → `[("id", "42")]`).
 pub type Params = Vec<(String, String)>;
 
@@ -141,9 +145,9 @@ pub struct KeyAction {
 /// The cache actions one batch calls for.
 #[derive(Debug, Default)]
 pub struct Plan {
-    pub keys: HashMap<String, KeyAction>,
+    pub keys: FastMap<String, KeyAction>,
     /// Tag → the latest position that invalidated it.
-    pub tags: HashMap<String, u64>,
+    pub tags: FastMap<String, u64>,
     /// Set when a change could not be mapped to keys (a row of an unknown table, a template
     /// needing a column the row's capture did not record): everything is dropped at this position.
     pub flush_all: Option<u64>,

@@ -6,14 +6,13 @@
 //! literal, a text value holding a NUL, a layout whose columns are not a JSON list) does not
 //! decode: it is reported as such, never a panic or an error that stops the reader.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rusqlite::Connection;
 use rusqlite::types::{Value, ValueRef};
 
 use super::CaptureError;
-use crate::types::{Layout, Unreadable};
+use crate::types::{FastMap, Layout, Unreadable};
 
 /// A Julian day (`cachetail_outbox.at`) as unix milliseconds.
 pub fn julian_to_unix_ms(day: f64) -> f64 {
@@ -24,12 +23,15 @@ pub fn julian_to_unix_ms(day: f64) -> f64 {
 /// edit left them unreadable, why (with the table if that much reads).
 pub type RecordedLayout = Result<Arc<Layout>, Unreadable>;
 
+/// Every recorded layout by id (looked up for every outbox row read).
+pub type Layouts = FastMap<i64, RecordedLayout>;
+
 /// Every capture layout recorded in the database, by id. A layout that cannot be read does not
 /// fail the others: the rows naming it are unreadable rows of its table.
-pub fn load_layouts(conn: &Connection) -> Result<HashMap<i64, RecordedLayout>, CaptureError> {
+pub fn load_layouts(conn: &Connection) -> Result<Layouts, CaptureError> {
     let mut stmt = conn.prepare("SELECT id, tbl, columns FROM cachetail_capture")?;
     let mut rows = stmt.query([])?;
-    let mut layouts = HashMap::new();
+    let mut layouts = Layouts::default();
     while let Some(row) = rows.next()? {
         // An INTEGER PRIMARY KEY: always an integer.
         let ValueRef::Integer(id) = row.get_ref(0)? else {
@@ -81,10 +83,11 @@ pub enum DecodeError {
     TextWithNul,
 }
 
-/// Decodes the `old`/`new` text of an outbox row: `quote()`d literals separated by commas.
-pub fn decode_values(text: &str) -> Result<Vec<Value>, DecodeError> {
+/// Decodes the `old`/`new` text of an outbox row: `quote()`d literals separated by commas. Room
+/// is made for the `expected` values its layout records (one allocation).
+pub fn decode_values(text: &str, expected: usize) -> Result<Vec<Value>, DecodeError> {
     let bytes = text.as_bytes();
-    let mut values = Vec::new();
+    let mut values = Vec::with_capacity(expected);
     let mut i = 0;
     loop {
         let (value, next) = decode_one(text, i)?;
@@ -125,8 +128,9 @@ fn decode_one(text: &str, start: usize) -> Result<(Value, usize), DecodeError> {
             ))
         }
         _ => {
-            let end = text[start..]
-                .find(',')
+            let end = bytes[start..]
+                .iter()
+                .position(|&b| b == b',')
                 .map_or(text.len(), |rel| start + rel);
             let token = &text[start..end];
             let value = if token == "NULL" {
@@ -182,7 +186,7 @@ mod tests {
                 |row| row.get(0),
             )
             .expect("quote");
-        let values = decode_values(&text).expect("decodes");
+        let values = decode_values(&text, 0).expect("decodes");
         assert_eq!(
             values,
             vec![
@@ -194,14 +198,17 @@ mod tests {
                 Value::Real(1e300),
             ]
         );
-        assert_eq!(decode_values("'unterminated"), Err(DecodeError::Malformed));
-        assert_eq!(decode_values("1 2"), Err(DecodeError::Malformed));
+        assert_eq!(
+            decode_values("'unterminated", 0),
+            Err(DecodeError::Malformed)
+        );
+        assert_eq!(decode_values("1 2", 0), Err(DecodeError::Malformed));
     }
 
     #[test]
     fn malformed_literals_are_reported_never_a_panic() {
         assert_eq!(
-            decode_values("X'aF09',x''"),
+            decode_values("X'aF09',x''", 0),
             Ok(vec![Value::Blob(vec![0xaf, 0x09]), Value::Blob(Vec::new())])
         );
         // Not hex, an odd count, or a character that is not ASCII inside a blob literal (slicing
@@ -216,10 +223,14 @@ mod tests {
             "'a'b",
             "",
         ] {
-            assert_eq!(decode_values(text), Err(DecodeError::Malformed), "{text}");
+            assert_eq!(
+                decode_values(text, 0),
+                Err(DecodeError::Malformed),
+                "{text}"
+            );
         }
         assert_eq!(
-            decode_values("1,TEXT_WITH_NUL"),
+            decode_values("1,TEXT_WITH_NUL", 0),
             Err(DecodeError::TextWithNul)
         );
     }

@@ -28,9 +28,7 @@ use crate::types::{AdminAction, ChangeBody, Unreadable};
 mod decode;
 mod triggers;
 
-pub use decode::{
-    DecodeError, RecordedLayout, decode_values, julian_to_unix_ms, load_layouts, utf8_text,
-};
+pub use decode::{DecodeError, Layouts, decode_values, julian_to_unix_ms, load_layouts, utf8_text};
 use triggers::{TableShape, drop_all_triggers, installed_triggers, table_triggers, trigger_name};
 
 /// The outbox, capture-layout and cursor tables, as installed.

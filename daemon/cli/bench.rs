@@ -18,6 +18,7 @@ mod fresh;
 mod memory;
 mod stampede;
 mod takeover;
+mod write_behind;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,6 +59,9 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
     }
     if wanted("fresh") || wanted("strateg") {
         rows.extend(fresh::commit_to_fresh(options)?);
+    }
+    if wanted("write-behind") {
+        rows.push(write_behind::write_behind(options)?);
     }
     if wanted("redis") {
         rows.extend(fresh::redis_backend(options)?);

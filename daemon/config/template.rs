@@ -202,15 +202,27 @@ impl Template {
 
     /// Renders the template, asking `lookup` for each placeholder's value. Returns `None` when a
     /// value is missing or NULL: no key can be named by a NULL, so none is rendered.
-    pub fn render<'v>(&self, mut lookup: impl FnMut(&str) -> Option<&'v Value>) -> Option<String> {
+    pub fn render<'v>(&self, lookup: impl FnMut(&str) -> Option<&'v Value>) -> Option<String> {
         let mut out = String::with_capacity(self.source.len() + 8);
+        self.render_into(&mut out, lookup)?;
+        Some(out)
+    }
+
+    /// `render` into `out` (cleared first): the tail renders a batch's keys into one buffer,
+    /// allocating only for keys not seen before in the batch.
+    pub fn render_into<'v>(
+        &self,
+        out: &mut String,
+        mut lookup: impl FnMut(&str) -> Option<&'v Value>,
+    ) -> Option<()> {
+        out.clear();
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
-                Part::Param(name) => push_value(&mut out, lookup(name)?)?,
+                Part::Param(name) => push_value(out, lookup(name)?)?,
             }
         }
-        Some(out)
+        Some(())
     }
 
     /// Renders with string parameters (a family's tags from the parameters of a requested key).
@@ -291,13 +303,31 @@ fn is_name(name: &str) -> bool {
 
 /// Writes a column value as it appears inside a key. Integers and text as themselves, reals in
 /// their shortest exact form (`db::real_key_text`, which the binding of key parameters reads back), blobs as lowercase hex. NULL names no key.
+/// An integer's decimal digits, without going through `fmt` (every key of a drained batch
+/// renders one).
+fn push_integer(out: &mut String, value: i64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = value.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        out.push('-');
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
+}
+
 fn push_value(out: &mut String, value: &Value) -> Option<()> {
     use std::fmt::Write;
     match value {
         Value::Null => return None,
-        Value::Integer(i) => {
-            let _ = write!(out, "{i}");
-        }
+        Value::Integer(i) => push_integer(out, *i),
         Value::Real(r) => out.push_str(&crate::db::real_key_text(*r)),
         Value::Text(text) => out.push_str(text),
         Value::Blob(bytes) => {
@@ -311,6 +341,15 @@ fn push_value(out: &mut String, value: &Value) -> Option<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn integers_render_as_their_decimal_digits() {
+        for value in [0, 7, -5, 42, 1_000_000, i64::MAX, i64::MIN] {
+            let mut out = String::new();
+            super::push_integer(&mut out, value);
+            assert_eq!(out, value.to_string());
+        }
+    }
+
     #[test]
     fn a_rule_template_may_match_a_family_pattern_by_shape() {
         let t = |s: &str| Template::parse(s, true).expect("valid");

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OpenFlags};
 mod pool;
 mod query;
 
-pub use pool::{ReadError, ReadPool, is_interrupted};
+pub use pool::{ReadError, ReadPool, is_interrupted, open_reader};
 pub use query::{
     Body, Bound, Computed, bound, compute, read_head, read_head_and_pause, real_key_text,
 };

@@ -10,7 +10,6 @@
 //! tail restarts after every position ever used (`restart_after_rebuild`), with a reset marker
 //! that drops everything cached, rather than skip every change until the ids pass the cursor.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::TailError;
 use super::lease::Lease;
 use super::rows::RawRow;
-use crate::capture::{self, InstallReport, RecordedLayout};
+use crate::capture::{self, InstallReport, Layouts};
 use crate::config::Config;
 use crate::db::read_head;
 use crate::types::Change;
@@ -30,18 +29,22 @@ const PRUNE_CHUNK: u64 = 2_000;
 /// How often the durable cursor is written at most, while changes keep coming.
 pub(super) const PERSIST_EVERY: Duration = Duration::from_millis(100);
 const PERSIST_EVENTS: u64 = 50_000;
-/// Applied rows left unpruned while busy, at most.
+/// Applied rows left unpruned while busy, at most; while a backlog drains (each batch read full),
+/// at most `PRUNE_BACKLOG_BEHIND`: the backlog is applied first, pruned when the tail catches up.
 const PRUNE_BACKLOG: u64 = 100_000;
+const PRUNE_BACKLOG_BEHIND: u64 = 1_000_000;
 
 /// The daemon's handle on the outbox: its connection, the capture layouts, and the cursor.
 pub struct Outbox {
     conn: Connection,
-    layouts: HashMap<i64, RecordedLayout>,
+    layouts: Layouts,
     cursor: u64,
     /// What the row at the cursor must be (see `CursorRow`), and the last row read, which the
     /// cursor moves to when its batch is applied.
     cursor_row: CursorRow,
     last_read: Option<(u64, Option<f64>)>,
+    /// The last batch read was full: a backlog is draining (see `persist`).
+    behind: bool,
     /// The highest durable cursor this daemon has seen: it never goes back, unless cachetail's
     /// tables were dropped and installed again.
     durable_seen: u64,
@@ -84,6 +87,7 @@ impl Outbox {
             cursor,
             cursor_row,
             last_read: None,
+            behind: false,
             durable_seen: cursor,
             pruned_below: u64::try_from(oldest).unwrap_or(0),
             persisted: cursor,
@@ -139,6 +143,7 @@ impl Outbox {
         };
         self.durable_seen = self.durable_seen.max(cursor);
         self.last_read = None;
+        self.behind = false;
         self.cursor = cursor;
         self.persisted = cursor;
         self.persisted_at = Instant::now();
@@ -198,51 +203,66 @@ impl Outbox {
     /// emptied or rebuilt (the row at the cursor, read in the same statement, is not the one
     /// applied last).
     pub fn read_batch(&mut self, limit: usize) -> Result<Read, TailError> {
-        let mut raw = Vec::with_capacity(limit.min(4096) + 1);
+        let mut changes = Vec::with_capacity(limit.min(4096));
+        // The first row at or after the cursor (id, write time), and the last one decoded.
+        let mut first = None;
+        let mut last_at = None;
         {
-            let mut stmt = self.conn.prepare_cached(
+            let Outbox {
+                conn,
+                layouts,
+                cursor,
+                ..
+            } = self;
+            let mut stmt = conn.prepare_cached(
                 "SELECT id, capture, op, old, new, at FROM cachetail_outbox WHERE id >= ?1 ORDER BY id LIMIT ?2",
             )?;
-            let mut rows = stmt.query(params![self.cursor as i64, limit as i64 + 1])?;
+            let mut rows = stmt.query(params![*cursor as i64, limit as i64 + 1])?;
             while let Some(row) = rows.next()? {
-                raw.push(RawRow::read(row)?);
+                // Decoded where it is read: the row's text is borrowed from SQLite's buffers.
+                let raw = RawRow::read(row)?;
+                let position = u64::try_from(raw.id).unwrap_or(0);
+                if first.is_none() {
+                    first = Some((position, raw.at));
+                    if position == *cursor {
+                        continue;
+                    }
+                }
+                if changes.len() == limit {
+                    break;
+                }
+                if let Ok(layout) = raw.layout
+                    && !layouts.contains_key(&layout)
+                {
+                    // Capture was reinstalled (a reload changed the columns): learn the new
+                    // layouts.
+                    *layouts = capture::load_layouts(conn)?;
+                }
+                changes.push(Change {
+                    position,
+                    written_ms: raw.at.map(capture::julian_to_unix_ms),
+                    body: raw.decode(layouts),
+                });
+                last_at = raw.at;
             }
         }
-        if let Some(rebuilt) = self.check_cursor_row(raw.first()) {
+        if let Some(rebuilt) = self.check_cursor_row(first) {
             return Ok(Read::Rebuilt(rebuilt));
         }
-        let at_cursor = raw
-            .first()
-            .is_some_and(|row| u64::try_from(row.id).ok() == Some(self.cursor));
-        let mut changes = Vec::with_capacity(raw.len());
-        for row in raw.iter().skip(usize::from(at_cursor)).take(limit) {
-            if let Ok(layout) = row.layout
-                && !self.layouts.contains_key(&layout)
-            {
-                // Capture was reinstalled (a reload changed the columns): learn the new layouts.
-                self.layouts = capture::load_layouts(&self.conn)?;
-            }
-            changes.push(Change {
-                position: u64::try_from(row.id).unwrap_or(0),
-                written_ms: row.at.map(capture::julian_to_unix_ms),
-                body: row.decode(&self.layouts),
-            });
-        }
-        self.last_read = changes
-            .last()
-            .map(|c| (c.position, raw_at(&raw, c.position)));
+        self.behind = changes.len() == limit;
+        self.last_read = changes.last().map(|c| (c.position, last_at));
         Ok(Read::Changes(changes))
     }
 
     /// Whether the row at the cursor is still the one the cursor was moved to (`first` is the
     /// first row at or after the cursor); if not, what was found.
-    fn check_cursor_row(&self, first: Option<&RawRow>) -> Option<Rebuilt> {
+    fn check_cursor_row(&self, first: Option<(u64, Option<f64>)>) -> Option<Rebuilt> {
         if self.cursor == 0 && self.cursor_row != CursorRow::Gone {
             return None;
         }
-        let at_cursor = first.filter(|row| u64::try_from(row.id).ok() == Some(self.cursor));
+        let at_cursor = first.filter(|&(id, _)| id == self.cursor);
         match at_cursor {
-            Some(row) if self.cursor_row.is(row.at) => None,
+            Some((_, at)) if self.cursor_row.is(at) => None,
             _ => Some(Rebuilt {
                 cursor: self.cursor,
                 row_at_cursor: if at_cursor.is_some() {
@@ -323,14 +343,20 @@ impl Outbox {
     /// Only rows at or below the durable cursor are pruned, and never the newest row, so
     /// `max(id)` never goes down and ids are never reused.
     ///
-    /// Pruning waits for a quiet moment (`idle`) unless `PRUNE_BACKLOG` applied rows pile up:
-    /// while a backlog drains, deleting what was just applied would cost as much as applying it.
+    /// Pruning waits for a quiet moment (`idle`) unless `PRUNE_BACKLOG` applied rows pile up
+    /// (`PRUNE_BACKLOG_BEHIND` while a backlog drains): deleting what was just applied costs
+    /// about as much as applying it, and a backlog's changes are worth applying first.
     pub fn persist(&mut self, now: bool, idle: bool) -> Result<(), TailError> {
         let due = self.cursor > self.persisted
             && (now
                 || self.persisted_at.elapsed() >= PERSIST_EVERY
                 || self.cursor - self.persisted >= PERSIST_EVENTS);
-        let prune = idle || self.persisted.saturating_sub(self.pruned_below) >= PRUNE_BACKLOG;
+        let unpruned_limit = if self.behind {
+            PRUNE_BACKLOG_BEHIND
+        } else {
+            PRUNE_BACKLOG
+        };
+        let prune = idle || self.persisted.saturating_sub(self.pruned_below) >= unpruned_limit;
         let prune_pending = prune && self.pruned_below < self.persisted;
         if !due && !prune_pending {
             return Ok(());
@@ -506,14 +532,6 @@ fn check_fence(tx: &Connection, fence: Option<&(String, i64)>) -> Result<(), Tai
         return Err(TailError::LeaseLost);
     }
     Ok(())
-}
-
-/// The write time of the row `position` among `raw`.
-fn raw_at(raw: &[RawRow], position: u64) -> Option<f64> {
-    raw.iter()
-        .rev()
-        .find(|row| u64::try_from(row.id).ok() == Some(position))
-        .and_then(|row| row.at)
 }
 
 fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {

@@ -3,36 +3,37 @@
 //! holds a NUL, a malformed literal, an op or layout that is not an integer, a layout whose
 //! columns do not read) is `Unreadable`, with its table when the layout it names tells which.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rusqlite::types::ValueRef;
 
-use crate::capture::{self, DecodeError, RecordedLayout};
+use crate::capture::{self, DecodeError, Layouts};
 use crate::types::{ChangeBody, Layout, Op, RowChange, Unreadable};
 
-/// An outbox row as stored. Whatever an app or a hand edit put in its columns reads: what does
-/// not fit (a layout or op that is not an integer, text that is not UTF-8, a value that is not
-/// text) is kept as what it was, for `decode` to report.
-pub(super) struct RawRow {
+/// An outbox row as stored, its text borrowed from SQLite's own buffers (valid until the
+/// statement steps again: each row is decoded where it is read, nothing is copied first).
+/// Whatever an app or a hand edit put in its columns reads: what does not fit (a layout or op
+/// that is not an integer, text that is not UTF-8, a value that is not text) is kept as what it
+/// was, for `decode` to report.
+pub(super) struct RawRow<'r> {
     pub(super) id: i64,
     pub(super) layout: Result<i64, &'static str>,
     op: Result<i64, &'static str>,
-    old: Result<Option<String>, &'static str>,
-    new: Result<Option<String>, &'static str>,
+    old: Result<Option<&'r str>, &'static str>,
+    new: Result<Option<&'r str>, &'static str>,
     pub(super) at: Option<f64>,
 }
 
-impl RawRow {
-    pub(super) fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+impl<'r> RawRow<'r> {
+    pub(super) fn read(row: &'r rusqlite::Row<'_>) -> rusqlite::Result<RawRow<'r>> {
         let integer = |value: ValueRef<'_>| match value {
             ValueRef::Integer(i) => Ok(i),
             _ => Err("a value that is not an integer"),
         };
-        let text = |value: ValueRef<'_>| match value {
+        let text = |value: ValueRef<'r>| match value {
             ValueRef::Null => Ok(None),
             ValueRef::Text(_) => capture::utf8_text(value)
-                .map(|t| Some(t.to_owned()))
+                .map(Some)
                 .ok_or("text that is not valid UTF-8"),
             _ => Err("a value that is not text"),
         };
@@ -42,17 +43,21 @@ impl RawRow {
             op: integer(row.get_ref(2)?),
             old: text(row.get_ref(3)?),
             new: text(row.get_ref(4)?),
-            at: row.get::<_, Option<f64>>(5).ok().flatten(),
+            at: match row.get_ref(5)? {
+                ValueRef::Real(at) => Some(at),
+                ValueRef::Integer(at) => Some(at as f64),
+                _ => None,
+            },
         })
     }
 
     /// What an outbox row records. A row that does not decode is `Unreadable`, with its table
     /// when the layout it names tells which.
-    pub(super) fn decode(&self, layouts: &HashMap<i64, RecordedLayout>) -> ChangeBody {
+    pub(super) fn decode(&self, layouts: &Layouts) -> ChangeBody {
         let id = self.id;
         match (self.op, &self.new) {
             // An admin action (or a bare position marker): its JSON in `new`.
-            (Ok(capture::MARKER_OP), Ok(new)) => return capture::read_marker(id, new.as_deref()),
+            (Ok(capture::MARKER_OP), Ok(new)) => return capture::read_marker(id, *new),
             (Ok(capture::MARKER_OP), Err(what)) => {
                 return ChangeBody::Unreadable(Unreadable {
                     table: None,
@@ -108,11 +113,11 @@ impl RawRow {
             Ok(code) => Op::from_code(code).ok_or_else(|| format!("has unknown op {code}"))?,
             Err(what) => return Err(format!("has {what} as its op")),
         };
-        let values = |which: &str, stored: &Result<Option<String>, &'static str>| match stored {
+        let values = |which: &str, stored: &Result<Option<&str>, &'static str>| match stored {
             Err(what) => Err(format!("has {what} in `{which}`")),
             Ok(None) if layout.columns.is_empty() => Ok(Some(Vec::new())),
             Ok(None) => Ok(None),
-            Ok(Some(text)) => match capture::decode_values(text) {
+            Ok(Some(text)) => match capture::decode_values(text, layout.columns.len()) {
                 Ok(values) if values.len() == layout.columns.len() => Ok(Some(values)),
                 Ok(_) | Err(DecodeError::Malformed) => {
                     Err(format!("has malformed values in `{which}`: {text:?}"))

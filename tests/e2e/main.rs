@@ -40,4 +40,5 @@ mod standby;
 mod startup;
 mod strategies;
 mod stream_fanout;
+mod write_behind_priority;
 mod write_shapes;

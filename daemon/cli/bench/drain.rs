@@ -1,6 +1,7 @@
 //! Drain: a backlog of outbox rows written while no daemon ran, then the daemon started on it
 //! and timed until `/v1/status` reports it applied everything; beside a bare sequential read of
-//! the same rows.
+//! the same rows, taken just before and just after the drain (the machine is shared: the faster
+//! of the two is the limit the drain is held to).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ pub(super) fn drain(options: &BenchOptions) -> anyhow::Result<Row> {
     // Capture installed, nothing applying: the app's writes pile up in the outbox.
     cachetail::prepare(&config)?;
     let head = write_backlog(&db, events)?;
-    let read_rate = bare_read(&db)?;
+    let read_before = bare_read(&db)?;
 
     // The daemon started on the backlog, polled (about every millisecond) until its cursor is
     // the head. From the start: opening, checking and the lease are part of the drain.
@@ -45,12 +46,18 @@ pub(super) fn drain(options: &BenchOptions) -> anyhow::Result<Row> {
     // one at the cursor).
     let pruned = wait_pruned(&db, head)?;
     drop(running);
+    // The rows are gone now (pruned): the same backlog written again, read bare again.
+    fresh_catalog(&db, 0)?;
+    cachetail::prepare(&config_for(&options.dir, "drain.db", DELETE_RULE)?)?;
+    write_backlog(&db, events)?;
+    let read_after = bare_read(&db)?;
+    let read_rate = read_before.max(read_after);
     eprintln!(
-        "drain: {head} events in {drained:?} ({drain_rate:.0}/s; serving after {serving:?}); bare read {read_rate:.0} rows/s; the outbox pruned {pruned:?} after"
+        "drain: {head} events in {drained:?} ({drain_rate:.0}/s; serving after {serving:?}); bare read {read_before:.0} rows/s before, {read_after:.0} after; the outbox pruned {pruned:?} after"
     );
     Ok(Row {
         figure: format!(
-            "drain: {} outbox rows over 1k keys, delete strategy, applied end to end (read, mapped, invalidated, cursor written), from the daemon's start until `/v1/status` shows the cursor at the head",
+            "drain: {} outbox rows over 1k keys, delete strategy, applied end to end (read, decoded, mapped, invalidated, cursor written), from the daemon's start until `/v1/status` shows the cursor at the head",
             human(f64::from(events))
         ),
         measured: format!(
@@ -59,11 +66,13 @@ pub(super) fn drain(options: &BenchOptions) -> anyhow::Result<Row> {
             pruned.as_secs_f64() * 1e3
         ),
         baseline: format!(
-            "bare sequential read of the rows: {} rows/s",
-            human(read_rate)
+            "bare sequential read of the same rows (every column the daemon reads, borrowed, text checked as UTF-8), the faster of one just before and one just after: {} rows/s ({} and {})",
+            human(read_rate),
+            human(read_before),
+            human(read_after)
         ),
         ratio: format!("{:.2}× the bare read", drain_rate / read_rate),
-        target: "≥ 1M events/s",
+        target: "≥ 0.6× the bare read",
     })
 }
 
@@ -85,26 +94,32 @@ fn write_backlog(db: &Path, events: u32) -> anyhow::Result<u64> {
 }
 
 /// The baseline: a bare sequential read of the outbox rows with rusqlite, with the daemon's
-/// reading settings (a memory-mapped file). Returns rows/s.
+/// reading settings (a memory-mapped file), touching every column the daemon reads as cheaply as
+/// it can be touched: each value borrowed from SQLite's buffers, the text checked as UTF-8 (as
+/// the daemon must), nothing copied. Returns rows/s.
 fn bare_read(db: &Path) -> anyhow::Result<f64> {
+    use rusqlite::types::ValueRef;
     let start = Instant::now();
     let mut read = 0u64;
+    let mut touched = 0u64;
     let conn = Connection::open(db)?;
     conn.pragma_update(None, "mmap_size", 256 * 1024 * 1024)?;
     let mut stmt =
         conn.prepare("SELECT id, capture, op, old, new, at FROM cachetail_outbox ORDER BY id")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        let _: (i64, i64, i64, Option<String>, Option<String>, Option<f64>) = (
-            row.get(0)?,
-            row.get(1)?,
-            row.get(2)?,
-            row.get(3)?,
-            row.get(4)?,
-            row.get(5)?,
-        );
+        for column in 0..6 {
+            touched = touched.wrapping_add(match row.get_ref(column)? {
+                ValueRef::Integer(i) => i as u64,
+                ValueRef::Real(r) => r.to_bits(),
+                ValueRef::Text(text) => std::str::from_utf8(text).map_or(0, |t| t.len() as u64),
+                ValueRef::Blob(blob) => blob.len() as u64,
+                ValueRef::Null => 1,
+            });
+        }
         read += 1;
     }
+    std::hint::black_box(touched);
     Ok(rate(read, start.elapsed()))
 }
 
