@@ -14,6 +14,7 @@
 mod capture;
 mod daemons;
 mod drain;
+mod floor;
 mod fresh;
 mod memory;
 mod stampede;
