@@ -9,7 +9,7 @@
 //! applied change (`feed`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -38,11 +38,6 @@ pub use outbox::{Backlog, Outbox, Read, Rebuilt, backlog};
 
 /// The quick re-looks after a wake-up: 0.1, 0.2, 0.4, ... ms, up to the limit.
 const RECHECK_FIRST: Duration = Duration::from_micros(100);
-/// Right after a wake-up that found nothing, the tail looks again at once (yielding the core
-/// between looks) for this long before it sleeps: the commit that rang is published in the
-/// `-shm` index a few microseconds later, and a sleep, however short, costs 60 µs or more
-/// (the kernel's timer slack) where a look costs a few.
-const SPIN_AFTER_RING: Duration = Duration::from_micros(250);
 const RECHECK_LIMIT: Duration = Duration::from_millis(64);
 
 /// How many times a new lease holder raises its epoch above Redis's before giving up (each
@@ -129,8 +124,6 @@ struct Pace {
     /// when the app writes the `-wal` file, a moment before the commit is published in the
     /// `-shm` index (which gives no notification), so the first look can be too early.
     recheck: Option<Duration>,
-    /// Until then, look again at once instead of sleeping (see `SPIN_AFTER_RING`).
-    spin_until: Option<Instant>,
     /// The wait before retrying a failed batch.
     backoff: Duration,
     announced_standby: bool,
@@ -161,7 +154,6 @@ impl Tail {
         }
         let mut pace = Pace {
             recheck: None,
-            spin_until: None,
             backoff: Duration::from_millis(20),
             announced_standby: false,
         };
@@ -259,10 +251,6 @@ impl Tail {
             }
             tracing::warn!(error = %e, "writing the cursor failed; it will be retried");
         }
-        if pace.spin_until.is_some_and(|until| Instant::now() < until) {
-            std::thread::yield_now();
-            return;
-        }
         let mut wait = pace
             .recheck
             .unwrap_or(live.config.tail.poll_interval)
@@ -271,7 +259,6 @@ impl Tail {
             wait = wait.min(PERSIST_EVERY);
         }
         let rung = doorbell.wait(wait);
-        pace.spin_until = rung.then(|| Instant::now() + SPIN_AFTER_RING);
         pace.recheck = match pace.recheck {
             _ if rung => Some(RECHECK_FIRST),
             Some(wait) if wait < RECHECK_LIMIT => Some(wait * 2),
