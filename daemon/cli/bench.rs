@@ -110,6 +110,29 @@ fn fresh_catalog(path: &Path, reviews: u32) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
+/// The app writing flat out: 100-row transactions into `reviews` from its own connection (its
+/// random books, users and ratings from `seed`) until `done`. Returns rows/s.
+fn app_writes(db: &Path, seed: u64, done: impl Fn() -> bool) -> anyhow::Result<f64> {
+    let mut conn = Connection::open(db)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut rng = Rng::new(seed);
+    let (start, mut rows) = (std::time::Instant::now(), 0u64);
+    while !done() {
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO reviews (book_id, user_id, rating, body) VALUES (?1, ?2, ?3, 'bench')",
+            )?;
+            for _ in 0..100 {
+                insert.execute(params![rng.pick(BOOKS), rng.pick(100), rng.pick(5)])?;
+            }
+        }
+        tx.commit()?;
+        rows += 100;
+    }
+    Ok(rate(rows, start.elapsed()))
+}
+
 fn config_for(dir: &Path, db: &str, rules: &str) -> anyhow::Result<Config> {
     config_with(dir, db, "", rules)
 }

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
 use super::daemons::{RedisProcess, Running};
 use super::{
     BOOKS, BenchOptions, DELETE_RULE, Row, config_for, config_with, fresh_catalog, human, ms,
-    percentile, rate,
+    percentile,
 };
 use crate::client::Client;
 use crate::demo::Rng;
@@ -106,26 +106,7 @@ fn writer_beside(
     db: PathBuf,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<anyhow::Result<f64>> {
-    std::thread::spawn(move || {
-        let mut conn = Connection::open(&db)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let mut rng = Rng::new(5);
-        let (start, mut rows) = (Instant::now(), 0u64);
-        while !stop.load(Ordering::Relaxed) {
-            let tx = conn.transaction()?;
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO reviews (book_id, user_id, rating, body) VALUES (?1, ?2, ?3, 'bench')",
-                )?;
-                for _ in 0..100 {
-                    insert.execute(params![rng.pick(BOOKS), rng.pick(100), rng.pick(5)])?;
-                }
-            }
-            tx.commit()?;
-            rows += 100;
-        }
-        Ok(rate(rows, start.elapsed()))
-    })
+    std::thread::spawn(move || super::app_writes(&db, 5, || stop.load(Ordering::Relaxed)))
 }
 
 pub(super) fn commit_to_fresh(options: &BenchOptions) -> anyhow::Result<Vec<Row>> {

@@ -7,14 +7,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
-
 use super::daemons::Running;
 use super::{
-    BOOKS, BenchOptions, DELETE_RULE, Row, Spread, config_for, fresh_catalog, rate, rounds_text,
+    BOOKS, BenchOptions, DELETE_RULE, Row, Spread, config_for, fresh_catalog, rounds_text,
 };
 use crate::client::Client;
-use crate::demo::Rng;
 
 pub(super) fn write_behind(options: &BenchOptions) -> anyhow::Result<Row> {
     let rounds = if options.quick { 1 } else { 3 };
@@ -98,22 +95,6 @@ fn app_rate(
 
 /// The app: 100-row transactions into `reviews` from its own connection, for `writing`.
 fn write_flat_out(db: &Path, writing: Duration) -> anyhow::Result<f64> {
-    let mut conn = Connection::open(db)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    let mut rng = Rng::new(7);
-    let (start, mut rows) = (Instant::now(), 0u64);
-    while start.elapsed() < writing {
-        let tx = conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO reviews (book_id, user_id, rating, body) VALUES (?1, ?2, ?3, 'bench')",
-            )?;
-            for _ in 0..100 {
-                insert.execute(params![rng.pick(BOOKS), rng.pick(100), rng.pick(5)])?;
-            }
-        }
-        tx.commit()?;
-        rows += 100;
-    }
-    Ok(rate(rows, start.elapsed()))
+    let start = Instant::now();
+    super::app_writes(db, 7, || start.elapsed() >= writing)
 }
