@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use crate::config::spelling::FamilySpelling;
 use crate::config::{Config, ConfigDiff, Family, Reads};
-use crate::counters::Counter;
+use crate::counters::{Counter, Striped};
 use crate::types::Params;
 
 /// One family's runtime state. Cached values point at it: a value of a retired family, or read
@@ -32,7 +32,8 @@ pub struct FamilyState {
 /// A family's counters, kept across reloads that leave it unchanged.
 #[derive(Debug, Default)]
 pub struct FamilyCounters {
-    pub hits: Counter,
+    /// Bumped by every hit from every thread: striped.
+    pub hits: Striped,
     pub misses: Counter,
     pub fills: Counter,
     /// Queries run for this family (fills and recomputes), and their total time.

@@ -142,13 +142,13 @@ impl Cache {
             conn.and_then(|conn| compute(conn, &query_of.def.query, query_of.def.many, &params))
         };
         match reader.run(work, abandoned()).await? {
-            Ok(computed) => Ok(Arc::new(Entry {
-                version: computed.version,
-                body: computed.body,
-                family: Arc::clone(family),
-                tags: Box::new([]),
-                stored_at: Instant::now(),
-            })),
+            Ok(computed) => Ok(Arc::new(Entry::new(
+                computed.version,
+                computed.body,
+                Arc::clone(family),
+                Box::new([]),
+                Instant::now(),
+            ))),
             Err(e) if is_interrupted(&e) => Err(FillError::Superseded),
             Err(e) => Err(FillError::Failed(Arc::from(query_failed(family, &e)))),
         }

@@ -152,13 +152,13 @@ impl Cache {
                 return Err(FillError::Superseded);
             }
             let answer = match &computed {
-                Ok(Read { computed: c, .. }) => Ok(Arc::new(Entry {
-                    version: c.version,
-                    body: c.body.clone(),
-                    tags: family.def.render_tags(&params),
-                    family: Arc::clone(&family),
-                    stored_at: Instant::now(),
-                })),
+                Ok(Read { computed: c, .. }) => Ok(Arc::new(Entry::new(
+                    c.version,
+                    c.body.clone(),
+                    Arc::clone(&family),
+                    family.def.render_tags(&params),
+                    Instant::now(),
+                ))),
                 Err(e) => Err(FillError::Failed(Arc::from(query_failed(&family, e)))),
             };
             // Finished either way, so the flight leaves the map and its joiners wake.

@@ -229,13 +229,13 @@ impl Flights {
 /// What a fill read, as the entry it would store.
 fn resolve(ticket: &FillTicket, computed: Result<Filled, Arc<str>>) -> FillOutcome {
     computed.map_err(FillError::Failed).map(|filled| {
-        Arc::new(Entry {
-            version: filled.version,
-            body: filled.body,
-            family: Arc::clone(&ticket.family),
-            tags: filled.tags,
-            stored_at: Instant::now(),
-        })
+        Arc::new(Entry::new(
+            filled.version,
+            filled.body,
+            Arc::clone(&ticket.family),
+            filled.tags,
+            Instant::now(),
+        ))
     })
 }
 

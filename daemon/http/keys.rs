@@ -4,6 +4,7 @@
 //! distinct key up once, serves what is in memory at once, and looks the rest up a few at a
 //! time (as many as there are readers), so that one request cannot fill the readers' line.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,31 +105,59 @@ pub async fn get(http: &Http, raw_key: &str, request: &Request<Incoming>) -> Res
     };
     let fresh = wants_fresh(request.uri().query());
     let answered = answer(http, &key, fresh, want(request.headers())).await;
-    let response = match &answered {
-        Answer::Value(entry, source) => reply::value(&key, entry, *source),
-        Answer::Busy(message) => reply::busy(message.clone()),
+    respond(&key, answered, request.headers())
+}
+
+/// `get` when it needs no wait: a malformed key's 400, or a value in memory that may answer the
+/// request as it is (no `?fresh=1`, no `no-cache`), answered at once, with nothing awaited and
+/// no timeout armed. None: the key must be looked up (`get`).
+pub fn get_at_once(
+    http: &Http,
+    raw_key: &str,
+    request: &Request<Incoming>,
+) -> Option<Response<Body>> {
+    let key = match decode_key(raw_key) {
+        Ok(key) => key,
+        Err(problem) => return Some(reply::malformed_key(&problem)),
+    };
+    if wants_fresh(request.uri().query()) || !want(request.headers()).may_use_cached() {
+        return None;
+    }
+    let entry = http.sources.cache.hot(&key)?;
+    Some(respond(
+        &key,
+        Answer::Value(entry, Source::Hit),
+        request.headers(),
+    ))
+}
+
+/// A GET's answer, `304 Not Modified` when the request's `If-None-Match` names its `ETag`.
+fn respond(key: &str, answered: Answer, request: &HeaderMap) -> Response<Body> {
+    let response = match answered {
+        Answer::Value(entry, source) => reply::value(key, entry, source),
+        Answer::Busy(message) => reply::busy(message),
         other => {
-            let (status, message) = failure(&key, other);
+            let (status, message) = failure(key, &other);
             reply::error(status, message)
         }
     };
-    reply::not_modified_if_matching(request.headers(), response)
+    reply::not_modified_if_matching(request, response)
 }
 
 /// What the request's `Cache-Control` asks for.
 fn want(headers: &HeaderMap) -> Want {
-    let directives: Vec<String> = headers
+    let mut want = Want::default();
+    let directives = headers
         .get_all(hyper::header::CACHE_CONTROL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|d| d.trim().to_ascii_lowercase())
-        .collect();
-    Want {
-        only_if_cached: directives.iter().any(|d| d == "only-if-cached"),
-        uncached: directives.iter().any(|d| d == "no-cache"),
-        paused: false,
+        .map(str::trim);
+    for directive in directives {
+        want.only_if_cached |= directive.eq_ignore_ascii_case("only-if-cached");
+        want.uncached |= directive.eq_ignore_ascii_case("no-cache");
     }
+    want
 }
 
 /// One key's entry in a multi-get's answer; the value is embedded as the very JSON a GET returns.
@@ -170,15 +199,15 @@ pub async fn multi_get(http: &Http, request: Request<Incoming>) -> Response<Body
         if !seen.insert(key.as_str()) {
             continue;
         }
-        let answered = match (check_key(key.clone()), &not_fresh) {
+        let answered = match (check_key(key), &not_fresh) {
             (Err(problem), _) => Err(problem),
-            (Ok(_), Some(not_fresh)) => Ok(not_fresh.clone()),
+            (Ok(()), Some(not_fresh)) => Ok(not_fresh.clone()),
             // In memory: served now, without waiting behind the misses (not when a fresh read
             // found capture paused: then from the database).
-            (Ok(checked), None) => match http.sources.cache.hot(&checked).filter(|_| !paused) {
+            (Ok(()), None) => match http.sources.cache.hot(key).filter(|_| !paused) {
                 Some(entry) => Ok(Answer::Value(entry, Source::Hit)),
                 None => {
-                    to_look_up.push(checked);
+                    to_look_up.push(key.clone());
                     continue;
                 }
             },
@@ -349,11 +378,15 @@ fn wants_fresh(query: Option<&str>) -> bool {
         .any(|pair| matches!(pair, "fresh" | "fresh=1" | "fresh=true"))
 }
 
-/// Decodes a percent-encoded key. Refuses bad escapes, invalid UTF-8, control characters and
-/// keys longer than `MAX_KEY_BYTES`.
-pub fn decode_key(raw: &str) -> Result<String, String> {
-    let key = decode_component(raw)?;
-    check_key(key)
+/// Decodes a percent-encoded key (borrowed as it is when it has no escape). Refuses bad escapes,
+/// invalid UTF-8, control characters and keys longer than `MAX_KEY_BYTES`.
+pub fn decode_key(raw: &str) -> Result<Cow<'_, str>, String> {
+    let key = match raw.contains('%') {
+        true => Cow::Owned(decode_component(raw)?),
+        false => Cow::Borrowed(raw),
+    };
+    check_key(&key)?;
+    Ok(key)
 }
 
 /// Percent-decodes one part of a URL strictly: every `%` must start an escape (a lenient
@@ -376,7 +409,7 @@ pub fn decode_component(raw: &str) -> Result<String, String> {
 }
 
 /// The rules every key meets: not empty, at most `MAX_KEY_BYTES`, no control characters.
-pub fn check_key(key: String) -> Result<String, String> {
+pub fn check_key(key: &str) -> Result<(), String> {
     if key.is_empty() {
         return Err("the key is empty".to_owned());
     }
@@ -389,7 +422,7 @@ pub fn check_key(key: String) -> Result<String, String> {
     if key.chars().any(char::is_control) {
         return Err("the key contains a control character".to_owned());
     }
-    Ok(key)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
@@ -65,7 +65,19 @@ struct Limits {
 
 /// A connection's place among `max_connections`: given back when the connection ends, or as
 /// soon as it turns into a live feed (which never ends, and has a place of its own).
-type Slot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+type Slot = Mutex<Option<OwnedSemaphorePermit>>;
+
+/// What one connection's requests read: cloned once per connection, so a request takes one
+/// count on its own connection's `Arc` rather than a count on each of the shared stages' (lines
+/// every connection's requests would pass back and forth between threads).
+struct Connection {
+    http: Http,
+    limits: Arc<Limits>,
+    slot: Slot,
+}
+
+/// An answer's body: whole (every route but one), or the live feed's stream.
+type Reply = Either<Full<Bytes>, BoxBody<Bytes, Infallible>>;
 
 /// Accepts connections until `stopping` turns true, then lets in-flight requests finish.
 pub async fn serve(http: Http, listener: TcpListener, settings: HttpSettings) {
@@ -109,8 +121,12 @@ pub async fn serve(http: Http, listener: TcpListener, settings: HttpSettings) {
             },
             _ = &mut stop => break,
         };
-        let slot: Slot = Arc::new(Mutex::new(Some(permit)));
-        let connection = graceful.watch(connection(&http, stream, &limits, slot));
+        let state = Arc::new(Connection {
+            http: http.clone(),
+            limits: Arc::clone(&limits),
+            slot: Mutex::new(Some(permit)),
+        });
+        let connection = graceful.watch(connection(stream, state));
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -127,48 +143,52 @@ pub async fn serve(http: Http, listener: TcpListener, settings: HttpSettings) {
 /// One client connection: its requests answered in turn, within the limits. Its slot is held
 /// by the service, so it goes back when the connection ends (or earlier, for a live feed).
 fn connection(
-    http: &Http,
     stream: TcpStream,
-    limits: &Arc<Limits>,
-    slot: Slot,
+    state: Arc<Connection>,
 ) -> impl hyper_util::server::graceful::GracefulConnection + use<> {
     let _ = stream.set_nodelay(true);
-    let (http, service_limits) = (http.clone(), Arc::clone(limits));
+    let header_timeout = state.limits.header_timeout;
     let service = service_fn(move |request| {
-        let (http, limits, slot) = (http.clone(), Arc::clone(&service_limits), Arc::clone(&slot));
-        async move { Ok::<_, Infallible>(answer(&http, request, &limits, &slot).await) }
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(answer(&state, request).await) }
     });
     // hyper refuses a head that fills its buffer before it ends (its own 431), but a head that
     // arrives in one large read can be parsed past it: `head_bytes` holds every request to the
     // limit, whatever the reads were.
     http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service)
 }
 
 /// One request's answer. A request (its fill included) that takes too long gets a 503, and its
 /// connection is free again; the work it started stops with it (a query nobody waits for is
-/// interrupted). The live feed streams.
-async fn answer(
-    http: &Http,
-    request: Request<Incoming>,
-    limits: &Limits,
-    slot: &Slot,
-) -> Response<BoxBody<Bytes, Infallible>> {
+/// interrupted). A GET of a value in memory is answered at once, with no timeout armed (it
+/// awaits nothing). The live feed streams.
+async fn answer(connection: &Connection, request: Request<Incoming>) -> Response<Reply> {
+    let Connection { http, limits, slot } = connection;
     if head_bytes(&request) > MAX_HEAD_BYTES {
         return reply::error(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             format!("the request's head is over {MAX_HEAD_BYTES} bytes"),
         )
-        .map(BodyExt::boxed);
+        .map(Either::Left);
     }
     if let Err((status, message)) = guard::check(&limits.names, &request) {
-        return reply::error(status, message).map(BodyExt::boxed);
+        return reply::error(status, message).map(Either::Left);
     }
-    if routes::route(request.uri().path()) == Some(routes::Route::Events) {
-        return events_stream(http, &request, limits, slot);
+    match routes::route(request.uri().path()) {
+        Some(routes::Route::Events) => {
+            return events_stream(http, &request, limits, slot).map(Either::Right);
+        }
+        Some(routes::Route::Key) if request.method() == Method::GET => {
+            let raw_key = routes::raw_key(request.uri().path());
+            if let Some(response) = keys::get_at_once(http, raw_key, &request) {
+                return response.map(Either::Left);
+            }
+        }
+        _ => {}
     }
     let timeout = limits.request_timeout;
     tokio::time::timeout(timeout, routes::dispatch(http, request))
@@ -179,7 +199,7 @@ async fn answer(
                 format!("no answer within http.request_timeout ({timeout:?})"),
             )
         })
-        .map(BodyExt::boxed)
+        .map(Either::Left)
 }
 
 /// `GET /v1/events`: the live feed, as Server-Sent Events, on a place of its own among

@@ -61,6 +61,11 @@ pub fn route(path: &str) -> Option<Route> {
     ROUTES.at(path).ok().map(|matched| *matched.value)
 }
 
+/// The key a `/v1/keys/{key}` path names, as written (percent-encoded).
+pub fn raw_key(path: &str) -> &str {
+    path.strip_prefix("/v1/keys/").unwrap_or_default()
+}
+
 /// Answers a request (every route but the live feed, which streams).
 pub async fn dispatch(http: &Http, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
@@ -72,17 +77,14 @@ pub async fn dispatch(http: &Http, request: Request<Incoming>) -> Response<Body>
     };
     let method = request.method().clone();
     match (route, method) {
-        (Route::Key, Method::GET) => {
-            let raw_key = path.strip_prefix("/v1/keys/").unwrap_or_default();
-            keys::get(http, raw_key, &request).await
-        }
-        (Route::Key | Route::EmptyKey, Method::DELETE) => {
-            let raw_key = path.strip_prefix("/v1/keys/").unwrap_or_default();
-            match keys::decode_key(raw_key) {
-                Ok(key) => admin::act(http, request.headers(), AdminAction::Key(key)).await,
-                Err(problem) => reply::malformed_key(&problem),
+        (Route::Key, Method::GET) => keys::get(http, raw_key(&path), &request).await,
+        (Route::Key | Route::EmptyKey, Method::DELETE) => match keys::decode_key(raw_key(&path)) {
+            Ok(key) => {
+                let key = key.into_owned();
+                admin::act(http, request.headers(), AdminAction::Key(key)).await
             }
-        }
+            Err(problem) => reply::malformed_key(&problem),
+        },
         (Route::EmptyKey, Method::GET) => reply::malformed_key("the key is empty"),
         (Route::Key | Route::EmptyKey, _) => reply::method_not_allowed("GET, DELETE"),
         (Route::Keys, Method::POST) => keys::multi_get(http, request).await,

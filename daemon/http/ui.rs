@@ -64,9 +64,10 @@ pub fn serve_asset(request: &HeaderMap, asset: &Asset) -> Response<Body> {
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
-    if let Ok(tag) = HeaderValue::from_str(&reply::etag(asset.body.as_bytes())) {
-        headers.insert(hyper::header::ETAG, tag);
-    }
+    headers.insert(
+        hyper::header::ETAG,
+        reply::etag(crate::fnv1a(asset.body.as_bytes())),
+    );
     reply::not_modified_if_matching(request, answer)
 }
 

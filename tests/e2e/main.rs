@@ -15,6 +15,7 @@ mod fresh_pause;
 mod fuzz;
 mod hostile_text;
 mod hosts;
+mod hot_reads;
 mod http;
 mod in_flight;
 mod lease_namespaces;
