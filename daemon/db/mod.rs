@@ -15,7 +15,8 @@ mod query;
 
 pub use pool::{ReadError, ReadPool, is_interrupted, open_reader};
 pub use query::{
-    Body, Bound, Computed, bound, compute, read_head, read_head_and_pause, real_key_text,
+    Body, Bound, Computed, bound, compute, encode_rows, read_head, read_head_and_pause,
+    real_key_text,
 };
 
 /// How long the daemon's statements wait for a lock held by the app before giving up.

@@ -126,7 +126,7 @@ pub fn real_key_text(r: f64) -> String {
 
 /// Encodes the rows as JSON: an array of objects when `many`, else the first row's object
 /// (None when there is no row).
-fn encode_rows(stmt: &mut Statement<'_>, many: bool) -> rusqlite::Result<Option<Body>> {
+pub fn encode_rows(stmt: &mut Statement<'_>, many: bool) -> rusqlite::Result<Option<Body>> {
     let names: Vec<String> = stmt
         .column_names()
         .map(|n| serde_json::to_string(n).unwrap_or_else(|_| "\"?\"".to_owned()))
