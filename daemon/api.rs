@@ -107,6 +107,22 @@ pub struct FamilyStatus {
     pub many: bool,
     pub ttl_ms: u64,
     pub tags: Vec<String>,
+    /// `maintain = "incremental"` families: how the value is kept up to date (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintained: Option<Maintained>,
+}
+
+/// How a `maintain = "incremental"` family is kept up to date: its shape (`per-key`, `grouped`,
+/// `scalar`), the state it keeps (rows, an estimate of their bytes), the full runs that built
+/// it, and the changes applied from their rows vs. those for which part of it was re-run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Maintained {
+    pub shape: String,
+    pub state_rows: u64,
+    pub state_bytes: u64,
+    pub state_builds: u64,
+    pub incremental: u64,
+    pub recomputed: u64,
 }
 
 /// A family's counters: reads answered from the cache, reads that filled, values computed, and

@@ -38,7 +38,6 @@ mod db;
 pub mod escape;
 mod explain;
 mod http;
-#[allow(dead_code)] // wired into the tail next (issue 17 in progress)
 mod maintain;
 mod ops;
 mod progress;

@@ -14,6 +14,7 @@ use std::time::SystemTime;
 use crate::config::spelling::FamilySpelling;
 use crate::config::{Config, ConfigDiff, Family, Reads};
 use crate::counters::{Counter, Striped};
+use crate::maintain::{Settled, Size};
 use crate::types::Params;
 
 /// One family's runtime state. Cached values point at it: a value of a retired family, or read
@@ -39,6 +40,31 @@ pub struct FamilyCounters {
     /// Queries run for this family (fills and recomputes), and their total time.
     pub computes: Counter,
     pub compute_micros: Counter,
+    /// `maintain = "incremental"`: changes applied from their rows, changes for which part of
+    /// the state was re-run instead, full runs that built the state, and the state's size.
+    pub incremental: Counter,
+    pub recomputed: Counter,
+    pub state_builds: Counter,
+    pub state_rows: Counter,
+    pub state_bytes: Counter,
+}
+
+impl FamilyCounters {
+    pub fn note_built(&self, size: Size) {
+        self.state_builds.inc();
+        self.note_size(size);
+    }
+
+    pub fn note_settled(&self, settled: Settled, size: Size) {
+        self.incremental.add(settled.incremental);
+        self.recomputed.add(settled.recomputed);
+        self.note_size(size);
+    }
+
+    fn note_size(&self, size: Size) {
+        self.state_rows.set(size.rows);
+        self.state_bytes.set(size.bytes);
+    }
 }
 
 /// A rule's counters since the config that holds it was loaded.

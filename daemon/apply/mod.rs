@@ -9,17 +9,20 @@
 //!
 //! Warm start (`warm`) fills the keys a family lists at start through the same fill path.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::Connection;
 
 use crate::cache::{Cache, StoreError};
 use crate::counters::Counter;
 use crate::registry::Live;
-use crate::types::{Plan, Strategy};
+use crate::types::{Change, Plan, Strategy};
 
+pub mod maintained;
 pub mod warm;
 pub mod write_behind;
+
+use maintained::Maintainer;
 
 pub use warm::WarmProgress;
 pub use write_behind::WriteBehindQueue;
@@ -39,6 +42,8 @@ pub struct Applier {
     cache: Arc<Cache>,
     queue: Arc<WriteBehindQueue>,
     counters: Arc<ApplyCounters>,
+    /// The incrementally maintained families' states (only the applying thread locks it).
+    maintainer: Mutex<Maintainer>,
 }
 
 impl Applier {
@@ -51,6 +56,7 @@ impl Applier {
             cache,
             queue,
             counters,
+            maintainer: Mutex::default(),
         }
     }
 
@@ -58,17 +64,22 @@ impl Applier {
         &self.cache
     }
 
-    /// Applies one batch's plan, which ends at outbox position `last`; `cursor` is the position
-    /// applied before it, `epoch` the lease epoch it is applied under. Blocking (write-through
-    /// runs queries on `conn`): call it on the tail thread. Fails only when the Redis backend
-    /// cannot be reached: the cursor must then stay where it is.
+    /// Applies one batch's plan (for `changes`, which end at outbox position `last`); `cursor`
+    /// is the position applied before it, `epoch` the lease epoch it is applied under. Blocking
+    /// (write-through runs queries on `conn`): call it on the tail thread. Fails only when the
+    /// Redis backend cannot be reached: the cursor must then stay where it is.
     pub fn apply(
         &self,
-        plan: &Plan,
+        (plan, changes): (&Plan, &[Change]),
         live: &Live,
         conn: &Connection,
         (cursor, last, epoch): (u64, u64, u64),
     ) -> Result<(), StoreError> {
+        let mut maintainer = self
+            .maintainer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        maintainer.observe(live, conn, changes);
         self.cache.apply_plan(plan, live, cursor, last, epoch)?;
         self.counters.tag_invalidations.add(plan.tags.len() as u64);
         for (key, action) in &plan.keys {
@@ -83,11 +94,19 @@ impl Applier {
                 Strategy::WriteThrough => {
                     if let Some((family, params)) = live.match_key(key) {
                         self.counters.recomputes.inc();
-                        self.cache.refresh_now(conn, key, family, &params);
+                        if maintained::keeps_state(family) {
+                            self.cache
+                                .refresh_now_with(conn, key, family, &params, |conn| {
+                                    maintainer.value(conn, family)
+                                });
+                        } else {
+                            self.cache.refresh_now(conn, key, family, &params);
+                        }
                     }
                 }
             }
         }
+        maintainer.settle_rest(live, conn);
         Ok(())
     }
 }

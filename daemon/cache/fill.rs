@@ -13,7 +13,7 @@ use super::flights::{Begin, FillTicket, Filled};
 use super::{Cache, Entry, FillError, FillOutcome, KEY_SPELLING, Lookup, Store, query_failed};
 use crate::config::spelling;
 use crate::counters::now_ms;
-use crate::db::{Computed, compute, is_interrupted};
+use crate::db::{Body, Computed, compute, compute_with, is_interrupted};
 use crate::escape::Escaped;
 use crate::registry::FamilyState;
 use crate::types::Params;
@@ -114,7 +114,12 @@ impl Cache {
         let abandoned = ticket.abandoned();
         let cache = Arc::clone(&self);
         let work = move |conn: rusqlite::Result<&Connection>| {
-            let outcome = conn.and_then(|conn| cache.timed_read(conn, ticket.family(), &params));
+            let outcome = conn.and_then(|conn| {
+                let family = ticket.family();
+                let query =
+                    |conn: &Connection| compute(conn, &family.def.query, family.def.many, &params);
+                cache.timed_read(conn, family, &params, query)
+            });
             match outcome {
                 Err(e) if is_interrupted(&e) => {
                     cache.flights.give_up(ticket, FillError::Superseded);
@@ -145,7 +150,7 @@ impl Cache {
         let cache = Arc::clone(self);
         let work = move |conn: rusqlite::Result<&Connection>| {
             let ticket = cache.flights.begin_refresh(Arc::clone(&key), &family);
-            let computed = conn.and_then(|conn| cache.read(conn, &family, &params));
+            let computed = conn.and_then(|conn| cache.read_query(conn, &family, &params));
             if computed.as_ref().is_err_and(is_interrupted) {
                 // The request went away (it was dropped): nobody reads this answer.
                 cache.flights.give_up(ticket, FillError::Superseded);
@@ -187,13 +192,39 @@ impl Cache {
         family: &Arc<FamilyState>,
         params: &Params,
     ) -> bool {
+        let query = |conn: &Connection| compute(conn, &family.def.query, family.def.many, params);
+        self.refresh_now_from(conn, key, family, params, query)
+    }
+
+    /// `refresh_now`, the value computed by `value` (in its read transaction with the outbox
+    /// head, as `db::compute_with`) instead of the family's query: a maintained family's state.
+    pub fn refresh_now_with(
+        &self,
+        conn: &Connection,
+        key: &str,
+        family: &Arc<FamilyState>,
+        params: &Params,
+        value: impl FnOnce(&Connection) -> rusqlite::Result<Option<Body>>,
+    ) -> bool {
+        let computed = |conn: &Connection| compute_with(conn, value);
+        self.refresh_now_from(conn, key, family, params, computed)
+    }
+
+    fn refresh_now_from(
+        &self,
+        conn: &Connection,
+        key: &str,
+        family: &Arc<FamilyState>,
+        params: &Params,
+        computed: impl FnOnce(&Connection) -> rusqlite::Result<Computed>,
+    ) -> bool {
         if family.spelling_problem(params).is_some() {
             // A key no family would store (a rule rendered `book:042`): nothing to recompute.
             self.invalidate_key(key);
             return true;
         }
         let ticket = self.flights.begin_refresh(Arc::from(key), family);
-        let outcome = self.timed_read(conn, family, params);
+        let outcome = self.timed_read(conn, family, params, computed);
         let ok = outcome.is_ok();
         let read = match &outcome {
             Ok(read) if read.storable => Some(read.computed.version),
@@ -214,9 +245,10 @@ impl Cache {
         conn: &Connection,
         family: &FamilyState,
         params: &Params,
+        computed: impl FnOnce(&Connection) -> rusqlite::Result<Computed>,
     ) -> rusqlite::Result<Read> {
         let started = Instant::now();
-        let read = self.read(conn, family, params);
+        let read = self.read(conn, family, params, computed);
         let took = started.elapsed();
         self.counters
             .fill_latency
@@ -227,13 +259,25 @@ impl Cache {
     }
 
     /// Runs the family's query for `params`, and tells whether what it read may be stored.
-    fn read(
+    fn read_query(
         &self,
         conn: &Connection,
         family: &FamilyState,
         params: &Params,
     ) -> rusqlite::Result<Read> {
-        let computed = compute(conn, &family.def.query, family.def.many, params)?;
+        let query = |conn: &Connection| compute(conn, &family.def.query, family.def.many, params);
+        self.read(conn, family, params, query)
+    }
+
+    /// Computes a value with `computed`, and tells whether what it read may be stored.
+    fn read(
+        &self,
+        conn: &Connection,
+        family: &FamilyState,
+        params: &Params,
+        computed: impl FnOnce(&Connection) -> rusqlite::Result<Computed>,
+    ) -> rusqlite::Result<Read> {
+        let computed = computed(conn)?;
         let storable = !computed.paused && reachable(conn, family, params, computed.schema_version);
         Ok(Read { computed, storable })
     }

@@ -43,6 +43,7 @@ pub use redis_url::{RedisUrl, Sentinels};
 pub use secret::Secret;
 pub use template::Template;
 
+use crate::maintain::Shape;
 use crate::types::{Op, Params, Strategy};
 
 /// `listen` when the config says nothing: loopback only.
@@ -170,6 +171,8 @@ pub struct Family {
     /// Where the pattern and the query stand in the config text.
     pub pattern_span: Range<usize>,
     pub query_span: Range<usize>,
+    /// `maintain = "incremental"`: the shape its value is kept up to date by (None: recomputed).
+    pub maintain: Option<Arc<Shape>>,
 }
 
 /// A rule: what a change to one table does to the cache.
@@ -270,6 +273,24 @@ impl Config {
                     if !columns.iter().any(|c| c == param) {
                         columns.push(param.to_owned());
                     }
+                }
+            }
+        }
+        // A maintained family follows every change to the tables it reads, with the columns
+        // its state needs, whatever the rules say.
+        for shape in self.families.iter().filter_map(|f| f.maintain.as_deref()) {
+            let needed = shape.tables().into_iter().map(|t| (t, None));
+            let columns = shape.columns().into_iter().map(|(t, c)| (t, Some(c)));
+            for (table, column) in needed.chain(columns) {
+                // Table names are case-insensitive: one capture per table.
+                let name = tables
+                    .keys()
+                    .find(|t| t.eq_ignore_ascii_case(&table))
+                    .cloned()
+                    .unwrap_or(table);
+                let columns = tables.entry(name).or_default();
+                if let Some(column) = column.filter(|c| !columns.contains(c)) {
+                    columns.push(column);
                 }
             }
         }

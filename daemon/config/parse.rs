@@ -109,6 +109,8 @@ pub(super) struct RawFamily {
     pub(super) invalidate: Option<Spanned<String>>,
     /// The strategy of its derived rules (default: delete).
     pub(super) strategy: Option<Strategy>,
+    /// `"incremental"`: keep the value up to date from the changes (default `"recompute"`).
+    pub(super) maintain: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -24,6 +24,7 @@ use super::{
     AllowedHost, Backend, CacheSettings, Config, DEFAULT_LISTEN, Family, HttpSettings, Rule,
     Secret, TailSettings, WriteBehindSettings,
 };
+use crate::maintain::Shape;
 use crate::types::{Op, Strategy};
 
 /// The whole config, every section validated.
@@ -485,6 +486,7 @@ fn validate_family(
             ),
         }
     }
+    let maintain = maintain(&raw, pattern_text, &pattern, &query, problems);
     let definition = format!(
         "{query}\0{}\0{}\0{}",
         raw.many,
@@ -510,7 +512,44 @@ fn validate_family(
         warm_span: raw.warm.as_ref().map(Spanned::span),
         pattern_span: pattern_text.span(),
         query_span: raw.query.span(),
+        maintain,
     })
+}
+
+/// `maintain`: `"recompute"` (the default: None) or `"incremental"`, which needs a query of a
+/// shape `maintain::analyse` accepts; refused at the query with the reason otherwise.
+fn maintain(
+    raw: &RawFamily,
+    pattern_text: &Spanned<String>,
+    pattern: &Template,
+    query: &str,
+    problems: &mut Problems<'_>,
+) -> Option<Arc<Shape>> {
+    let setting = raw.maintain.as_ref()?;
+    match setting.get_ref().as_str() {
+        "recompute" => None,
+        "incremental" => match crate::maintain::analyse(query, !pattern.params().is_empty()) {
+            Ok(shape) => Some(Arc::new(shape)),
+            Err(reason) => {
+                problems.at(
+                    raw.query.span(),
+                    format!(
+                        "key family `{pattern_text}`: `maintain = \"incremental\"` cannot maintain this query: {reason}"
+                    ),
+                );
+                None
+            }
+        },
+        other => {
+            problems.at(
+                setting.span(),
+                format!(
+                    "key family `{pattern_text}`: `maintain` is \"recompute\" or \"incremental\", not {other:?}"
+                ),
+            );
+            None
+        }
+    }
 }
 
 /// The group name of a family generation (Redis keeps a sorted set of its keys): a value

@@ -14,9 +14,10 @@ mod pool;
 mod query;
 
 pub use pool::{ReadError, ReadPool, is_interrupted, open_reader};
+#[allow(unused_imports)] // encode_rows: for maintain/ (issue 17, in progress)
 pub use query::{
-    Body, Bound, Computed, bound, compute, encode_rows, read_head, read_head_and_pause,
-    real_key_text,
+    Body, Bound, Computed, bound, compute, compute_with, encode_rows, read_head,
+    read_head_and_pause, real_key_text,
 };
 
 /// How long the daemon's statements wait for a lock held by the app before giving up.

@@ -51,6 +51,20 @@ pub fn compute(
     many: bool,
     params: &[(String, String)],
 ) -> rusqlite::Result<Computed> {
+    compute_with(conn, |conn| {
+        let mut stmt = conn.prepare_cached(query)?;
+        bind_params(&mut stmt, params)?;
+        encode_rows(&mut stmt, many)
+    })
+}
+
+/// Computes a value with `body` (which runs its statements on the connection it is given), in
+/// one read transaction with the outbox head, the pause flag and the schema version, as
+/// `compute` does for a family's query.
+pub fn compute_with(
+    conn: &Connection,
+    body: impl FnOnce(&Connection) -> rusqlite::Result<Option<Body>>,
+) -> rusqlite::Result<Computed> {
     let tx = conn.unchecked_transaction()?;
     let (version, paused, schema_version): (i64, bool, i64) = tx
         .prepare_cached(
@@ -59,11 +73,7 @@ pub fn compute(
                     (SELECT schema_version FROM pragma_schema_version)",
         )?
         .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-    let body = {
-        let mut stmt = tx.prepare_cached(query)?;
-        bind_params(&mut stmt, params)?;
-        encode_rows(&mut stmt, many)?
-    };
+    let body = body(&tx)?;
     tx.commit()?;
     Ok(Computed {
         version: u64::try_from(version).unwrap_or(0),

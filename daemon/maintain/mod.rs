@@ -50,6 +50,15 @@ pub fn analyse(query: &str, has_params: bool) -> Result<Shape, String> {
 }
 
 impl Shape {
+    /// Its name in status and explain.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Shape::PerKey => "per-key",
+            Shape::Grouped(_) => "grouped",
+            Shape::Scalar(_) => "scalar",
+        }
+    }
+
     /// The columns each table's capture must record for this shape: (table, column).
     pub fn columns(&self) -> Vec<(String, String)> {
         match self {

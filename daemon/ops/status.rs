@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::{COUNTS, Sources};
 use crate::api::{
     CaptureFailure, ConfigStatus, FamilyCounts, FamilyStatus, FeedFamily, Latencies, LiveStatus,
-    RemoteStatus, RuleStatus, Status, Warm,
+    Maintained, RemoteStatus, RuleStatus, Status, Warm,
 };
 use crate::config::tracking_gaps;
 use crate::counters::now_ms;
@@ -146,6 +146,20 @@ fn family_counts(family: &FamilyState) -> FamilyCounts {
     }
 }
 
+/// A maintained family's shape and state (None for a family recomputed as a whole).
+fn maintained(family: &FamilyState) -> Option<Maintained> {
+    let shape = family.def.maintain.as_deref()?;
+    let counters = &family.counters;
+    Some(Maintained {
+        shape: shape.name().to_owned(),
+        state_rows: counters.state_rows.get(),
+        state_bytes: counters.state_bytes.get(),
+        state_builds: counters.state_builds.get(),
+        incremental: counters.incremental.get(),
+        recomputed: counters.recomputed.get(),
+    })
+}
+
 /// How many values are cached, and Redis's state (None on the memory backend).
 async fn cache_status(sources: &Sources) -> (Option<u64>, Option<RemoteStatus>) {
     let count = sources.cache.count().await;
@@ -190,6 +204,7 @@ fn config_status(sources: &Sources, live: &Live) -> ConfigStatus {
                 many: f.def.many,
                 ttl_ms: f.def.ttl.as_millis() as u64,
                 tags: f.def.tags.iter().map(|t| t.source().to_owned()).collect(),
+                maintained: maintained(f),
             })
             .collect(),
         rules: config

@@ -372,8 +372,12 @@ impl Tail {
             return Ok(0);
         };
         let plan = rules::plan(&live.config, &changes);
-        self.applier
-            .apply(&plan, live, outbox.conn(), (cursor, last, epoch))?;
+        self.applier.apply(
+            (&plan, &changes),
+            live,
+            outbox.conn(),
+            (cursor, last, epoch),
+        )?;
         self.record_freshness(&changes);
         self.note_unreadable(&changes);
         self.feed.publish(&live.config, &changes);

@@ -1,0 +1,198 @@
+//! The states of the families kept up to date incrementally (`maintain = "incremental"`), on
+//! the applying thread and its connection: fed every change of a batch to the tables each reads,
+//! settled once per batch, read when a key of the family is written through.
+//!
+//! A state is trusted only from the position it was built at: it is built by a full run in one
+//! read transaction with the outbox head, and then takes in only the changes after that head
+//! (the ones before are in what the full run read). Anything that may hide a change from it — a
+//! flush of a table it reads (capture reinstalled, resumed, an undecodable row), an outbox
+//! rebuilt by hand, an operator's flush — drops it, and the next value builds it again.
+
+use std::collections::HashMap;
+
+use rusqlite::Connection;
+
+use crate::db::{Body, read_head};
+use crate::escape::Escaped;
+use crate::maintain::{Shape, State};
+use crate::registry::{FamilyState, Live};
+use crate::types::{AdminAction, Change, ChangeBody};
+
+/// One maintained family's state (None until a value is first needed, or after it was dropped).
+struct Kept {
+    state: Option<State>,
+    /// The outbox head its full run read at: changes at or before it are in the state already.
+    built_at: u64,
+    /// Changes taken in since the last settle.
+    pending: bool,
+}
+
+/// The maintained families' states, by family group (pattern and definition: a reload that
+/// changes the query starts a new state).
+#[derive(Default)]
+pub struct Maintainer {
+    kept: HashMap<String, Kept>,
+}
+
+impl Maintainer {
+    /// Takes in a batch's changes: row changes of the tables each maintained family reads, and
+    /// what drops states. States of families no longer configured are discarded.
+    pub fn observe(&mut self, live: &Live, conn: &Connection, changes: &[Change]) {
+        self.retire(live, conn);
+        for family in maintained(live) {
+            let kept = self.kept.entry(family.def.group.clone()).or_insert(Kept {
+                state: None,
+                built_at: 0,
+                pending: false,
+            });
+            if kept.state.is_some() {
+                take_in(kept, family, conn, changes);
+            }
+        }
+    }
+
+    /// The value of a maintained family's key, from its state (built with a full run first if
+    /// it has none), in the read transaction `conn` is in.
+    pub fn value(
+        &mut self,
+        conn: &Connection,
+        family: &FamilyState,
+    ) -> rusqlite::Result<Option<Body>> {
+        let Some(shape) = family.def.maintain.as_deref() else {
+            return Err(rusqlite::Error::InvalidQuery);
+        };
+        let kept = self.kept.entry(family.def.group.clone()).or_insert(Kept {
+            state: None,
+            built_at: 0,
+            pending: false,
+        });
+        let outcome =
+            settled(kept, family, shape, conn).and_then(|state| state.value(conn, family.def.many));
+        if outcome.is_err() {
+            // Never keep a state that failed half-way: the next value builds it again.
+            if let Some(state) = kept.state.take() {
+                state.discard(conn);
+            }
+        }
+        outcome
+    }
+
+    /// Settles the states that took in changes no value asked for this batch (keeps what they
+    /// hold pending bounded).
+    pub fn settle_rest(&mut self, live: &Live, conn: &Connection) {
+        for family in maintained(live) {
+            let Some(kept) = self.kept.get_mut(&family.def.group) else {
+                continue;
+            };
+            if !kept.pending {
+                continue;
+            }
+            if let Some(state) = kept.state.as_mut() {
+                match state.settle(conn) {
+                    Ok(settled) => family.counters.note_settled(settled, state.size()),
+                    Err(e) => {
+                        tracing::warn!(family = %family.def.pattern, error = %Escaped(&e), "keeping a maintained value up to date failed; its state is built again when next needed");
+                        if let Some(state) = kept.state.take() {
+                            state.discard(conn);
+                        }
+                    }
+                }
+            }
+            kept.pending = false;
+        }
+    }
+
+    /// Discards the states of families no longer in the config (or changed by a reload).
+    fn retire(&mut self, live: &Live, conn: &Connection) {
+        let current: Vec<&str> = maintained(live).map(|f| f.def.group.as_str()).collect();
+        let gone: Vec<String> = self
+            .kept
+            .keys()
+            .filter(|group| !current.contains(&group.as_str()))
+            .cloned()
+            .collect();
+        for group in gone {
+            if let Some(state) = self.kept.remove(&group).and_then(|k| k.state) {
+                state.discard(conn);
+            }
+        }
+    }
+}
+
+/// Whether the family's values come from a state (per-key families keep none: their own query
+/// is the touched group's, so they are recomputed).
+pub fn keeps_state(family: &FamilyState) -> bool {
+    family
+        .def
+        .maintain
+        .as_deref()
+        .is_some_and(|shape| *shape != Shape::PerKey)
+}
+
+fn maintained(live: &Live) -> impl Iterator<Item = &std::sync::Arc<FamilyState>> {
+    live.families.iter().filter(|f| keeps_state(f))
+}
+
+/// Feeds one family's state the batch's changes after its build position; drops it on anything
+/// that may hide a change from it.
+fn take_in(kept: &mut Kept, family: &FamilyState, conn: &Connection, changes: &[Change]) {
+    let Some(shape) = family.def.maintain.as_deref() else {
+        return;
+    };
+    let tables = shape.tables();
+    let reads = |table: &str| tables.iter().any(|t| t.eq_ignore_ascii_case(table));
+    for change in changes.iter().filter(|c| c.position > kept.built_at) {
+        let drop = match &change.body {
+            ChangeBody::Row(row) if reads(&row.layout.table) => {
+                if let Some(state) = kept.state.as_mut() {
+                    state.apply(row);
+                    kept.pending = true;
+                }
+                false
+            }
+            ChangeBody::Row(_) | ChangeBody::Marker => false,
+            ChangeBody::Flush { table } => reads(table),
+            ChangeBody::Unreadable(unreadable) => unreadable.table.as_deref().is_none_or(reads),
+            ChangeBody::Reset => true,
+            ChangeBody::Admin(AdminAction::All) => true,
+            ChangeBody::Admin(AdminAction::Family(pattern)) => {
+                *pattern == family.def.pattern.source()
+            }
+            ChangeBody::Admin(_) => false,
+        };
+        if drop {
+            if let Some(state) = kept.state.take() {
+                state.discard(conn);
+            }
+            kept.pending = false;
+            return;
+        }
+    }
+}
+
+/// The family's state, settled: built with a full run when there is none (in the caller's read
+/// transaction, with the outbox head it read at).
+fn settled<'k>(
+    kept: &'k mut Kept,
+    family: &FamilyState,
+    shape: &Shape,
+    conn: &Connection,
+) -> rusqlite::Result<&'k mut State> {
+    if kept.state.is_none() {
+        let head = read_head(conn)?;
+        let Some(state) = State::build(shape, conn)? else {
+            return Err(rusqlite::Error::InvalidQuery);
+        };
+        kept.built_at = head;
+        kept.pending = false;
+        family.counters.note_built(state.size());
+        kept.state = Some(state);
+    }
+    let state = kept.state.as_mut().ok_or(rusqlite::Error::InvalidQuery)?;
+    if kept.pending {
+        let settled = state.settle(conn)?;
+        family.counters.note_settled(settled, state.size());
+        kept.pending = false;
+    }
+    Ok(state)
+}
