@@ -25,7 +25,8 @@ pub fn open_existing(path: &Path) -> Result<Connection, Error> {
 /// What `cachetail check` found, besides problems (which are an error).
 #[derive(Debug, Default)]
 pub struct CheckReport {
-    /// Each rule `invalidate = "auto"` derived, as a line.
+    /// Each rule `invalidate = "auto"` derived, and each family `maintain = "incremental"`, as a
+    /// line.
     pub derived: Vec<String>,
     /// Tables a family reads that no rule refreshes it for.
     pub gaps: Vec<String>,
@@ -54,6 +55,21 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
                 .push(format!("key family `{pattern}`: {note}"));
         }
     }
+    for family in &config.families {
+        let Some(shape) = family.maintain.as_deref() else {
+            continue;
+        };
+        let pattern = family.pattern.source();
+        report.derived.push(format!(
+            "maintained (maintain = \"incremental\" on `{pattern}`): {}",
+            shape.describe()
+        ));
+        if let Err(e) = try_build(&conn, shape) {
+            report.warnings.push(format!(
+                "key family `{pattern}`: maintain = \"incremental\": its state cannot be built ({e}); its values would be dropped on each change instead"
+            ));
+        }
+    }
     for rule in config.rules.iter().filter(|r| r.derived_from.is_some()) {
         let mut names: Vec<&str> = rule.keys.iter().map(|k| k.source()).collect();
         names.extend(rule.tags.iter().map(|t| t.source()));
@@ -70,6 +86,15 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
         ));
     }
     Ok(report)
+}
+
+/// Builds a maintained family's state (one full run, in a read transaction) and discards it.
+fn try_build(conn: &Connection, shape: &crate::maintain::Shape) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    if let Some(state) = crate::maintain::State::build(shape, &tx)? {
+        state.discard(&tx);
+    }
+    tx.rollback()
 }
 
 /// Installs (or adjusts) the outbox and the triggers, as the daemon does at start.

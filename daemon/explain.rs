@@ -29,6 +29,8 @@ pub struct Explanation {
     pub flush_all: bool,
     /// Templates that named no key because a column they need was not given.
     pub not_shown: Vec<String>,
+    /// Families `maintain = "incremental"` whose state takes the change in: (pattern, shape).
+    pub maintained: Vec<(String, &'static str)>,
 }
 
 /// Maps a change of `table` (`old` / `new`: JSON objects of column values) through the rules.
@@ -117,11 +119,19 @@ pub fn explain(
     keys.sort();
     let mut tags: Vec<String> = plan.tags.into_keys().collect();
     tags.sort();
+    let maintained = config
+        .families
+        .iter()
+        .filter_map(|f| Some((f.pattern.source(), f.maintain.as_deref()?)))
+        .filter(|(_, shape)| shape.tables().iter().any(|t| t.eq_ignore_ascii_case(table)))
+        .map(|(pattern, shape)| (pattern.to_owned(), shape.name()))
+        .collect();
     Ok(Explanation {
         keys,
         tags,
         flush_all: plan.flush_all.is_some(),
         not_shown: missing.into_inner(),
+        maintained,
     })
 }
 

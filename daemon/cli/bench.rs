@@ -16,6 +16,7 @@ mod daemons;
 mod drain;
 mod floor;
 mod fresh;
+mod incremental;
 mod memory;
 mod stampede;
 mod takeover;
@@ -75,6 +76,9 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
     }
     if wanted("takeover") {
         rows.extend(takeover::takeover(options)?);
+    }
+    if wanted("incremental") {
+        rows.extend(incremental::incremental(options)?);
     }
     println!();
     println!("| figure | measured | baseline (same run) | ratio | target |");

@@ -171,6 +171,11 @@ pub fn explain(
     for note in &explained.not_shown {
         println!("  (not shown: {note})");
     }
+    for (pattern, shape) in &explained.maintained {
+        println!(
+            "  maintained  {pattern}  ({shape}: its state takes the change in, not a full re-run)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

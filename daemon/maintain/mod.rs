@@ -59,6 +59,21 @@ impl Shape {
         }
     }
 
+    /// How values of this shape are kept up to date, for `check`.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Shape::PerKey => {
+                "per key: a change recomputes the keys it touches (the key's query is its group's)"
+            }
+            Shape::Grouped(_) => {
+                "grouped: one row per group kept; a change re-runs only the groups it touches"
+            }
+            Shape::Scalar(_) => {
+                "scalar: counts and sums kept from the row changes; SQLite evaluates the final expressions"
+            }
+        }
+    }
+
     /// The columns each table's capture must record for this shape: (table, column).
     pub fn columns(&self) -> Vec<(String, String)> {
         match self {
