@@ -24,7 +24,7 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
     let mut rendered = String::new();
     for change in changes {
         let row = match &change.body {
-            ChangeBody::Row(row) => row,
+            ChangeBody::Row(row) | ChangeBody::Replaced(row) => row,
             ChangeBody::Marker => continue,
             ChangeBody::Admin(action) => {
                 plan_admin(&mut plan, action, change.position);

@@ -101,6 +101,9 @@ pub struct RowChange {
 pub enum ChangeBody {
     /// A row of a watched table changed.
     Row(RowChange),
+    /// A row a conflict may have removed (a delete, recorded before SQLite resolved the conflict:
+    /// `REPLACE` removed it, `OR IGNORE` or an upsert kept it). Mapped to keys as a delete.
+    Replaced(RowChange),
     /// Changes to this table may have gone uncaptured (capture was just installed, reinstalled
     /// after a migration, resumed, or cannot be installed): drop what was read from it before.
     Flush { table: Arc<str> },

@@ -150,7 +150,14 @@ fn take_in(kept: &mut Kept, family: &FamilyState, conn: &Connection, changes: &[
                 }
                 false
             }
-            ChangeBody::Row(_) | ChangeBody::Marker => false,
+            ChangeBody::Replaced(row) if reads(&row.layout.table) => {
+                if let Some(state) = kept.state.as_mut() {
+                    state.apply_replaced(row);
+                    kept.pending = true;
+                }
+                false
+            }
+            ChangeBody::Row(_) | ChangeBody::Replaced(_) | ChangeBody::Marker => false,
             ChangeBody::Flush { table } => reads(table),
             ChangeBody::Unreadable(unreadable) => unreadable.table.as_deref().is_none_or(reads),
             ChangeBody::Reset => true,

@@ -80,6 +80,12 @@ pub const MARKER_OP: i64 = 4;
 /// may have gone unseen: everything cached is dropped at its position (see `tail::outbox`).
 pub const RESET_OP: i64 = 5;
 
+/// The outbox op code of a row a conflict may remove, recorded by the `BEFORE INSERT/UPDATE`
+/// replace triggers before SQLite resolves the conflict: `REPLACE` removes it, but `OR IGNORE`,
+/// `ON CONFLICT DO NOTHING` and `DO UPDATE` keep it (a trigger cannot tell which). Rules treat it
+/// as a delete (too much, never too little); a maintained state checks it.
+pub const REPLACED_OP: i64 = 6;
+
 /// Writes an admin action into the outbox and returns its position. Blocking; a short write.
 pub fn write_admin_marker(conn: &Connection, action: &AdminAction) -> rusqlite::Result<u64> {
     let text = serde_json::to_string(action)

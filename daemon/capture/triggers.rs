@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::decode::TEXT_WITH_NUL;
-use super::{FLUSH_OP, TRIGGER_PREFIX, WRITTEN_AT};
+use super::{FLUSH_OP, REPLACED_OP, TRIGGER_PREFIX, WRITTEN_AT};
 use crate::db::quote_identifier;
 use crate::types::Op;
 
@@ -202,6 +202,7 @@ pub(super) fn table_triggers(
     };
     let outbox = "INSERT INTO cachetail_outbox";
     let (insert, update, delete) = (Op::Insert.code(), Op::Update.code(), Op::Delete.code());
+    let removed = REPLACED_OP;
     let replaced = "cachetail_replaced";
     // On a table where only the rowid can conflict, the replace trigger looks only when the
     // insert names a rowid: in a BEFORE INSERT trigger `NEW.rowid` is -1 when SQLite is to choose
@@ -242,7 +243,7 @@ pub(super) fn table_triggers(
         named(
             "replace_insert",
             format!(
-                "BEFORE INSERT ON {t} {replace_when}BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {WRITTEN_AT} FROM {t} AS {replaced} WHERE {}; END",
+                "BEFORE INSERT ON {t} {replace_when}BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {removed}, {}, {WRITTEN_AT} FROM {t} AS {replaced} WHERE {}; END",
                 values(replaced),
                 shape.conflict(replaced)
             ),
@@ -250,7 +251,7 @@ pub(super) fn table_triggers(
         named(
             "replace_update",
             format!(
-                "BEFORE UPDATE ON {t} WHEN {} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {delete}, {}, {WRITTEN_AT} FROM {t} AS {replaced} WHERE ({}) AND NOT {}; END",
+                "BEFORE UPDATE ON {t} WHEN {} BEGIN {outbox} (capture, op, old, at) SELECT {layout}, {removed}, {}, {WRITTEN_AT} FROM {t} AS {replaced} WHERE ({}) AND NOT {}; END",
                 shape.unique_column_changes(),
                 values(replaced),
                 shape.conflict(replaced),

@@ -134,6 +134,16 @@ impl State {
         }
     }
 
+    /// Takes in a row a conflict may have removed (`ChangeBody::Replaced`: removed by `REPLACE`,
+    /// kept by `OR IGNORE` or an upsert; the change does not say which).
+    pub fn apply_replaced(&mut self, change: &RowChange) {
+        match self {
+            // Its group is re-run from the database either way.
+            State::Grouped(state) => state.apply(change),
+            State::Scalar(state) => state.apply_replaced(change),
+        }
+    }
+
     /// Brings the state up to date with the changes taken in since the last call (once per
     /// batch, after its changes, before `value`).
     pub fn settle(&mut self, conn: &Connection) -> rusqlite::Result<Settled> {

@@ -224,6 +224,9 @@ pub struct State {
     readers: Vec<Vec<Vec<usize>>>,
     /// Changes taken in since the last settle, by the set of aggregates each touched.
     pending: BTreeMap<u64, u64>,
+    /// Per table: a change left its rows unknown (a row a conflict may have removed): scanned
+    /// again at the next settle.
+    rescan: Vec<bool>,
 }
 
 impl State {
@@ -263,6 +266,7 @@ impl State {
             slots: vec![slot; plan.aggregates.len()],
             readers,
             pending: BTreeMap::new(),
+            rescan: vec![false; plan.tables.len()],
         };
         in_one_read(conn, |conn| {
             for table in 0..state.plan.tables.len() {
@@ -301,14 +305,34 @@ impl State {
         *self.pending.entry(touched).or_default() += 1;
     }
 
+    /// A row a conflict may have removed (`REPLACE` removed it, `OR IGNORE` or an upsert kept
+    /// it): the table's rows are scanned again at the next settle.
+    pub fn apply_replaced(&mut self, change: &RowChange) {
+        let Some(table) = self
+            .plan
+            .tables
+            .iter()
+            .position(|t| t.lower.eq_ignore_ascii_case(&change.layout.table))
+        else {
+            return;
+        };
+        self.rescan[table] = true;
+        *self
+            .pending
+            .entry(self.mask(|a| a.table == table))
+            .or_default() += 1;
+    }
+
     pub fn settle(&mut self, conn: &Connection) -> rusqlite::Result<Settled> {
         let needs_sql = self.columns.iter().flatten().any(|c| c.lost)
+            || self.rescan.contains(&true)
             || (0..self.slots.len()).any(|i| self.needs_rerun(i));
         let rerun = if needs_sql {
             in_one_read(conn, |conn| {
                 let mut rescanned = 0u64;
                 for table in 0..self.plan.tables.len() {
-                    if self.columns[table].iter().any(|c| c.lost) {
+                    if self.rescan[table] || self.columns[table].iter().any(|c| c.lost) {
+                        self.rescan[table] = false;
                         self.scan(conn, table)?;
                         rescanned |= self.mask(|a| a.table == table);
                     }

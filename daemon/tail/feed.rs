@@ -80,7 +80,7 @@ fn describe(config: &Config, change: &Change) -> Option<ChangeEvent> {
         error: None,
     };
     match &change.body {
-        ChangeBody::Row(row) => {
+        ChangeBody::Row(row) | ChangeBody::Replaced(row) => {
             let image = row.new.as_ref().or(row.old.as_ref());
             let columns: serde_json::Map<String, serde_json::Value> = image
                 .map(|values| {

@@ -83,11 +83,13 @@ impl<'r> RawRow<'r> {
             }
         };
         let flush = self.op == Ok(capture::FLUSH_OP);
+        let replaced = self.op == Ok(capture::REPLACED_OP);
         match layout {
             Ok(Ok(layout)) if flush => ChangeBody::Flush {
                 table: Arc::clone(&layout.table),
             },
             Ok(Ok(layout)) => match self.decode_row(layout) {
+                Ok(change) if replaced => ChangeBody::Replaced(change),
                 Ok(change) => ChangeBody::Row(change),
                 Err(reason) => unreadable(Some(&layout.table), format!("outbox row {id} {reason}")),
             },
@@ -110,6 +112,7 @@ impl<'r> RawRow<'r> {
     /// A row change of `layout`, or why it does not decode (completing "outbox row {id} ...").
     fn decode_row(&self, layout: &Arc<Layout>) -> Result<RowChange, String> {
         let op = match self.op {
+            Ok(capture::REPLACED_OP) => Op::Delete,
             Ok(code) => Op::from_code(code).ok_or_else(|| format!("has unknown op {code}"))?,
             Err(what) => return Err(format!("has {what} as its op")),
         };

@@ -18,6 +18,7 @@ mod hosts;
 mod hot_reads;
 mod http;
 mod in_flight;
+mod incremental;
 mod lease_namespaces;
 mod lease_reset;
 mod lifecycle;
