@@ -275,3 +275,94 @@ fn run_random(backend: &str, total: u64, seed: u64) {
 fn maintained_values_equal_their_queries_byte_for_byte_over_a_hundred_thousand_random_changes() {
     run_random("", 100_000, 17);
 }
+
+#[test]
+fn on_redis_maintained_values_equal_their_queries_byte_for_byte() {
+    let redis = crate::redis::RedisServer::start();
+    let backend = format!(
+        "[cache]\nbackend = \"redis\"\nurl = \"{}\"\nprefix = \"inc:\"",
+        redis.url()
+    );
+    run_random(&backend, 20_000, 5);
+}
+
+/// The builds each maintained family's state had, by pattern.
+fn builds(daemon: &mut Daemon) -> Vec<(String, u64)> {
+    maintained_counts(daemon)
+        .into_iter()
+        .filter(|(pattern, ..)| pattern != "book:{id}")
+        .map(|(pattern, _, _, builds)| (pattern, builds))
+        .collect()
+}
+
+/// Some random changes, then every maintained value compared; returns the round reached.
+fn write_and_compare(
+    daemon: &mut Daemon,
+    writer: &mut Writer,
+    rounds: usize,
+    from: usize,
+) -> usize {
+    for round in from..from + rounds {
+        writer.write(1 + (round as u64 * 37) % 300);
+        compare_all(daemon, round, 1 + (round as u64 * 11) % 70);
+    }
+    from + rounds
+}
+
+#[test]
+fn maintained_values_stay_exact_across_a_restart_a_reload_and_a_migration() {
+    let catalog = loose_catalog();
+    let port = free_port();
+    let text = config(port, "");
+    let mut daemon = Daemon::start(&catalog, &text, port);
+    let mut writer = Writer::start(&catalog, 23);
+    let round = write_and_compare(&mut daemon, &mut writer, 20, 1);
+    assert!(
+        builds(&mut daemon).iter().all(|(_, b)| *b == 1),
+        "{:?}",
+        builds(&mut daemon)
+    );
+
+    // kill -9: the state is gone with the process; the next one builds it again from the
+    // database, and changes made while no daemon ran are in what it reads.
+    daemon.kill();
+    writer.write(500);
+    let mut daemon = Daemon::start_existing(&daemon.config.clone(), port);
+    let round = write_and_compare(&mut daemon, &mut writer, 20, round);
+    assert!(
+        builds(&mut daemon).iter().all(|(_, b)| *b == 1),
+        "after the restart: {:?}",
+        builds(&mut daemon)
+    );
+
+    // A reload that changes top-books' query: its new value is its new query's.
+    let reloaded = text
+        .replace("HAVING count(r.id) >= 3", "HAVING count(r.id) >= 2")
+        .replace("LIMIT 10\"\"\"\nmany", "LIMIT 7\"\"\"\nmany");
+    assert_ne!(reloaded, text);
+    catalog.write_config(&reloaded);
+    eventually("the reload is applied", || {
+        (daemon.status()["config"]["reloads"] == 1).then_some(())
+    });
+    let round = write_and_compare(&mut daemon, &mut writer, 20, round);
+    let top = json(&daemon.get("top-books"));
+    assert!(top.as_array().is_some_and(|rows| rows.len() <= 7), "{top}");
+
+    // A migration: capture paused, a column added, capture resumed (a flush of `reviews`): the
+    // states reading it are dropped and built again.
+    let before = builds(&mut daemon);
+    cli_ok("pause", &daemon.config.clone());
+    catalog.sqlite_cli("ALTER TABLE reviews ADD COLUMN helpful INTEGER DEFAULT 0");
+    writer.write(200);
+    cli_ok("resume", &daemon.config.clone());
+    write_and_compare(&mut daemon, &mut writer, 20, round);
+    let after = builds(&mut daemon);
+    for ((pattern, b), (_, a)) in before.iter().zip(&after) {
+        assert!(
+            a > b,
+            "{pattern}: the flush of `reviews` must drop its state (builds {b} → {a})"
+        );
+    }
+    let verify = daemon.verify();
+    assert_eq!(verify["stale"], 0, "{verify}");
+}
