@@ -132,17 +132,42 @@ const WORDS: [&str; 8] = [
     "Harbor",
 ];
 
-/// Latencies recorded by the simulated app, drained by the printer.
+/// Latencies recorded by the simulated app, drained by the printer; and, once a posted review
+/// shows on its book, whether the aggregates (`top-books`, `catalog-stats`) were already fresh
+/// hits (asked with `Cache-Control: only-if-cached`).
 #[derive(Default)]
-struct Latencies(std::sync::Mutex<Vec<Duration>>);
+struct Latencies {
+    samples: std::sync::Mutex<Vec<Duration>>,
+    aggregate_hits: AtomicU64,
+    aggregates_asked: AtomicU64,
+}
 
 impl Latencies {
     fn record(&self, d: Duration) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+        self.samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(d);
     }
 
     fn drain(&self) -> Vec<Duration> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn aggregates(&self, client: &mut Client) {
+        for key in ["top-books", "catalog-stats"] {
+            let hit = client
+                .request(
+                    "GET",
+                    &format!("/v1/keys/{key}"),
+                    &[("Cache-Control", "only-if-cached")],
+                    &[],
+                )
+                .is_ok_and(|reply| reply.status == 200);
+            self.aggregates_asked.fetch_add(1, Ordering::Relaxed);
+            self.aggregate_hits
+                .fetch_add(u64::from(hit), Ordering::Relaxed);
+        }
     }
 }
 
@@ -335,12 +360,14 @@ fn live_lines(
             hits as f64 * 100.0 / (hits + misses) as f64
         };
         println!(
-            "events applied {events:>6}/s | lag {:>4} | hit ratio {ratio:5.1}% ({hits} hits, {misses} misses) | commit→fresh p50 {} p99 {} ({} samples) | app writes {}",
+            "events applied {events:>6}/s | lag {:>4} | hit ratio {ratio:5.1}% ({hits} hits, {misses} misses) | commit→fresh p50 {} p99 {} ({} samples) | app writes {} | aggregates fresh hits {}/{}",
             status["lag"].as_u64().unwrap_or(0),
             fmt_latency(pct(0.5)),
             fmt_latency(pct(0.99)),
             lat.len(),
             writes.load(Ordering::Relaxed),
+            latencies.aggregate_hits.load(Ordering::Relaxed),
+            latencies.aggregates_asked.load(Ordering::Relaxed),
         );
     }
 }
@@ -411,6 +438,7 @@ fn simulated_app(
                     .is_some_and(|v| v["review_count"].as_i64() == Some(count));
                 if fresh {
                     latencies.record(committed.elapsed());
+                    latencies.aggregates(&mut client);
                     break;
                 }
                 std::thread::yield_now();

@@ -317,12 +317,22 @@ mod tests {
         assert!(config.match_key("book:42").is_some());
         assert!(config.match_key("top-books").is_some());
         assert!(config.match_key("nothing:here").is_none());
+        // The rules' templates need `book_id`, `user_id` and `id`; the maintained aggregates
+        // read `rating`, and the columns they show (`title`, `name`).
         let captured = config.captured_columns();
+        let names = |list: &[&str]| list.iter().map(|c| c.to_string()).collect::<Vec<_>>();
         assert_eq!(
             captured["reviews"],
-            vec!["book_id".to_owned(), "user_id".to_owned()]
+            names(&["book_id", "id", "rating", "user_id"])
         );
-        assert_eq!(captured["books"], Vec::<String>::new());
+        assert_eq!(captured["books"], names(&["id", "title"]));
+        assert_eq!(captured["users"], names(&["id", "name"]));
+        let maintained = config
+            .families
+            .iter()
+            .filter(|f| f.maintain.is_some())
+            .count();
+        assert_eq!(maintained, 4);
     }
 
     #[test]

@@ -120,7 +120,7 @@ fn the_demo_serves_where_told_prints_a_live_line_each_second_and_stops_after_its
     }
 
     // The live line, once a second: `events applied …/s | lag … | hit ratio …% (h hits, m
-    // misses) | commit→fresh p50 … p99 … (n samples) | app writes w`.
+    // misses) | commit→fresh p50 … p99 … (n samples) | app writes w | aggregates fresh hits h/n`.
     let live: Vec<&(Instant, String)> = printed
         .iter()
         .filter(|(_, l)| l.starts_with("events applied"))
@@ -162,6 +162,23 @@ fn the_demo_serves_where_told_prints_a_live_line_each_second_and_stops_after_its
     assert!(events > 0, "the daemon applied the app's writes: {live:#?}");
     assert!(reads > 0, "the readers read through the cache: {live:#?}");
     assert!(samples > 0, "commit→fresh was measured: {live:#?}");
+    // The aggregates are maintained incrementally and written through: right after a posted
+    // review shows on its book, they are cached (fresh) hits.
+    let last = live.last().map(|(_, l)| l.as_str()).unwrap_or("");
+    let (hits, asked) = (
+        number_after(last, "aggregates fresh hits"),
+        number_after(
+            last,
+            &format!(
+                "aggregates fresh hits {}/",
+                number_after(last, "aggregates fresh hits")
+            ),
+        ),
+    );
+    assert!(
+        asked > 0 && hits == asked,
+        "the aggregates are fresh hits after each review: {last}"
+    );
     assert!(
         writes.windows(2).all(|w| w[1] >= w[0]) && writes.last() > Some(&0),
         "app writes count up: {writes:?}"
