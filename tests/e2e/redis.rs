@@ -1489,8 +1489,14 @@ fn on_a_standby_fresh_reads_wait_for_the_durable_cursor_which_follows_the_active
     let redis = RedisServer::start();
     let catalog = catalog_with_knobs();
     let (port_a, port_b) = (free_port(), free_port());
-    let mut a = start_active(&catalog, &slow_users_config(port_a, &redis), port_a);
-    let config_b = write_named(&catalog, "b.toml", &slow_users_config(port_b, &redis));
+    // A long lease: this test is about a standby following, not taking over. The slow recompute
+    // below (half a second of CPU, seconds under load) runs between two lease renewals: it
+    // outlasts `redis_config`'s 1 s lease, and then the daemons take the lease from each other
+    // mid-batch, each applying the batch again from the durable cursor (removing user:1 from
+    // Redis again) and none able to write the cursor past it, so the standby's read times out.
+    let config = |port| with_lease(&slow_users_config(port, &redis), LONG_LEASE);
+    let mut a = start_active(&catalog, &config(port_a), port_a);
+    let config_b = write_named(&catalog, "b.toml", &config(port_b));
     let mut b = Daemon::start_existing(&config_b, port_b);
     assert_eq!(role(&mut b), "standby");
     read_all_keys(&mut a);
@@ -1544,6 +1550,11 @@ fn on_a_standby_fresh_reads_wait_for_the_durable_cursor_which_follows_the_active
     // meanwhile: Redis keeps user:2's old value until the tail gets to it, and the durable
     // cursor moves after that.
     let before = b.get("user:2").text();
+    assert_eq!(redis.value("user:2").as_ref(), Some(&before));
+    assert!(
+        redis.value("user:1").is_some(),
+        "user:1 is in Redis before it changes (else its absence below would prove nothing)"
+    );
     set_spin(&catalog, 1, SPIN / 2);
     catalog.sqlite_cli("UPDATE users SET name = 'renamed' WHERE id = 1");
     eventually(
@@ -1551,6 +1562,12 @@ fn on_a_standby_fresh_reads_wait_for_the_durable_cursor_which_follows_the_active
         || redis.value("user:1").is_none().then_some(()),
     );
     catalog.sqlite_cli("UPDATE users SET name = 'renamed 2' WHERE id = 2");
+    // The read below starts while Redis still holds user:2's value from before the write: a
+    // standby that did not wait would answer it.
+    assert!(
+        redis.value("user:1").is_none() && redis.value("user:2").as_ref() == Some(&before),
+        "the active daemon's tail got past user:1's slow recompute before the standby was asked"
+    );
     let reply = b.get_path("/v1/keys/user:2?fresh=1");
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(
@@ -1561,6 +1578,10 @@ fn on_a_standby_fresh_reads_wait_for_the_durable_cursor_which_follows_the_active
     assert!(
         redis.value("user:1").is_some_and(|v| v.contains("renamed")),
         "the slow recompute was done before the standby answered"
+    );
+    assert_eq!(
+        (role(&mut a), role(&mut b)),
+        ("active".into(), "standby".into())
     );
     set_spin(&catalog, 1, 0);
 }
