@@ -793,7 +793,10 @@ fn limit(query: &Query) -> Result<String, String> {
         LimitClause::OffsetCommaLimit { offset, limit } => constant(offset) && constant(limit),
     };
     if !ok {
-        return Err(format!("{clause}: LIMIT and OFFSET must be constants"));
+        return Err(format!(
+            "{}: LIMIT and OFFSET must be constants",
+            clause.to_string().trim()
+        ));
     }
     Ok(format!(" {}", clause.to_string().trim()))
 }

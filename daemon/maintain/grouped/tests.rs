@@ -431,3 +431,251 @@ fn a_touched_group_is_re_run_through_the_indexes_and_the_value_read_through_the_
         state.discard(&conn);
     }
 }
+
+fn refusal(query: &str) -> String {
+    match analyse(query) {
+        Err(reason) => reason,
+        Ok(plan) => panic!("{query}: not refused: {plan:?}"),
+    }
+}
+
+#[test]
+fn queries_whose_order_is_the_engines_are_refused_with_what_to_add() {
+    assert_eq!(
+        refusal(
+            "SELECT b.id, count(r.id) AS n FROM books b JOIN reviews r ON r.book_id = b.id GROUP BY b.id ORDER BY n DESC LIMIT 10"
+        ),
+        "ORDER BY must include every GROUP BY column (add `, b.id`) so the order is total: groups that tie would otherwise be listed in the engine's order"
+    );
+    let no_order = "a GROUP BY query without ORDER BY lists its groups in the engine's order: add an ORDER BY that ends with every GROUP BY column";
+    assert_eq!(
+        refusal("SELECT book_id, count(*) FROM reviews GROUP BY book_id LIMIT 5"),
+        no_order
+    );
+    assert_eq!(
+        refusal("SELECT book_id, count(*) FROM reviews GROUP BY book_id"),
+        no_order
+    );
+    // Ordered by the key in another collation: 'A' and 'a' would tie.
+    assert!(
+        refusal(
+            "SELECT b.title, count(*) FROM books b GROUP BY b.title ORDER BY b.title COLLATE NOCASE"
+        )
+        .starts_with("ORDER BY must include every GROUP BY column (add `, b.title`)")
+    );
+}
+
+#[test]
+fn shapes_that_cannot_be_followed_are_refused_with_the_reason() {
+    let cases = [
+        (
+            "SELECT lower(b.title), count(*) AS n FROM books b GROUP BY lower(b.title) ORDER BY n, 1",
+            "GROUP BY lower(b.title): only plain columns can be group keys (group by the column, compute the expression in the result)",
+        ),
+        (
+            "SELECT b.id, avg(rating) AS a FROM books b JOIN reviews r ON r.book_id = b.id GROUP BY b.id ORDER BY a, b.id",
+            "column `rating` is not qualified: in a query over several tables, write it with its table's alias (`t.rating`) so its table is known",
+        ),
+        (
+            "SELECT b.id, count(*) AS n FROM books b JOIN reviews r ON r.book_id = b.id GROUP BY id ORDER BY n, b.id",
+            "GROUP BY id: qualify the column with its table's alias (`t.id`) so its table is known",
+        ),
+        (
+            "SELECT u.id, (SELECT count(*) FROM books) AS all_books, count(*) AS n FROM users u JOIN reviews r ON r.user_id = u.id GROUP BY u.id ORDER BY n, u.id",
+            "`(SELECT count(*) FROM books)`: a subquery in the result columns cannot be maintained (join its table instead)",
+        ),
+        (
+            "SELECT u.id, group_concat(r.body) AS bodies FROM users u JOIN reviews r ON r.user_id = u.id GROUP BY u.id ORDER BY u.id",
+            "`group_concat()` lists a group's rows in the order the engine reads them, which a re-run of some groups need not repeat: it cannot be maintained",
+        ),
+        (
+            "SELECT u.id, count(*) AS n, rank() OVER (ORDER BY count(*)) AS place FROM users u JOIN reviews r ON r.user_id = u.id GROUP BY u.id ORDER BY n, u.id",
+            "`rank() OVER (ORDER BY count(*))`: window functions cannot be maintained",
+        ),
+        (
+            "SELECT u.id, count(*) AS n FROM users u JOIN reviews r ON r.user_id = u.id WHERE random() > 0 GROUP BY u.id ORDER BY n, u.id",
+            "`random()` gives another value on each run: such a query cannot be maintained",
+        ),
+        (
+            "SELECT b.id, count(*) AS n FROM books b RIGHT JOIN reviews r ON r.book_id = b.id GROUP BY b.id ORDER BY n, b.id",
+            "the join of `r`: only inner joins and LEFT JOINs can be maintained (not RIGHT, FULL or others)",
+        ),
+        (
+            "SELECT b.id, count(*) AS n FROM books b JOIN reviews r USING (id) GROUP BY b.id ORDER BY n, b.id",
+            "joins with USING or NATURAL cannot be maintained: write the join condition with ON",
+        ),
+        (
+            "SELECT r.book_id, count(u.id) AS n FROM reviews r LEFT JOIN users u ON u.id = r.user_id GROUP BY u.id ORDER BY n, u.id",
+            "GROUP BY u.id: a column of a LEFT JOINed table (its rows can all fall into a NULL group that no change names); group by the preserved table's column",
+        ),
+        (
+            "SELECT * FROM reviews GROUP BY book_id ORDER BY book_id",
+            "`*`: list the result columns (a `*` cannot be maintained)",
+        ),
+        (
+            "SELECT DISTINCT count(*) AS n FROM reviews GROUP BY book_id ORDER BY n, book_id",
+            "SELECT DISTINCT with GROUP BY cannot be maintained",
+        ),
+        (
+            "WITH x AS (SELECT * FROM reviews) SELECT book_id, count(*) FROM x GROUP BY book_id ORDER BY book_id",
+            "a query with a WITH clause cannot be maintained",
+        ),
+        (
+            "SELECT book_id FROM reviews GROUP BY book_id UNION SELECT id FROM books ORDER BY 1",
+            "a compound SELECT (UNION, INTERSECT, EXCEPT) cannot be maintained",
+        ),
+        (
+            "SELECT b.id, count(*) AS n FROM books b JOIN (SELECT * FROM reviews) r ON r.book_id = b.id GROUP BY b.id ORDER BY n, b.id",
+            "`(SELECT * FROM reviews) r`: only tables can be joined (not subqueries or table functions)",
+        ),
+        (
+            "SELECT b.id, count(*) AS n FROM books b, reviews r GROUP BY b.id ORDER BY n, b.id LIMIT (SELECT 3)",
+            "LIMIT (SELECT 3): LIMIT and OFFSET must be constants",
+        ),
+        (
+            // A self-join: a change is both sides at once.
+            "SELECT a.book_id, count(*) AS n FROM reviews a JOIN reviews b ON b.book_id = a.book_id GROUP BY a.book_id ORDER BY n, a.book_id",
+            "no table's changes can be traced to the groups they touch: each GROUP BY column must be a column of a changed table, or tied to one by an `=` in WHERE or an ON",
+        ),
+    ];
+    for (query, reason) in cases {
+        assert_eq!(refusal(query), reason, "{query}");
+    }
+}
+
+#[test]
+fn queries_without_group_by_are_not_this_shape() {
+    assert_eq!(
+        analyse("SELECT count(*), avg(rating) FROM reviews"),
+        Ok(None)
+    );
+    assert_eq!(
+        analyse("SELECT id FROM books ORDER BY id LIMIT 3"),
+        Ok(None)
+    );
+}
+
+#[test]
+fn columns_that_are_not_one_value_per_group_are_refused_by_the_schema_check_and_run_in_full() {
+    let conn = Connection::open_in_memory().expect("open");
+    conn.execute_batch(&schema(false)).expect("schema");
+    seed(&conn, &mut Random(5));
+    let query = "SELECT u.id, r.body, count(*) AS n FROM users u JOIN reviews r ON r.user_id = u.id GROUP BY u.id ORDER BY n DESC, u.id";
+    let plan = analyse(query).expect("analysed").expect("grouped");
+    assert_eq!(
+        plan.check(&conn),
+        Err("r.body is read outside an aggregate but is not one value per group (SQLite would pick it from any row of the group): group by its table's primary key, or wrap it in an aggregate (`max(r.body)`)".to_owned())
+    );
+    // Untyped, a group key's equal values may differ (5 and 5.0): shown, it is refused.
+    let untyped = Connection::open_in_memory().expect("open");
+    untyped.execute_batch(&schema(true)).expect("schema");
+    let shown = analyse(
+        "SELECT r.book_id, count(*) AS n FROM reviews r GROUP BY r.book_id ORDER BY n, r.book_id",
+    )
+    .expect("analysed")
+    .expect("grouped");
+    assert!(shown.check(&untyped).expect_err("refused").starts_with(
+        "GROUP BY r.book_id: values of this column that compare equal can differ (5 and 5.0)"
+    ));
+    // Built anyway, the state runs the query for each value: exact, counted as recomputed.
+    let mut state = State::build(&plan, &conn).expect("build");
+    assert!(state.0.statements.is_none());
+    let layouts = layouts(&conn);
+    let changes = random_write(&conn, &mut Random(9), &layouts);
+    for c in &changes {
+        state.apply(c);
+    }
+    let settled = state.settle(&conn).expect("settle");
+    assert_eq!(settled.incremental, 0);
+    assert_eq!(settled.recomputed, changes.len() as u64);
+    assert_eq!(kept(&mut state, &conn, true), full(&conn, query, true));
+}
+
+/// One value per query in the order given, then a summary of times (µs): p50, p99, max.
+fn percentiles(mut micros: Vec<u128>) -> (u128, u128, u128) {
+    micros.sort_unstable();
+    let at = |q: f64| micros[((micros.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.99), at(1.0))
+}
+
+#[test]
+#[ignore = "a speed figure: run with --release -- --ignored"]
+fn speed_one_review_change_at_a_million_reviews() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().expect("dir");
+    let conn = Connection::open(dir.path().join("catalog.db")).expect("open");
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+        .expect("pragmas");
+    conn.execute_batch(&schema(false)).expect("schema");
+    let (books, users, reviews) = (10_000i64, 10_000i64, 1_000_000i64);
+    let started = Instant::now();
+    conn.execute_batch(&format!(
+        "BEGIN;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {books})
+           INSERT INTO books SELECT i, 'book ' || i, 'author ' || (i % 97), 1950 + i % 70 FROM n;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {users})
+           INSERT INTO users SELECT i, 'user ' || i FROM n;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {reviews})
+           INSERT INTO reviews SELECT i, 1 + abs(random()) % {books}, 1 + abs(random()) % {users},
+             1 + abs(random()) % 5, 'review ' || i FROM n;
+         COMMIT; ANALYZE;"
+    ))
+    .expect("catalog");
+    eprintln!(
+        "catalog: {books} books, {users} users, {reviews} reviews in {:?}",
+        started.elapsed()
+    );
+    let layouts = layouts(&conn);
+    let mut rng = Random(42);
+    for query in [TOP_BOOKS, MOST_REVIEWED] {
+        let mut full_times = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            let _ = full(&conn, query, true);
+            full_times.push(started.elapsed().as_micros());
+        }
+        let plan = analyse(query).expect("analysed").expect("grouped");
+        let started = Instant::now();
+        let mut state = State::build(&plan, &conn).expect("build");
+        let build = started.elapsed();
+        let mut times = Vec::new();
+        for i in 0..400 {
+            let id = 1 + rng.below(reviews as u64) as i64;
+            let before = row(&conn, "reviews", id);
+            // Alternately re-rated and moved to another book (and user).
+            if i % 2 == 0 {
+                conn.execute(
+                    "UPDATE reviews SET rating = ?1 WHERE id = ?2",
+                    rusqlite::params![1 + rng.below(5) as i64, id],
+                )
+                .expect("rate");
+            } else {
+                conn.execute(
+                    "UPDATE reviews SET book_id = ?1, user_id = ?2 WHERE id = ?3",
+                    rusqlite::params![
+                        1 + rng.below(books as u64) as i64,
+                        1 + rng.below(users as u64) as i64,
+                        id
+                    ],
+                )
+                .expect("move");
+            }
+            let after = row(&conn, "reviews", id);
+            let c = change(&layouts[2], Op::Update, before, after);
+            let started = Instant::now();
+            state.apply(&c);
+            state.settle(&conn).expect("settle");
+            let _ = state.value(&conn, true).expect("value");
+            times.push(started.elapsed().as_micros());
+        }
+        assert_eq!(kept(&mut state, &conn, true), full(&conn, query, true));
+        let (p50, p99, max) = percentiles(times);
+        let (full_p50, _, _) = percentiles(full_times);
+        let size = state.size();
+        eprintln!(
+            "{query}\n  full query: {full_p50} µs (p50 of 5); build: {build:?}; one review change (apply + settle + value): p50 {p50} µs, p99 {p99} µs, max {max} µs; state: {} rows, ~{} bytes",
+            size.rows, size.bytes
+        );
+        state.discard(&conn);
+    }
+}
