@@ -48,11 +48,11 @@ const QUERIES: &[(&str, bool, bool)] = &[
         true,
         true,
     ),
-    // min/max/sum/total/count(col), WHERE, HAVING, mixed directions.
+    // min/max/sum/total/count(col), WHERE, HAVING over an alias, mixed directions.
     (
         "SELECT b.id, min(r.rating) AS lo, max(r.rating) AS hi, sum(r.rating) AS s, total(r.rating) AS t, count(r.rating) AS c \
          FROM books b JOIN reviews r ON r.book_id = b.id WHERE r.rating IS NOT NULL \
-         GROUP BY b.id HAVING sum(r.rating) > 5 ORDER BY hi DESC, lo ASC, s DESC, b.id DESC LIMIT 20",
+         GROUP BY b.id HAVING s > 5 ORDER BY hi DESC, lo ASC, s DESC, b.id DESC LIMIT 20",
         true,
         true,
     ),
@@ -88,6 +88,13 @@ const QUERIES: &[(&str, bool, bool)] = &[
     (
         "SELECT b.id, count(*) AS n FROM books b JOIN reviews r ON r.book_id = b.id JOIN users u ON u.id = r.user_id \
          WHERE u.name <> 'user 3' GROUP BY b.id ORDER BY n DESC, b.id LIMIT 10",
+        true,
+        true,
+    ),
+    // An aggregate of a (NOCASE in the variant) title, ordered by; books name no group here.
+    (
+        "SELECT u.id, max(b.title) AS t, min(b.title) AS f, count(*) AS n FROM users u JOIN reviews r ON r.user_id = u.id \
+         JOIN books b ON b.id = r.book_id GROUP BY u.id ORDER BY t, n DESC, u.id LIMIT 20",
         true,
         true,
     ),
