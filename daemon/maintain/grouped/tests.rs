@@ -686,3 +686,170 @@ fn speed_one_review_change_at_a_million_reviews() {
         state.discard(&conn);
     }
 }
+
+/// A catalog with `reviews` as (id, book_id, user_id, rating) rows, and a state for `query`.
+fn catalog(query: &str, rows: &[(i64, i64, i64, i64)]) -> (Connection, State, Vec<Arc<Layout>>) {
+    let conn = Connection::open_in_memory().expect("open");
+    conn.execute_batch(&schema(false)).expect("schema");
+    conn.execute_batch(
+        "INSERT INTO books VALUES (1, 'one', 'a', 2000), (2, 'two', 'b', 2001), (3, 'three', 'c', 2002);
+         INSERT INTO users VALUES (1, 'ann'), (2, 'bob');",
+    )
+    .expect("books");
+    for (id, book, user, rating) in rows {
+        conn.execute(
+            "INSERT INTO reviews VALUES (?1, ?2, ?3, ?4, '')",
+            [id, book, user, rating],
+        )
+        .expect("review");
+    }
+    let plan = analyse(query).expect("analysed").expect("grouped");
+    let state = State::build(&plan, &conn).expect("build");
+    let layouts = layouts(&conn);
+    (conn, state, layouts)
+}
+
+/// Runs `sql` on one row of `table` and feeds its change to the state.
+fn write(conn: &Connection, state: &mut State, layout: &Arc<Layout>, id: i64, sql: &str) {
+    let before = row(conn, &layout.table, id);
+    conn.execute(sql, []).expect("write");
+    let after = row(conn, &layout.table, id);
+    let op = match (&before, &after) {
+        (None, _) => Op::Insert,
+        (_, None) => Op::Delete,
+        _ => Op::Update,
+    };
+    state.apply(&change(layout, op, before, after));
+}
+
+#[test]
+fn a_review_moved_to_another_book_refreshes_both_books() {
+    let rows = [
+        (1, 1, 1, 5),
+        (2, 1, 1, 4),
+        (3, 1, 2, 3),
+        (4, 2, 1, 2),
+        (5, 2, 2, 2),
+    ];
+    let (conn, mut state, layouts) = catalog(TOP_BOOKS, &rows);
+    assert_eq!(
+        kept(&mut state, &conn, true).as_deref(),
+        Some(r#"[{"id":1,"title":"one","avg_rating":4.0,"review_count":3}]"#)
+    );
+    write(
+        &conn,
+        &mut state,
+        &layouts[2],
+        1,
+        "UPDATE reviews SET book_id = 2 WHERE id = 1",
+    );
+    let settled = state.settle(&conn).expect("settle");
+    assert_eq!((settled.incremental, settled.recomputed), (1, 0));
+    // Book 1 falls under HAVING's three reviews, book 2 reaches them.
+    let value = kept(&mut state, &conn, true);
+    assert_eq!(
+        value.as_deref(),
+        Some(r#"[{"id":2,"title":"two","avg_rating":3.0,"review_count":3}]"#)
+    );
+    assert_eq!(value, full(&conn, TOP_BOOKS, true));
+    // The book renamed: its group is re-run from the books change.
+    write(
+        &conn,
+        &mut state,
+        &layouts[0],
+        2,
+        "UPDATE books SET title = 'deux' WHERE id = 2",
+    );
+    state.settle(&conn).expect("settle");
+    assert_eq!(kept(&mut state, &conn, true), full(&conn, TOP_BOOKS, true));
+    assert!(
+        kept(&mut state, &conn, true)
+            .expect("value")
+            .contains("deux")
+    );
+}
+
+#[test]
+fn an_update_of_a_column_the_query_does_not_read_touches_no_group() {
+    let (conn, mut state, layouts) = catalog(TOP_BOOKS, &[(1, 1, 1, 5)]);
+    write(
+        &conn,
+        &mut state,
+        &layouts[2],
+        1,
+        "UPDATE reviews SET body = 'edited' WHERE id = 1",
+    );
+    write(
+        &conn,
+        &mut state,
+        &layouts[0],
+        1,
+        "UPDATE books SET year = 1999 WHERE id = 1",
+    );
+    assert!(state.0.touched.iter().all(Touched::is_empty));
+    let settled = state.settle(&conn).expect("settle");
+    assert_eq!((settled.incremental, settled.recomputed), (2, 0));
+}
+
+#[test]
+fn a_change_to_a_table_that_names_no_group_re_runs_the_whole_query() {
+    let query = "SELECT b.id, count(*) AS n FROM books b JOIN reviews r ON r.book_id = b.id JOIN users u ON u.id = r.user_id \
+                 WHERE u.name <> 'bob' GROUP BY b.id ORDER BY n DESC, b.id";
+    let rows = [(1, 1, 1, 5), (2, 1, 2, 4), (3, 2, 2, 3)];
+    let (conn, mut state, layouts) = catalog(query, &rows);
+    write(
+        &conn,
+        &mut state,
+        &layouts[1],
+        2,
+        "UPDATE users SET name = 'rob' WHERE id = 2",
+    );
+    let settled = state.settle(&conn).expect("settle");
+    assert_eq!((settled.incremental, settled.recomputed), (0, 1));
+    assert_eq!(
+        kept(&mut state, &conn, true).as_deref(),
+        Some(r#"[{"id":1,"n":2},{"id":2,"n":1}]"#)
+    );
+    assert_eq!(kept(&mut state, &conn, true), full(&conn, query, true));
+}
+
+#[test]
+fn a_change_whose_group_column_was_not_captured_re_runs_the_whole_query() {
+    let (conn, mut state, _) = catalog(TOP_BOOKS, &[(1, 1, 1, 5), (2, 1, 1, 4), (3, 1, 1, 3)]);
+    let narrow = Arc::new(Layout {
+        table: Arc::from("reviews"),
+        columns: vec![Arc::from("id"), Arc::from("rating")],
+    });
+    conn.execute("DELETE FROM reviews WHERE id = 3", [])
+        .expect("delete");
+    state.apply(&change(
+        &narrow,
+        Op::Delete,
+        Some(vec![Value::Integer(3), Value::Integer(3)]),
+        None,
+    ));
+    let settled = state.settle(&conn).expect("settle");
+    assert_eq!((settled.incremental, settled.recomputed), (0, 1));
+    assert_eq!(kept(&mut state, &conn, true).as_deref(), Some("[]"));
+}
+
+#[test]
+fn a_batch_touching_more_groups_than_it_pays_to_name_re_runs_the_whole_query() {
+    let (conn, mut state, layouts) = catalog(MOST_REVIEWED, &[]);
+    conn.execute_batch(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600)
+         INSERT INTO users SELECT i + 2, 'user ' || i FROM n;",
+    )
+    .expect("users");
+    for id in 1..=600 {
+        let sql = format!("INSERT INTO reviews VALUES ({id}, 1, {}, 4, '')", id + 2);
+        write(&conn, &mut state, &layouts[2], id, &sql);
+    }
+    let settled = state.settle(&conn).expect("settle");
+    assert_eq!((settled.incremental, settled.recomputed), (0, 600));
+    assert_eq!(
+        kept(&mut state, &conn, true),
+        full(&conn, MOST_REVIEWED, true)
+    );
+    assert_eq!(state.size().rows, 600);
+}
