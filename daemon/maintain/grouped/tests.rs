@@ -402,6 +402,16 @@ fn random_changes_keep_every_value_equal_to_its_query_with_nocase_titles_and_unt
     assert!(settled.incremental > settled.recomputed, "{settled:?}");
 }
 
+#[test]
+#[ignore = "a long run: --release -- --ignored"]
+fn random_changes_long_run_on_both_schemas() {
+    for (variant, seed) in [(false, 2017), (true, 3017)] {
+        let (compared, settled) = differential(variant, seed, 100_000);
+        assert!(compared > 50_000, "{compared}");
+        assert!(settled.incremental > settled.recomputed, "{settled:?}");
+    }
+}
+
 /// The query plan of a statement, one detail per line.
 fn plan_of(conn: &Connection, sql: &str) -> String {
     let mut stmt = conn
