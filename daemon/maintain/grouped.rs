@@ -46,14 +46,12 @@ pub fn analyse(query: &str) -> Result<Option<Plan>, String> {
 
 impl Plan {
     /// The columns the capture must record: the ones that name groups, and every column the
-    /// query reads of a table whose changes name groups (an update changing none of them is
-    /// skipped).
+    /// query reads of each table (an update changing none of them is skipped).
     pub fn columns(&self) -> Vec<(String, String)> {
         let mut columns = Vec::new();
         for trace in &self.analysis.traces {
-            let Some(ties) = &trace.ties else { continue };
-            let read = trace.read.iter().flatten();
-            for column in ties.iter().map(|(c, _)| c).chain(read) {
+            let ties = trace.ties.iter().flatten().map(|(c, _)| c);
+            for column in ties.chain(trace.read.iter().flatten()) {
                 let pair = (trace.table.clone(), column.clone());
                 if !columns.contains(&pair) {
                     columns.push(pair);
@@ -214,7 +212,7 @@ impl Kept {
         };
         for image in [&change.old, &change.new].into_iter().flatten() {
             for (touched, column) in self.touched.iter_mut().zip(columns) {
-                match change.layout.value(image, column) {
+                match captured(change, image, column) {
                     Some(value) => touched.add(value),
                     None => {
                         self.full = true;
@@ -363,9 +361,18 @@ fn unchanged(trace: &Trace, change: &RowChange) -> bool {
         return false;
     };
     read.iter().all(|column| {
-        let before = change.layout.value(old, column);
-        before.is_some() && before == change.layout.value(new, column)
+        let before = captured(change, old, column);
+        before.is_some() && before == captured(change, new, column)
     })
+}
+
+/// A column's value in a row image (names compared as SQLite does, ignoring ASCII case).
+fn captured<'r>(change: &RowChange, image: &'r [Value], column: &str) -> Option<&'r Value> {
+    let columns = &change.layout.columns;
+    let index = columns
+        .iter()
+        .position(|c| c.eq_ignore_ascii_case(column))?;
+    image.get(index)
 }
 
 fn in_savepoint<T>(

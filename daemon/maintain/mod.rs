@@ -83,6 +83,17 @@ impl Shape {
         }
     }
 
+    /// What `analyse` cannot see without the database: for grouped families, that every column
+    /// read outside aggregates is one value per group (a primary key among the group keys) and
+    /// that the state can be typed like the group keys. Err: why it cannot be maintained (for
+    /// `check`, beside `analyse`'s reasons). A state built anyway runs its query for each value.
+    pub fn check(&self, conn: &Connection) -> Result<(), String> {
+        match self {
+            Shape::PerKey | Shape::Scalar(_) => Ok(()),
+            Shape::Grouped(plan) => plan.check(conn),
+        }
+    }
+
     /// The tables the query reads (lower case).
     pub fn tables(&self) -> Vec<String> {
         match self {

@@ -495,7 +495,7 @@ pub(super) fn analyse(text: &str) -> Result<Option<Analysis>, String> {
             ));
         }
     }
-    let traces = traces(&query, &relations, &keys, &global, &left, select)?;
+    let traces = traces(&query, &relations, &keys, &global, &left, select);
     if traces.iter().all(|t| t.ties.is_none()) {
         return Err(
             "no table's changes can be traced to the groups they touch: each GROUP BY column must be a column of a changed table, or tied to one by an `=` in WHERE or an ON".to_owned(),
@@ -503,7 +503,7 @@ pub(super) fn analyse(text: &str) -> Result<Option<Analysis>, String> {
     }
     let bare = bare_columns(select, &items, &order, &keys, &relations)?;
     let key_classes = keys.iter().map(|k| global.class(k)).collect();
-    let rerun = rerun(&query, &keys, &items, &order)?;
+    let rerun = rerun(&query, &keys, &order)?;
     Ok(Some(Analysis {
         query: text.to_owned(),
         keys,
@@ -793,7 +793,10 @@ fn limit(query: &Query) -> Result<String, String> {
         LimitClause::OffsetCommaLimit { offset, limit } => constant(offset) && constant(limit),
     };
     if !ok {
-        return Err(format!("{clause}: LIMIT and OFFSET must be constants"));
+        return Err(format!(
+            "{}: LIMIT and OFFSET must be constants",
+            clause.to_string().trim()
+        ));
     }
     Ok(format!(" {}", clause.to_string().trim()))
 }
@@ -836,7 +839,7 @@ fn traces(
     global: &Ties,
     left: &HashMap<String, Vec<(Column, Column)>>,
     select: &sqlparser::ast::Select,
-) -> Result<Vec<TableTrace>, String> {
+) -> Vec<TableTrace> {
     let mut all_tables: Vec<String> = Vec::new();
     let mut in_subqueries = false;
     let mut depth = 0usize;
@@ -895,7 +898,7 @@ fn traces(
             .then(|| read.get(aliases[0].as_str()).cloned().unwrap_or_default());
         traces.push(TableTrace { table, ties, read });
     }
-    Ok(traces)
+    traces
 }
 
 /// For each group key, the column of `alias` tied to it (with the key's tie class).
@@ -1003,7 +1006,6 @@ fn bare_columns(
 fn rerun(
     query: &Query,
     keys: &[Column],
-    items: &[(Expr, Option<String>)],
     order: &[(OrderTerm, Expr)],
 ) -> Result<Box<Query>, String> {
     let mut rerun = Box::new(query.clone());
@@ -1026,7 +1028,6 @@ fn rerun(
     );
     select.projection = projection;
     select.group_by = GroupByExpr::Expressions(key_exprs, Vec::new());
-    let _ = items;
     Ok(rerun)
 }
 
