@@ -224,6 +224,12 @@ fn check_queries(
         if let (Some(warm), Some(span)) = (&family.warm, &family.warm_span) {
             check_warm(conn, name, &pattern_params, warm, span, problems);
         }
+        if let Some(Err(reason)) = family.maintain.as_deref().map(|shape| shape.check(conn)) {
+            problems.at(
+                family.query_span.clone(),
+                format!("key family `{name}`: `maintain = \"incremental\"` cannot maintain this query: {reason}"),
+            );
+        }
         for param in pattern_params {
             if !used.iter().any(|u| u == param) {
                 problems.at(
