@@ -366,3 +366,78 @@ fn maintained_values_stay_exact_across_a_restart_a_reload_and_a_migration() {
     let verify = daemon.verify();
     assert_eq!(verify["stale"], 0, "{verify}");
 }
+
+/// Runs `cachetail VERB --config CONFIG ARGS...`: (exit code, stdout, stderr).
+fn cli(verb: &str, config: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+        .arg(verb)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("the cachetail binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_shows_the_maintained_shapes_and_refuses_one_it_cannot_maintain_at_its_line() {
+    let catalog = loose_catalog();
+    let good = catalog.write_config(&config(free_port(), ""));
+    let (code, out, err) = cli("check", &good, &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for (pattern, shape) in [
+        ("top-books", "grouped"),
+        ("catalog-stats", "scalar"),
+        ("leaderboard:most-reviewed", "grouped"),
+        ("book:{id}", "per key"),
+    ] {
+        assert!(
+            out.contains(&format!(
+                "maintained (maintain = \"incremental\" on `{pattern}`): {shape}"
+            )),
+            "{pattern} as {shape} in: {out}"
+        );
+    }
+    let (code, out, err) = cli(
+        "explain",
+        &good,
+        &[
+            "--table",
+            "reviews",
+            "--op",
+            "insert",
+            "--new",
+            r#"{"book_id": 3, "user_id": 1, "rating": 4, "id": 9}"#,
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("maintained  top-books  (grouped"), "{out}");
+    assert!(out.contains("maintained  catalog-stats  (scalar"), "{out}");
+
+    // An ORDER BY that leaves ties to the engine: refused, with the reason, at the query.
+    let text = config(free_port(), "").replace(
+        "ORDER BY reviews DESC, u.id LIMIT 10",
+        "ORDER BY reviews DESC LIMIT 10",
+    );
+    let bad = catalog.write_config(&text);
+    let line = text
+        .lines()
+        .position(|l| l.contains("SELECT u.id, u.name"))
+        .expect("the leaderboard's query")
+        + 1;
+    let (code, out, err) = cli("check", &bad, &[]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains(&format!("config.toml:{line}:"))
+            && err.contains("leaderboard:most-reviewed")
+            && err.contains("cannot maintain this query"),
+        "the refusal names the file, line, family and reason: {err}"
+    );
+    // `run` refuses it too.
+    let (code, _, err) = cli("run", &bad, &[]);
+    assert_eq!(code, Some(2), "{err}");
+}
