@@ -16,6 +16,7 @@
 
 mod analysis;
 mod schema;
+mod sql;
 #[cfg(test)]
 mod tests;
 
@@ -26,7 +27,8 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 use sqlparser::ast::{BinaryOperator, Expr, SetExpr};
 
-use self::analysis::{Analysis, column_expr, quote};
+use self::analysis::{Analysis, column_expr};
+use self::sql::quote;
 use super::{Settled, Size};
 use crate::db::Body;
 use crate::types::{Op, RowChange};
