@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::mem::size_of;
 
 use rusqlite::types::{Value, ValueRef};
-use rusqlite::{Connection, ffi};
+use rusqlite::{Connection, OptionalExtension, ffi};
 
 use super::{Settled, Size};
 use crate::db::{Body, column_semantics, encode_rows, quote_identifier, table_columns};
@@ -528,7 +528,13 @@ impl State {
         });
         let values = match outcome {
             Ok(values) => Ok(values),
-            Err(rusqlite::Error::SqliteFailure(error, message)) => Err(Failure { error, message }),
+            // The aggregate's own error (`integer overflow`): the query fails the same way. A
+            // busy database, an interrupt, an I/O error are the settle's, tried again next time.
+            Err(rusqlite::Error::SqliteFailure(error, message))
+                if error.code == rusqlite::ErrorCode::Unknown =>
+            {
+                Err(Failure { error, message })
+            }
             Err(other) => return Err(other),
         };
         for (position, &index) in self.plan.scopes[scope].aggregates.iter().enumerate() {
@@ -551,6 +557,7 @@ impl State {
     /// Reads a table's row count and its columns' states in full.
     fn scan(&mut self, conn: &Connection, table: usize) -> rusqlite::Result<()> {
         let plan = &self.plan.tables[table];
+        require_table(conn, &plan.name)?;
         let quoted = quote_identifier(&plan.name);
         if plan.columns.is_empty() {
             self.rows[table] = conn
@@ -558,23 +565,7 @@ impl State {
                 .query_row([], |row| row.get(0))?;
             return Ok(());
         }
-        let present = table_columns(conn, &plan.name)?;
-        let binary = utf8(conn)?;
-        let mut columns = Vec::with_capacity(plan.columns.len());
-        for name in &plan.columns {
-            if !present.iter().any(|p| p.eq_ignore_ascii_case(name)) {
-                return Err(rusqlite::Error::InvalidColumnName(format!(
-                    "{}.{name}",
-                    plan.name
-                )));
-            }
-            let collation = column_semantics(conn, &plan.name, name).map(|(_, c)| c);
-            let binary_text = binary && collation.is_some_and(|c| c.eq_ignore_ascii_case("BINARY"));
-            columns.push(ColumnState {
-                binary_text,
-                ..ColumnState::default()
-            });
-        }
+        let mut columns = empty_columns(conn, plan)?;
         let list: Vec<String> = plan.columns.iter().map(|c| quote_identifier(c)).collect();
         let sql = format!("SELECT {} FROM {quoted}", list.join(", "));
         let mut stmt = conn.prepare(&sql)?;
@@ -643,6 +634,49 @@ fn value_bytes(value: &Value) -> usize {
         Value::Blob(blob) => blob.len(),
         _ => 0,
     }
+}
+
+/// A table of the main database (a view's or a virtual table's changes are never captured).
+fn require_table(conn: &Connection, name: &str) -> rusqlite::Result<()> {
+    let kind: Option<String> = conn
+        .query_row(
+            "SELECT type FROM sqlite_schema WHERE name = ?1 COLLATE NOCASE \
+             AND sql NOT LIKE 'CREATE VIRTUAL%'",
+            [name],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if kind.as_deref() == Some("table") {
+        return Ok(());
+    }
+    Err(rusqlite::Error::SqliteFailure(
+        ffi::Error::new(ffi::SQLITE_ERROR),
+        Some(format!(
+            "{name} is not a table of the main database: its changes are not captured"
+        )),
+    ))
+}
+
+/// The table's columns' states before a scan: none counted, each with its collation.
+fn empty_columns(conn: &Connection, plan: &TablePlan) -> rusqlite::Result<Vec<ColumnState>> {
+    let present = table_columns(conn, &plan.name)?;
+    let utf8 = utf8(conn)?;
+    let mut columns = Vec::with_capacity(plan.columns.len());
+    for name in &plan.columns {
+        if !present.iter().any(|p| p.eq_ignore_ascii_case(name)) {
+            return Err(rusqlite::Error::InvalidColumnName(format!(
+                "{}.{name}",
+                plan.name
+            )));
+        }
+        let collation = column_semantics(conn, &plan.name, name).map(|(_, c)| c);
+        let binary_text = utf8 && collation.is_some_and(|c| c.eq_ignore_ascii_case("BINARY"));
+        columns.push(ColumnState {
+            binary_text,
+            ..ColumnState::default()
+        });
+    }
+    Ok(columns)
 }
 
 /// The database stores text as UTF-8 (BINARY then compares as Rust compares bytes).

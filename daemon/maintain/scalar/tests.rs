@@ -734,3 +734,18 @@ fn speed_of_one_review_change_at_a_million_reviews() {
         state.size()
     );
 }
+
+#[test]
+fn a_view_is_refused_at_build() {
+    let conn = catalog();
+    conn.execute_batch("CREATE VIEW rated AS SELECT rating FROM reviews")
+        .expect("view");
+    let plan = analyse("SELECT count(*), avg(rating) FROM rated")
+        .expect("ok")
+        .expect("scalar");
+    let error = State::build(&plan, &conn).err().expect("refused");
+    assert!(
+        error.to_string().contains("rated is not a table"),
+        "{error}"
+    );
+}
