@@ -16,6 +16,7 @@
 //! SQLite returns depends on its scan order), or compared under a collation other than BINARY.
 
 mod analyse;
+mod column;
 mod order;
 #[cfg(test)]
 mod tests;
@@ -23,12 +24,13 @@ mod tests;
 use std::collections::BTreeMap;
 use std::mem::size_of;
 
-use rusqlite::types::{Value, ValueRef};
-use rusqlite::{Connection, OptionalExtension, ffi};
+use rusqlite::types::Value;
+use rusqlite::{Connection, ffi};
 
 use super::{Settled, Size};
-use crate::db::{Body, column_semantics, encode_rows, quote_identifier, table_columns};
+use crate::db::{Body, encode_rows, quote_identifier};
 use crate::types::{Op, RowChange};
+use column::{ColumnState, empty_columns, integer_finalize, require_table};
 
 /// Each change's set of touched aggregates is a bit mask.
 const MAX_AGGREGATES: usize = 64;
@@ -129,64 +131,6 @@ impl Plan {
             .map(|&a| self.aggregates[a].call.as_str())
             .collect();
         format!("SELECT {} FROM {}", calls.join(", "), scope.from)
-    }
-}
-
-/// What the row deltas say of one column.
-#[derive(Debug, Clone, Default)]
-struct ColumnState {
-    non_null: i64,
-    /// Non-NULL values that are not integers (REAL, TEXT, BLOB): SQLite's sum goes approximate.
-    non_integer: i64,
-    /// REALs with no fraction (`4.0`, `-0.0`): equal to an integer or to another such REAL
-    /// without being the same value, so which one `min`/`max` returns depends on the scan order.
-    integral_reals: i64,
-    /// The integers' sum, positive and negative parts apart: while each fits an i64, no running
-    /// sum in any order overflows.
-    positive: i128,
-    negative: i128,
-    /// A change came without this column's value: rescanned at the next settle.
-    lost: bool,
-    /// Its texts compare by bytes (BINARY collation, UTF-8 database).
-    binary_text: bool,
-}
-
-impl ColumnState {
-    fn add(&mut self, value: ValueRef<'_>, sign: i64) {
-        match value {
-            ValueRef::Null => {}
-            ValueRef::Integer(i) => {
-                self.non_null += sign;
-                let delta = i128::from(i) * i128::from(sign);
-                if i > 0 {
-                    self.positive += delta;
-                } else {
-                    self.negative += delta;
-                }
-            }
-            ValueRef::Real(r) => {
-                self.non_null += sign;
-                self.non_integer += sign;
-                if r == r.trunc() {
-                    self.integral_reals += sign;
-                }
-            }
-            ValueRef::Text(_) | ValueRef::Blob(_) => {
-                self.non_null += sign;
-                self.non_integer += sign;
-            }
-        }
-    }
-
-    /// The integer sum SQLite's `sumStep` reaches in any order, when it is exact (only integers,
-    /// no running sum overflows).
-    fn exact_sum(&self) -> Option<i64> {
-        if self.lost || self.non_integer != 0 {
-            return None;
-        }
-        let positive = i64::try_from(self.positive).ok()?;
-        let negative = i64::try_from(self.negative).ok()?;
-        positive.checked_add(negative)
     }
 }
 
@@ -616,73 +560,12 @@ impl State {
     }
 }
 
-/// `sumFinalize`, `totalFinalize`, `avgFinalize` over integers only (`count` non-NULL values
-/// summing exactly to `sum`).
-fn integer_finalize(func: Func, sum: i64, count: i64) -> Value {
-    match func {
-        Func::Sum if count == 0 => Value::Null,
-        Func::Sum => Value::Integer(sum),
-        Func::Avg if count == 0 => Value::Null,
-        Func::Avg => Value::Real(sum as f64 / count as f64),
-        _ => Value::Real(sum as f64),
-    }
-}
-
 fn value_bytes(value: &Value) -> usize {
     match value {
         Value::Text(text) => text.len(),
         Value::Blob(blob) => blob.len(),
         _ => 0,
     }
-}
-
-/// A table of the main database (a view's or a virtual table's changes are never captured).
-fn require_table(conn: &Connection, name: &str) -> rusqlite::Result<()> {
-    let kind: Option<String> = conn
-        .query_row(
-            "SELECT type FROM sqlite_schema WHERE name = ?1 COLLATE NOCASE \
-             AND sql NOT LIKE 'CREATE VIRTUAL%'",
-            [name],
-            |row| row.get(0),
-        )
-        .optional()?;
-    if kind.as_deref() == Some("table") {
-        return Ok(());
-    }
-    Err(rusqlite::Error::SqliteFailure(
-        ffi::Error::new(ffi::SQLITE_ERROR),
-        Some(format!(
-            "{name} is not a table of the main database: its changes are not captured"
-        )),
-    ))
-}
-
-/// The table's columns' states before a scan: none counted, each with its collation.
-fn empty_columns(conn: &Connection, plan: &TablePlan) -> rusqlite::Result<Vec<ColumnState>> {
-    let present = table_columns(conn, &plan.name)?;
-    let utf8 = utf8(conn)?;
-    let mut columns = Vec::with_capacity(plan.columns.len());
-    for name in &plan.columns {
-        if !present.iter().any(|p| p.eq_ignore_ascii_case(name)) {
-            return Err(rusqlite::Error::InvalidColumnName(format!(
-                "{}.{name}",
-                plan.name
-            )));
-        }
-        let collation = column_semantics(conn, &plan.name, name).map(|(_, c)| c);
-        let binary_text = utf8 && collation.is_some_and(|c| c.eq_ignore_ascii_case("BINARY"));
-        columns.push(ColumnState {
-            binary_text,
-            ..ColumnState::default()
-        });
-    }
-    Ok(columns)
-}
-
-/// The database stores text as UTF-8 (BINARY then compares as Rust compares bytes).
-fn utf8(conn: &Connection) -> rusqlite::Result<bool> {
-    let encoding: String = conn.query_row("PRAGMA encoding", [], |row| row.get(0))?;
-    Ok(encoding.eq_ignore_ascii_case("UTF-8"))
 }
 
 /// `SELECT <rewritten result columns>`, each named as the query names its column.

@@ -779,6 +779,9 @@ fn what_cannot_be_maintained_is_refused_with_the_reason() {
         ("SELECT max(count(*)) FROM reviews", "a plain column"),
     ];
     for (query, reason) in refused {
+        if std::env::var_os("SHOW_REASONS").is_some() {
+            eprintln!("{query}\n    -> {:?}", analyse(query));
+        }
         match analyse(query) {
             Err(text) => assert!(text.contains(reason), "{query}: {text:?} lacks {reason:?}"),
             other => panic!("{query}: {other:?}, expected a refusal with {reason:?}"),
