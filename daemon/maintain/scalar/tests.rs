@@ -845,6 +845,7 @@ fn speed_of_one_review_change_at_a_million_reviews() {
         }
     }
     full_runs.push(full(&conn));
+    let fallback = fallback_costs(&conn, &mut state, &layout);
     costs.sort();
     full_runs.sort();
     let at = |p: usize| costs[(costs.len() - 1) * p / 100];
@@ -859,6 +860,51 @@ fn speed_of_one_review_change_at_a_million_reviews() {
         build,
         state.size()
     );
+    eprintln!(
+        "with one REAL rating among them (avg re-run each change): p50 {:?} max {:?}",
+        fallback[fallback.len() / 2],
+        fallback[fallback.len() - 1]
+    );
+}
+
+/// settle + value per review change while a REAL rating makes the average a fallback (its
+/// SELECT re-run), sorted.
+fn fallback_costs(conn: &Connection, state: &mut State, layout: &Arc<Layout>) -> Vec<Duration> {
+    conn.execute(
+        "INSERT INTO reviews (id, book_id, user_id, rating) VALUES (3000000, 1, 1, 4.5)",
+        [],
+    )
+    .expect("insert");
+    let mut costs = Vec::new();
+    for i in 0..20i64 {
+        if i > 0 {
+            conn.execute(
+                "INSERT INTO reviews (id, book_id, user_id, rating) VALUES (?1, 1, 1, 3)",
+                [3_000_000 + i],
+            )
+            .expect("insert");
+        }
+        let new = if i == 0 {
+            Value::Real(4.5)
+        } else {
+            Value::Integer(3)
+        };
+        let change = RowChange {
+            layout: layout.clone(),
+            op: Op::Insert,
+            old: None,
+            new: Some(vec![new]),
+        };
+        let started = Instant::now();
+        state.apply(&change);
+        let settled = state.settle(conn).expect("settle");
+        let body = state.value(conn, false).expect("value");
+        costs.push(started.elapsed());
+        assert_eq!(settled.recomputed, 1);
+        assert_eq!(body, full_query(conn, REFERENCE, false).expect("full"));
+    }
+    costs.sort();
+    costs
 }
 
 #[test]
