@@ -16,6 +16,7 @@
 //! SQLite returns depends on its scan order), or compared under a collation other than BINARY.
 
 mod analyse;
+mod column;
 mod order;
 #[cfg(test)]
 mod tests;
@@ -23,12 +24,13 @@ mod tests;
 use std::collections::BTreeMap;
 use std::mem::size_of;
 
-use rusqlite::types::{Value, ValueRef};
+use rusqlite::types::Value;
 use rusqlite::{Connection, ffi};
 
 use super::{Settled, Size};
-use crate::db::{Body, column_semantics, encode_rows, quote_identifier, table_columns};
+use crate::db::{Body, encode_rows, quote_identifier};
 use crate::types::{Op, RowChange};
+use column::{ColumnState, empty_columns, integer_finalize, require_table};
 
 /// Each change's set of touched aggregates is a bit mask.
 const MAX_AGGREGATES: usize = 64;
@@ -129,64 +131,6 @@ impl Plan {
             .map(|&a| self.aggregates[a].call.as_str())
             .collect();
         format!("SELECT {} FROM {}", calls.join(", "), scope.from)
-    }
-}
-
-/// What the row deltas say of one column.
-#[derive(Debug, Clone, Default)]
-struct ColumnState {
-    non_null: i64,
-    /// Non-NULL values that are not integers (REAL, TEXT, BLOB): SQLite's sum goes approximate.
-    non_integer: i64,
-    /// REALs with no fraction (`4.0`, `-0.0`): equal to an integer or to another such REAL
-    /// without being the same value, so which one `min`/`max` returns depends on the scan order.
-    integral_reals: i64,
-    /// The integers' sum, positive and negative parts apart: while each fits an i64, no running
-    /// sum in any order overflows.
-    positive: i128,
-    negative: i128,
-    /// A change came without this column's value: rescanned at the next settle.
-    lost: bool,
-    /// Its texts compare by bytes (BINARY collation, UTF-8 database).
-    binary_text: bool,
-}
-
-impl ColumnState {
-    fn add(&mut self, value: ValueRef<'_>, sign: i64) {
-        match value {
-            ValueRef::Null => {}
-            ValueRef::Integer(i) => {
-                self.non_null += sign;
-                let delta = i128::from(i) * i128::from(sign);
-                if i > 0 {
-                    self.positive += delta;
-                } else {
-                    self.negative += delta;
-                }
-            }
-            ValueRef::Real(r) => {
-                self.non_null += sign;
-                self.non_integer += sign;
-                if r == r.trunc() {
-                    self.integral_reals += sign;
-                }
-            }
-            ValueRef::Text(_) | ValueRef::Blob(_) => {
-                self.non_null += sign;
-                self.non_integer += sign;
-            }
-        }
-    }
-
-    /// The integer sum SQLite's `sumStep` reaches in any order, when it is exact (only integers,
-    /// no running sum overflows).
-    fn exact_sum(&self) -> Option<i64> {
-        if self.lost || self.non_integer != 0 {
-            return None;
-        }
-        let positive = i64::try_from(self.positive).ok()?;
-        let negative = i64::try_from(self.negative).ok()?;
-        positive.checked_add(negative)
     }
 }
 
@@ -552,7 +496,13 @@ impl State {
         });
         let values = match outcome {
             Ok(values) => Ok(values),
-            Err(rusqlite::Error::SqliteFailure(error, message)) => Err(Failure { error, message }),
+            // The aggregate's own error (`integer overflow`): the query fails the same way. A
+            // busy database, an interrupt, an I/O error are the settle's, tried again next time.
+            Err(rusqlite::Error::SqliteFailure(error, message))
+                if error.code == rusqlite::ErrorCode::Unknown =>
+            {
+                Err(Failure { error, message })
+            }
             Err(other) => return Err(other),
         };
         for (position, &index) in self.plan.scopes[scope].aggregates.iter().enumerate() {
@@ -575,6 +525,7 @@ impl State {
     /// Reads a table's row count and its columns' states in full.
     fn scan(&mut self, conn: &Connection, table: usize) -> rusqlite::Result<()> {
         let plan = &self.plan.tables[table];
+        require_table(conn, &plan.name)?;
         let quoted = quote_identifier(&plan.name);
         if plan.columns.is_empty() {
             self.rows[table] = conn
@@ -582,23 +533,7 @@ impl State {
                 .query_row([], |row| row.get(0))?;
             return Ok(());
         }
-        let present = table_columns(conn, &plan.name)?;
-        let binary = utf8(conn)?;
-        let mut columns = Vec::with_capacity(plan.columns.len());
-        for name in &plan.columns {
-            if !present.iter().any(|p| p.eq_ignore_ascii_case(name)) {
-                return Err(rusqlite::Error::InvalidColumnName(format!(
-                    "{}.{name}",
-                    plan.name
-                )));
-            }
-            let collation = column_semantics(conn, &plan.name, name).map(|(_, c)| c);
-            let binary_text = binary && collation.is_some_and(|c| c.eq_ignore_ascii_case("BINARY"));
-            columns.push(ColumnState {
-                binary_text,
-                ..ColumnState::default()
-            });
-        }
+        let mut columns = empty_columns(conn, plan)?;
         let list: Vec<String> = plan.columns.iter().map(|c| quote_identifier(c)).collect();
         let sql = format!("SELECT {} FROM {quoted}", list.join(", "));
         let mut stmt = conn.prepare(&sql)?;
@@ -649,30 +584,12 @@ impl State {
     }
 }
 
-/// `sumFinalize`, `totalFinalize`, `avgFinalize` over integers only (`count` non-NULL values
-/// summing exactly to `sum`).
-fn integer_finalize(func: Func, sum: i64, count: i64) -> Value {
-    match func {
-        Func::Sum if count == 0 => Value::Null,
-        Func::Sum => Value::Integer(sum),
-        Func::Avg if count == 0 => Value::Null,
-        Func::Avg => Value::Real(sum as f64 / count as f64),
-        _ => Value::Real(sum as f64),
-    }
-}
-
 fn value_bytes(value: &Value) -> usize {
     match value {
         Value::Text(text) => text.len(),
         Value::Blob(blob) => blob.len(),
         _ => 0,
     }
-}
-
-/// The database stores text as UTF-8 (BINARY then compares as Rust compares bytes).
-fn utf8(conn: &Connection) -> rusqlite::Result<bool> {
-    let encoding: String = conn.query_row("PRAGMA encoding", [], |row| row.get(0))?;
-    Ok(encoding.eq_ignore_ascii_case("UTF-8"))
 }
 
 /// `SELECT <rewritten result columns>`, each named as the query names its column.
