@@ -281,7 +281,8 @@ pub fn uninstall(conn: &mut Connection) -> Result<usize, CaptureError> {
 fn check_columns(conn: &Connection, table: &str, columns: &[String]) -> Result<(), CaptureError> {
     let exists: Option<i64> = conn
         .query_row(
-            "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+            // SQLite's names are case-insensitive (a query may write `Reviews.Rating`).
+            "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
             [table],
             |row| row.get(0),
         )
@@ -291,7 +292,7 @@ fn check_columns(conn: &Connection, table: &str, columns: &[String]) -> Result<(
     }
     let present = table_columns(conn, table)?;
     for column in columns {
-        if !present.iter().any(|c| c == column) {
+        if !present.iter().any(|c| c.eq_ignore_ascii_case(column)) {
             return Err(CaptureError::MissingColumn {
                 table: table.to_owned(),
                 column: column.clone(),

@@ -289,7 +289,8 @@ impl Config {
                     .cloned()
                     .unwrap_or(table);
                 let columns = tables.entry(name).or_default();
-                if let Some(column) = column.filter(|c| !columns.contains(c)) {
+                let known = |c: &String| columns.iter().any(|k| k.eq_ignore_ascii_case(c));
+                if let Some(column) = column.filter(|c| !known(c)) {
                     columns.push(column);
                 }
             }

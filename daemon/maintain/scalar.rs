@@ -91,18 +91,6 @@ enum Func {
     Max,
 }
 
-impl Func {
-    fn sql(self) -> &'static str {
-        match self {
-            Func::CountRows | Func::Count => "count",
-            Func::Sum => "sum",
-            Func::Total => "total",
-            Func::Avg => "avg",
-            Func::Min => "min",
-            Func::Max => "max",
-        }
-    }
-}
 
 /// Ok(None): the query is not of this shape. Err: it is, but cannot be maintained (why).
 pub fn analyse(query: &str) -> Result<Option<Plan>, String> {

@@ -24,9 +24,11 @@ table = "books"
 keys = ["title:{id}"]
 "#;
 
-/// Values that read `reviews`, cached before each poisoned row.
+/// Values that read `reviews`, cached before each poisoned row. (Not `catalog-stats` or
+/// `top-books`: the reference config writes them through on the `books` change that follows the
+/// poisoned row, so they are cached again, fresh, by the time the test looks.)
 const READING_REVIEWS: [&str; 4] = [
-    "catalog-stats",
+    "book:1:reviews",
     "user:1",
     "leaderboard:most-reviewed",
     "book:1",
