@@ -67,20 +67,25 @@ impl Applier {
     /// Applies one batch's plan (for `changes`, which end at outbox position `last`); `cursor`
     /// is the position applied before it, `epoch` the lease epoch it is applied under. Blocking
     /// (write-through runs queries on `conn`): call it on the tail thread. Fails only when the
-    /// Redis backend cannot be reached: the cursor must then stay where it is.
+    /// Redis backend cannot be reached: the cursor must then stay where it is. `keep_lease` is
+    /// called after each key's action (it renews the tail's lease when due): a batch of many
+    /// write-through keys may take longer than the lease.
     pub fn apply(
         &self,
         (plan, changes): (&Plan, &[Change]),
         live: &Live,
         conn: &Connection,
         (cursor, last, epoch): (u64, u64, u64),
+        keep_lease: &dyn Fn(),
     ) -> Result<(), StoreError> {
         let mut maintainer = self
             .maintainer
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         maintainer.observe(live, conn, changes);
+        keep_lease();
         self.cache.apply_plan(plan, live, cursor, last, epoch)?;
+        keep_lease();
         self.counters.tag_invalidations.add(plan.tags.len() as u64);
         for (key, action) in &plan.keys {
             self.counters.invalidations.inc();
@@ -105,6 +110,7 @@ impl Applier {
                     }
                 }
             }
+            keep_lease();
         }
         maintainer.settle_rest(live, conn);
         Ok(())

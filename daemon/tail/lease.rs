@@ -15,22 +15,129 @@
 //! - with Redis, a new holder first claims its epoch there (`raise_epoch` lifts the row above
 //!   every epoch Redis has seen, if the row was deleted or reset since), then each batch
 //!   carries the epoch and Redis refuses one older than it has seen;
-//! - before each batch the daemon renews the lease (when a third of it has passed): a daemon
-//!   that lost it learns so there, and stands by.
+//! - the daemon renews the lease when a third of it has passed: before each batch (`keep`), and
+//!   inside a batch wherever the tail shows progress (`Renewer`: between write-through
+//!   recomputes, and from SQLite's progress handler while one query runs), so a live holder
+//!   keeps it however long a batch or a query takes, while a holder that makes no progress (killed,
+//!   stopped, hung outside SQLite) renews nothing and loses it when it expires. Every renewal is
+//!   an UPDATE that matches only while the row names this holder and epoch: a daemon that lost
+//!   the lease never extends it, and learns there that it lost it, and stands by.
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
+/// How long a renewal from inside a batch that found the write lock taken waits before the next
+/// try (it never waits for the lock itself).
+const RETRY_RENEWAL: Duration = Duration::from_millis(2);
+
 pub struct Lease {
-    holder: String,
     /// Where this process runs, as a holder's identity records it.
     place: Place,
+    /// Who holds it and for how long, shared with the `Renewer` that renews it inside batches.
+    held: Arc<Held>,
+}
+
+/// The lease as this daemon holds it (all on the tail's thread: the tail, the applier's hook,
+/// and the progress handler on the tail's connection).
+struct Held {
+    holder: String,
     duration: Duration,
+    term: Mutex<Term>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Term {
     /// The epoch while this daemon holds the lease.
     epoch: Option<i64>,
     /// When the last acquisition or renewal started (the lease runs from no earlier than this).
     renewed_at: Instant,
+    /// A renewal from inside a batch is not tried before this (it found the write lock taken).
+    retry_at: Instant,
+}
+
+impl Held {
+    /// The term. Never held across a statement on the tail's connection: its progress handler
+    /// renews through `Renewer`, which only tries the lock.
+    fn term(&self) -> MutexGuard<'_, Term> {
+        self.term.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn expiry_ms(&self) -> i64 {
+        now_ms() + i64::try_from(self.duration.as_millis()).unwrap_or(i64::MAX / 2)
+    }
+
+    /// The fenced renewal: moves the expiry only while the row names this holder and epoch.
+    /// `Ok(false)`: the lease was lost (another daemon took over).
+    fn renew(&self, conn: &Connection, epoch: i64) -> rusqlite::Result<bool> {
+        let renewed = conn
+            .prepare_cached(
+                "UPDATE cachetail_lease SET expires_at = ?1 WHERE name = 'main' AND holder = ?2 AND epoch = ?3",
+            )?
+            .execute(params![self.expiry_ms(), self.holder, epoch])?;
+        Ok(renewed == 1)
+    }
+}
+
+/// Renews the held lease from inside a batch, wherever the tail shows progress: the applier calls
+/// it between write-through recomputes, and SQLite's progress handler on the tail's connection
+/// while one query runs long. Cheap to call often: it renews only when a third of the lease has
+/// passed. It renews through a connection of its own (a progress handler must not use the
+/// connection it watches) that never waits for the write lock: when the app (or the tail's own
+/// connection, in a cursor write) holds it, a later call tries again; the app waits at most for
+/// the one-row UPDATE. A renewal that finds the lease taken records it lost: the batch's cursor
+/// write then finds it so (`LeaseLost`) and the daemon stands by.
+#[derive(Clone)]
+pub struct Renewer {
+    held: Arc<Held>,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Renewer {
+    /// The connection renewals from inside a batch go through: to the database at `path`,
+    /// never waiting for a lock.
+    pub fn connection(path: &std::path::Path) -> rusqlite::Result<Arc<Mutex<Connection>>> {
+        let conn = crate::db::open(path)?;
+        conn.busy_timeout(Duration::ZERO)?;
+        Ok(Arc::new(Mutex::new(conn)))
+    }
+
+    /// Renews the lease if this daemon holds it and a third of it has passed since the last
+    /// renewal; records it lost if another daemon took it. Never waits.
+    pub fn renew_if_due(&self) {
+        // Busy only if the tail itself is in the middle of a renewal or acquisition.
+        let Ok(mut term) = self.held.term.try_lock() else {
+            return;
+        };
+        let Some(epoch) = term.epoch else {
+            return;
+        };
+        let started = Instant::now();
+        if started - term.renewed_at < self.held.duration / 3 || started < term.retry_at {
+            return;
+        }
+        let Ok(conn) = self.conn.try_lock() else {
+            return;
+        };
+        match self.held.renew(&conn, epoch) {
+            Ok(true) => term.renewed_at = started,
+            Ok(false) => {
+                tracing::warn!(
+                    holder = self.held.holder,
+                    epoch,
+                    "renewing the lease in the middle of a batch found another daemon holding it: this daemon stands by after the batch"
+                );
+                term.epoch = None;
+            }
+            // Locked (by the app, or the tail's own write): the lease is ours until it runs out;
+            // the next call tries again.
+            Err(e) => {
+                tracing::debug!(error = %e, "renewing the lease inside a batch failed; retrying");
+                term.retry_at = started + RETRY_RENEWAL;
+            }
+        }
+    }
 }
 
 /// Who holds the lease now, as the database says.
@@ -48,27 +155,41 @@ impl Lease {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .subsec_nanos();
+        let now = Instant::now();
         Lease {
-            holder: place.holder(std::process::id(), nonce),
+            held: Arc::new(Held {
+                holder: place.holder(std::process::id(), nonce),
+                duration,
+                term: Mutex::new(Term {
+                    epoch: None,
+                    renewed_at: now,
+                    retry_at: now,
+                }),
+            }),
             place,
-            duration,
-            epoch: None,
-            renewed_at: Instant::now(),
         }
     }
 
     pub fn holder(&self) -> &str {
-        &self.holder
+        &self.held.holder
     }
 
     /// The fencing token while held.
     pub fn epoch(&self) -> Option<i64> {
-        self.epoch
+        self.held.term().epoch
     }
 
     /// Whether this daemon holds the lease (as far as it knows: `keep` finds out).
     pub fn held(&self) -> bool {
-        self.epoch.is_some()
+        self.epoch().is_some()
+    }
+
+    /// The renewer of this lease from inside a batch, renewing through `conn` (see `Renewer`).
+    pub fn renewer(&self, conn: Arc<Mutex<Connection>>) -> Renewer {
+        Renewer {
+            held: Arc::clone(&self.held),
+            conn,
+        }
     }
 
     /// The lease row, if any.
@@ -105,15 +226,16 @@ impl Lease {
             "INSERT INTO cachetail_lease (name, holder, epoch, expires_at) VALUES ('main', ?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, epoch = excluded.epoch, expires_at = excluded.expires_at",
         )?
-        .execute(params![self.holder, epoch, self.expiry_ms()])?;
+        .execute(params![self.held.holder, epoch, self.held.expiry_ms()])?;
         tx.commit()?;
-        self.epoch = Some(epoch);
-        self.renewed_at = started;
+        let mut term = self.held.term();
+        term.epoch = Some(epoch);
+        term.renewed_at = started;
         Ok(true)
     }
 
     fn takeable(&self, current: &Holder) -> bool {
-        current.holder == self.holder
+        current.holder == self.held.holder
             || current.expires_at_ms <= now_ms()
             || self.holder_is_gone(&current.holder)
     }
@@ -129,37 +251,38 @@ impl Lease {
         }
     }
 
-    /// Renews the lease when a third of it has passed. Returns false when it was lost (another
-    /// daemon took over): from then on this daemon must apply nothing.
+    /// Renews the lease when a third of it has passed (between batches: it may wait for the
+    /// write lock). Returns false when it was lost (another daemon took over): from then on this
+    /// daemon must apply nothing.
     pub fn keep(&mut self, conn: &Connection) -> rusqlite::Result<bool> {
-        let Some(epoch) = self.epoch else {
+        let Term {
+            epoch, renewed_at, ..
+        } = *self.held.term();
+        let Some(epoch) = epoch else {
             return Ok(false);
         };
-        if self.renewed_at.elapsed() < self.duration / 3 {
+        if renewed_at.elapsed() < self.held.duration / 3 {
             return Ok(true);
         }
         let started = Instant::now();
-        let renewed = conn
-            .prepare_cached(
-                "UPDATE cachetail_lease SET expires_at = ?1 WHERE name = 'main' AND holder = ?2 AND epoch = ?3",
-            )?
-            .execute(params![self.expiry_ms(), self.holder, epoch]);
+        let renewed = self.held.renew(conn, epoch);
+        let mut term = self.held.term();
         match renewed {
-            Ok(1) => {
-                self.renewed_at = started;
+            Ok(true) => {
+                term.renewed_at = started;
                 Ok(true)
             }
-            Ok(_) => {
-                self.epoch = None;
+            Ok(false) => {
+                term.epoch = None;
                 Ok(false)
             }
             // Locked by an app writer for long: the lease is ours until it runs out.
-            Err(e) if self.renewed_at.elapsed() < self.duration => {
+            Err(e) if term.renewed_at.elapsed() < self.held.duration => {
                 tracing::debug!(error = %e, "renewing the lease failed; retrying");
                 Ok(true)
             }
             Err(e) => {
-                self.epoch = None;
+                term.epoch = None;
                 Err(e)
             }
         }
@@ -170,21 +293,21 @@ impl Lease {
     /// deleted or reset since an older holder's takeover). Returns false when the lease was lost
     /// meanwhile: from then on this daemon must apply nothing.
     pub fn raise_epoch(&mut self, conn: &Connection, to: i64) -> rusqlite::Result<bool> {
-        let Some(epoch) = self.epoch else {
+        let Some(epoch) = self.epoch() else {
             return Ok(false);
         };
         let raised = conn
             .prepare_cached(
                 "UPDATE cachetail_lease SET epoch = ?1 WHERE name = 'main' AND holder = ?2 AND epoch = ?3 AND epoch < ?1",
             )?
-            .execute(params![to, self.holder, epoch]);
+            .execute(params![to, self.held.holder, epoch]);
         match raised {
             Ok(1) => {
-                self.epoch = Some(to);
+                self.held.term().epoch = Some(to);
                 Ok(true)
             }
             Ok(_) => {
-                self.epoch = None;
+                self.held.term().epoch = None;
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -193,24 +316,21 @@ impl Lease {
 
     /// How long until `keep` must renew.
     pub fn renew_in(&self) -> Duration {
-        (self.duration / 3).saturating_sub(self.renewed_at.elapsed())
+        (self.held.duration / 3).saturating_sub(self.held.term().renewed_at.elapsed())
     }
 
     /// Gives the lease up (at shutdown), so a standby takes over at once.
     pub fn release(&mut self, conn: &Connection) {
-        if let Some(epoch) = self.epoch.take() {
+        let epoch = self.held.term().epoch.take();
+        if let Some(epoch) = epoch {
             let released = conn.execute(
                 "UPDATE cachetail_lease SET expires_at = 0 WHERE name = 'main' AND holder = ?1 AND epoch = ?2",
-                params![self.holder, epoch],
+                params![self.held.holder, epoch],
             );
             if let Err(e) = released {
                 tracing::warn!(error = %e, "releasing the lease failed; a standby takes over when it expires");
             }
         }
-    }
-
-    fn expiry_ms(&self) -> i64 {
-        now_ms() + i64::try_from(self.duration.as_millis()).unwrap_or(i64::MAX / 2)
     }
 }
 
@@ -339,6 +459,57 @@ mod tests {
             Lease::current(&conn).expect("row").map(|h| h.epoch),
             second.epoch()
         );
+    }
+
+    #[test]
+    fn a_renewer_renews_only_the_lease_this_daemon_still_holds_and_never_waits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("lease.db");
+        let conn = Connection::open(&path).expect("sqlite");
+        conn.execute_batch(crate::capture::SCHEMA).expect("schema");
+        let expiry = || Lease::current(&conn).expect("row").map(|h| h.expires_at_ms);
+        let mut lease = Lease::new(Duration::from_millis(1500));
+        let renewer = lease.renewer(Renewer::connection(&path).expect("open"));
+        renewer.renew_if_due();
+        assert_eq!(expiry(), None, "nothing held: nothing renewed");
+        assert!(lease.try_acquire(&conn).expect("acquire"));
+        let first = expiry();
+        renewer.renew_if_due();
+        assert_eq!(expiry(), first, "not due before a third of the lease");
+        std::thread::sleep(Duration::from_millis(550));
+        renewer.renew_if_due();
+        assert!(expiry() > first, "renewed once due");
+
+        // The write lock taken (by the app): the renewal does not wait for it, and the lease is
+        // still held (renewed when the lock is free).
+        std::thread::sleep(Duration::from_millis(550));
+        conn.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        let started = Instant::now();
+        renewer.renew_if_due();
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "{:?}",
+            started.elapsed()
+        );
+        conn.execute_batch("COMMIT").expect("unlock");
+        assert!(lease.held());
+        let locked_out = expiry();
+        std::thread::sleep(RETRY_RENEWAL);
+        renewer.renew_if_due();
+        assert!(expiry() > locked_out, "renewed once the lock was free");
+
+        // Another daemon took over: a renewal neither extends its lease nor keeps this one.
+        conn.execute(
+            "UPDATE cachetail_lease SET holder = 'elsewhere:1:0', epoch = epoch + 1, expires_at = 42",
+            [],
+        )
+        .expect("take the lease");
+        std::thread::sleep(Duration::from_millis(550));
+        renewer.renew_if_due();
+        assert!(!lease.held(), "the renewal found the lease lost");
+        assert_eq!(expiry(), Some(42));
+        renewer.renew_if_due();
+        assert_eq!(expiry(), Some(42));
     }
 
     #[test]

@@ -352,7 +352,7 @@ impl Tail {
                 "lost the lease (another daemon took over): applying nothing, standing by"
             );
         }
-        outbox.lease = Lease::new(self.registry.config().tail.lease);
+        outbox.use_lease(self.registry.config().tail.lease);
     }
 
     /// Reads, plans and applies one batch; returns how many changes it applied.
@@ -372,11 +372,13 @@ impl Tail {
             return Ok(0);
         };
         let plan = rules::plan(&live.config, &changes);
+        let renewer = outbox.renewer();
         self.applier.apply(
             (&plan, &changes),
             live,
             outbox.conn(),
             (cursor, last, epoch),
+            &|| renewer.renew_if_due(),
         )?;
         self.record_freshness(&changes);
         self.note_unreadable(&changes);

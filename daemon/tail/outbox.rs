@@ -11,13 +11,13 @@
 //! that drops everything cached, rather than skip every change until the ids pass the cursor.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::TailError;
-use super::lease::Lease;
+use super::lease::{Lease, Renewer};
 use super::rows::RawRow;
 use crate::capture::{self, InstallReport, Layouts};
 use crate::config::Config;
@@ -29,6 +29,9 @@ const PRUNE_CHUNK: u64 = 2_000;
 /// How often the durable cursor is written at most, while changes keep coming.
 pub(super) const PERSIST_EVERY: Duration = Duration::from_millis(100);
 const PERSIST_EVENTS: u64 = 50_000;
+/// How many SQLite virtual machine steps the tail's connection runs between two looks at the
+/// lease (`Renewer::renew_if_due`: a clock read, and a renewal when a third of it has passed).
+const STEPS_BETWEEN_RENEWALS: i32 = 10_000;
 /// Applied rows left unpruned while busy, at most; while a backlog drains (each batch read full),
 /// at most `PRUNE_BACKLOG_BEHIND`: the backlog is applied first, pruned when the tail catches up.
 const PRUNE_BACKLOG: u64 = 100_000;
@@ -61,6 +64,8 @@ pub struct Outbox {
     /// Which daemon applies; with `fencing`, the cursor moves only while this one holds it.
     pub(super) lease: Lease,
     pub(super) fencing: bool,
+    /// The connection the lease is renewed through from inside a batch (see `Renewer`).
+    lease_conn: Arc<Mutex<Connection>>,
 }
 
 impl Outbox {
@@ -76,6 +81,7 @@ impl Outbox {
             .ok_or(TailError::NotInstalled)?;
         let layouts = capture::load_layouts(&conn)?;
         let schema_version = schema_version(&conn)?;
+        let lease_conn = Renewer::connection(path)?;
         let oldest: i64 = conn.query_row(
             "SELECT coalesce(min(id), 0) FROM cachetail_outbox",
             [],
@@ -96,13 +102,32 @@ impl Outbox {
             installed_for: 0,
             lease: Lease::new(Duration::from_secs(5)),
             fencing: false,
+            lease_conn,
         })
     }
 
-    /// From now on the cursor moves only under a lease of this duration (see `lease`).
+    /// From now on the cursor moves only under a lease of this duration (see `lease`), a new
+    /// one (after this daemon lost the lease: another holder name). SQLite's progress handler
+    /// on the tail's connection renews it while a query runs long.
     pub fn use_lease(&mut self, duration: Duration) {
         self.lease = Lease::new(duration);
         self.fencing = true;
+        let renewer = self.renewer();
+        let watching = self.conn.progress_handler(
+            STEPS_BETWEEN_RENEWALS,
+            Some(move || {
+                renewer.renew_if_due();
+                false
+            }),
+        );
+        if let Err(e) = watching {
+            tracing::warn!(error = %e, "watching the tail's queries failed: the lease is renewed between write-through recomputes and batches only");
+        }
+    }
+
+    /// Renews the lease from inside a batch (see `Renewer`).
+    pub(super) fn renewer(&self) -> Renewer {
+        self.lease.renewer(Arc::clone(&self.lease_conn))
     }
 
     /// Takes the lease if it is free (see `Lease::try_acquire`).
@@ -347,6 +372,8 @@ impl Outbox {
     /// (`PRUNE_BACKLOG_BEHIND` while a backlog drains): deleting what was just applied costs
     /// about as much as applying it, and a backlog's changes are worth applying first.
     pub fn persist(&mut self, now: bool, idle: bool) -> Result<(), TailError> {
+        // A renewal inside the last batch may have found the lease taken.
+        self.fence()?;
         let due = self.cursor > self.persisted
             && (now
                 || self.persisted_at.elapsed() >= PERSIST_EVERY

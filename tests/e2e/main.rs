@@ -23,6 +23,7 @@ mod lease_namespaces;
 mod lease_reset;
 mod lifecycle;
 mod limits;
+mod long_batches;
 mod migrations;
 mod never_hurt;
 mod outbox_rebuilt;
