@@ -91,7 +91,6 @@ enum Func {
     Max,
 }
 
-
 /// Ok(None): the query is not of this shape. Err: it is, but cannot be maintained (why).
 pub fn analyse(query: &str) -> Result<Option<Plan>, String> {
     analyse::analyse(query)

@@ -490,6 +490,11 @@ keys = ["u"]
                     crate::types::ChangeBody::Row(row) => {
                         states.iter_mut().for_each(|s| s.apply(&row));
                     }
+                    // A row a conflict may have removed (REPLACE or OR IGNORE): as the tail
+                    // hands it on.
+                    crate::types::ChangeBody::Replaced(row) => {
+                        states.iter_mut().for_each(|s| s.apply_replaced(&row));
+                    }
                     other => panic!("unexpected {other:?}"),
                 }
             }
