@@ -172,6 +172,17 @@ impl State {
         }
     }
 
+    /// Whether part of the state must be read again from the database (a scalar state's table
+    /// whose rows a change left unknown). Its deltas could not be trusted after such a read at a
+    /// later snapshot than the applied position (the changes in between would be counted twice),
+    /// so the owner builds the whole state again instead, at a known outbox head.
+    pub fn needs_rebuild(&self) -> bool {
+        match self {
+            State::Grouped(_) => false,
+            State::Scalar(state) => state.needs_rescan(),
+        }
+    }
+
     pub fn size(&self) -> Size {
         match self {
             State::Grouped(state) => state.size(),

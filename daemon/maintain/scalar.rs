@@ -236,6 +236,12 @@ impl State {
         *self.pending.entry(touched).or_default() += 1;
     }
 
+    /// A table's rows are unknown (a row a conflict may have removed, a column the capture did
+    /// not record): `settle` would scan it again.
+    pub fn needs_rescan(&self) -> bool {
+        self.rescan.contains(&true) || self.columns.iter().flatten().any(|c| c.lost)
+    }
+
     /// A row a conflict may have removed (`REPLACE` removed it, `OR IGNORE` or an upsert kept
     /// it): the table's rows are scanned again at the next settle.
     pub fn apply_replaced(&mut self, change: &RowChange) {
