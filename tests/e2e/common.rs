@@ -129,12 +129,33 @@ pub fn python_on(db: &Path, code: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, and that no other call in this run hands out.
+///
+/// A port the kernel picks (`bind` to port 0) comes from its ephemeral range: another test may
+/// be handed the same one before the first binds it (its daemon then fails to bind, and the
+/// first test's requests reach the other test's daemon, reset when that test ends: seen in CI),
+/// and any client socket may take it meanwhile. These ports come from below the ephemeral range
+/// (which client sockets never take) and are never handed out twice in one run. A Redis Cluster
+/// node's bus port (`port + 10000`) stays out of this range and below the ephemeral one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 12_000;
+    const COUNT: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Another run on the machine (two `cargo test`s) starts elsewhere in the range.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id() % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// The reference config pointed at a free port, with `edit` applied to the text.
