@@ -212,12 +212,7 @@ impl State {
     }
 
     pub fn apply(&mut self, change: &RowChange) {
-        let Some(table) = self
-            .plan
-            .tables
-            .iter()
-            .position(|t| t.lower.eq_ignore_ascii_case(&change.layout.table))
-        else {
+        let Some(table) = self.table_of(change) else {
             return;
         };
         let mut touched = 0u64;
@@ -245,12 +240,7 @@ impl State {
     /// A row a conflict may have removed (`REPLACE` removed it, `OR IGNORE` or an upsert kept
     /// it): the table's rows are scanned again at the next settle.
     pub fn apply_replaced(&mut self, change: &RowChange) {
-        let Some(table) = self
-            .plan
-            .tables
-            .iter()
-            .position(|t| t.lower.eq_ignore_ascii_case(&change.layout.table))
-        else {
+        let Some(table) = self.table_of(change) else {
             return;
         };
         self.rescan[table] = true;
@@ -258,6 +248,15 @@ impl State {
             .pending
             .entry(self.mask(|a| a.table == table))
             .or_default() += 1;
+    }
+
+    /// The index of the changed row's table among those the query reads.
+    fn table_of(&self, change: &RowChange) -> Option<usize> {
+        let table = &change.layout.table;
+        self.plan
+            .tables
+            .iter()
+            .position(|t| t.lower.eq_ignore_ascii_case(table))
     }
 
     pub fn settle(&mut self, conn: &Connection) -> rusqlite::Result<Settled> {
