@@ -8,18 +8,24 @@
 //! position), what the lookup found may already follow it, while that change's own rule (which
 //! refreshes the chain's old end) is applied only with a later batch; so the family is dropped
 //! instead. A lookup that fails (a table or column gone) drops the family too: too much, never
-//! too little. Why the keys found are enough: ARCHITECTURE.md, invariant 13.
+//! too little. So does every lookup of a batch with more than `LOOKAHEAD` rows after it (a
+//! backlog is not read through for each batch). Why the keys found are enough:
+//! ARCHITECTURE.md, invariant 13.
 
 use std::collections::HashSet;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, params_from_iter};
 
 use crate::config::{Config, RuleLookup};
 use crate::types::{KeyAction, LookupAsk, Plan};
 
 /// At most this many values are bound to one statement.
 const CHUNK: usize = 500;
+
+/// At most this many outbox rows after a batch are looked at for changes to a lookup's tables;
+/// past that (a backlog), every lookup of the batch drops its family.
+const LOOKAHEAD: usize = 4096;
 
 /// Runs the lookups `plan` asks for and adds the keys they find to it (at the latest position
 /// among their changes, with their rule's strategy), or, for a lookup that cannot be trusted,
@@ -106,11 +112,13 @@ fn run_all(
             .get(index)
             .and_then(|rule| rule.lookups.get(number));
         let Some(lookup) = lookup else { continue };
-        let moved = lookup
-            .lookup
-            .tables
-            .iter()
-            .any(|t| changed.iter().any(|c| c.eq_ignore_ascii_case(t)));
+        let moved = changed.as_ref().is_none_or(|changed| {
+            lookup
+                .lookup
+                .tables
+                .iter()
+                .any(|t| changed.iter().any(|c| c.eq_ignore_ascii_case(t)))
+        });
         if moved {
             tracing::debug!(
                 via = lookup.lookup.via,
@@ -134,14 +142,36 @@ fn run_all(
     Ok(found)
 }
 
-/// The tables with an outbox row (a change, or a flush marker) after `last`.
-fn tables_changed_after(conn: &Connection, last: u64) -> rusqlite::Result<Vec<String>> {
+/// The tables with an outbox row (a change, or a flush marker) after `last`, when there are at
+/// most `LOOKAHEAD` such rows; None (every table may have changed) past that: a backlog is
+/// not read through for each batch.
+fn tables_changed_after(conn: &Connection, last: u64) -> rusqlite::Result<Option<Vec<String>>> {
     let after = i64::try_from(last).unwrap_or(i64::MAX);
     let mut statement = conn.prepare_cached(
-        "SELECT DISTINCT c.tbl FROM cachetail_outbox o JOIN cachetail_capture c ON c.id = o.capture WHERE o.id > ?1",
+        "SELECT capture FROM cachetail_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
-    let tables = statement.query_map([after], |row| row.get::<_, String>(0))?;
-    tables.collect()
+    let limit = i64::try_from(LOOKAHEAD)
+        .unwrap_or(i64::MAX)
+        .saturating_add(1);
+    let mut captures: Vec<i64> = statement
+        .query_map([after, limit], |row| row.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if captures.len() > LOOKAHEAD {
+        return Ok(None);
+    }
+    captures.sort_unstable();
+    captures.dedup();
+    let mut table = conn.prepare_cached("SELECT tbl FROM cachetail_capture WHERE id = ?1")?;
+    let mut tables = Vec::new();
+    for capture in captures {
+        if let Some(name) = table
+            .query_row([capture], |row| row.get::<_, String>(0))
+            .optional()?
+        {
+            tables.push(name);
+        }
+    }
+    Ok(Some(tables))
 }
 
 /// One lookup over the distinct values asked: the distinct values of the placeholder found.
