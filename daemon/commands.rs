@@ -71,13 +71,18 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
         }
     }
     for rule in config.rules.iter().filter(|r| r.derived_from.is_some()) {
-        let mut names: Vec<&str> = rule.keys.iter().map(|k| k.source()).collect();
-        names.extend(rule.tags.iter().map(|t| t.source()));
+        let mut names: Vec<String> = rule.keys.iter().map(|k| k.source().to_owned()).collect();
+        names.extend(rule.tags.iter().map(|t| t.source().to_owned()));
+        names.extend(
+            rule.lookups
+                .iter()
+                .map(|l| format!("{} via {}", l.key.source(), l.lookup.via)),
+        );
         report.derived.push(format!(
             "derived (invalidate = \"auto\" on `{}`): a change to `{}` → {} ({})",
             rule.derived_from.as_deref().unwrap_or(""),
             rule.table,
-            if rule.keys.is_empty() {
+            if rule.keys.is_empty() && rule.lookups.is_empty() {
                 "every key of the family".to_owned()
             } else {
                 names.join(", ")

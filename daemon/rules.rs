@@ -4,6 +4,10 @@
 //! on delete, both on update (a review moved from book 3 to book 5 touches both books). Within a
 //! batch, actions on one key merge into one: the strongest strategy, the latest position.
 //!
+//! A derived rule's lookup (a change reaching the family's placeholder through other tables)
+//! needs the database: the plan only gathers the values it asks for (`Plan::lookups`), and the
+//! tail runs them before applying it (`apply::lookups`). `plan` stays a pure function.
+//!
 //! A row that could not be decoded names no key: its whole table is flushed (every family that
 //! depends on it, see `Live::depends_on`), or everything when even its table is unknown.
 
@@ -11,7 +15,7 @@ use std::sync::Arc;
 
 use rusqlite::types::Value;
 
-use crate::config::{Config, Template};
+use crate::config::{Config, Rule, Template};
 use crate::types::{
     AdminAction, Change, ChangeBody, KeyAction, Layout, Op, Plan, Strategy, Unreadable,
 };
@@ -95,6 +99,13 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
                         Rendered::Uncaptured => plan.flush_all = Some(change.position),
                     }
                 }
+                ask_lookups(
+                    &mut plan,
+                    (index, rule),
+                    &row.layout,
+                    image,
+                    change.position,
+                );
             }
             let counts = plan.per_rule.entry(index).or_insert((0, 0));
             counts.0 += named;
@@ -102,6 +113,30 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
         }
     }
     plan
+}
+
+/// A derived rule's lookups (see `config::auto`) are asked for the changed row's value of their
+/// input column: the tail runs them before applying the plan (`apply::lookups`). A NULL reaches
+/// no key (an equality with NULL is never true); a column the row's capture did not record
+/// drops everything, as a template needing it would.
+fn ask_lookups(
+    plan: &mut Plan,
+    (index, rule): (usize, &Rule),
+    layout: &Layout,
+    image: &[Value],
+    position: u64,
+) {
+    for (number, lookup) in rule.lookups.iter().enumerate() {
+        match layout.value(image, &lookup.lookup.input) {
+            None => plan.flush_all = Some(position),
+            Some(Value::Null) => {}
+            Some(value) => {
+                let ask = plan.lookups.entry((index, number)).or_default();
+                ask.values.push(value.clone());
+                ask.position = ask.position.max(position);
+            }
+        }
+    }
 }
 
 /// An operator's action, at its marker's position: a key is deleted, a tag invalidated, a

@@ -161,6 +161,18 @@ pub struct Plan {
     pub flush_families: HashMap<String, u64>,
     /// Per rule (its index in the config): keys and tags it named, and keys it had recomputed.
     pub per_rule: HashMap<usize, (u64, u64)>,
+    /// What derived rules' lookups are asked, per rule and lookup (their indices in the config):
+    /// the tail runs them (`apply::lookups`) and adds the keys they find before the plan is
+    /// applied.
+    pub lookups: HashMap<(usize, usize), LookupAsk>,
+}
+
+/// The changed rows' values of a lookup's input column within one batch, and the latest
+/// position among them (the keys found are refreshed at it).
+#[derive(Debug, Default)]
+pub struct LookupAsk {
+    pub values: Vec<Value>,
+    pub position: u64,
 }
 
 /// What an operator asks to drop (the admin API). Written into the outbox as JSON

@@ -18,6 +18,7 @@ use crate::counters::Counter;
 use crate::registry::Live;
 use crate::types::{Change, Plan, Strategy};
 
+pub mod lookups;
 pub mod maintained;
 pub mod warm;
 pub mod write_behind;

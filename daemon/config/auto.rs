@@ -7,9 +7,20 @@
 //!
 //! A tie is taken only where it is sound, i.e. where a row of the table that fails it cannot
 //! change the result: equalities joined by AND at the top of the WHERE clause and of inner join
-//! conditions, and of a LEFT JOIN's condition when one side is a column of the joined table; in
-//! a plain SELECT (no UNION), not inside subqueries. Anything else drops the family: too much,
+//! conditions, and of a LEFT JOIN's condition for a row of the joined table (which is in a
+//! result row only where its condition held; and a column equal to another is not NULL, so the
+//! other column's table is in that result row too, with its own LEFT JOIN condition held); in a
+//! plain SELECT (no UNION), not inside subqueries. Anything else drops the family: too much,
 //! never too little.
+//!
+//! Where a one-placeholder pattern's placeholder is tied to a column of another table that the
+//! changed table reaches through a chain of such equalities (reviews → `books.id =
+//! reviews.book_id` → `books.author_id = :id`), the rule carries a *lookup* instead: a small
+//! query over the chain's tables, run at apply time with the changed rows' values bound, that
+//! finds the keys they reach (`SELECT DISTINCT b.id, b.author_id FROM books b WHERE b.id IN
+//! (...)`). Each chain is its first hop followed by the next table's own reach (its direct tie
+//! or its lookup), so every table on a chain carries, in its own rule, the rest of that chain:
+//! what the soundness argument in ARCHITECTURE.md relies on.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -23,13 +34,47 @@ use sqlparser::parser::Parser;
 
 use super::template::{Template, escape_braces};
 
-/// One derived rule: a change to `table` invalidates `keys` (templates over its columns), or,
-/// when `flush`, the whole family.
+/// One derived rule: a change to `table` invalidates `keys` (templates over its columns) and the
+/// keys its `lookups` find, or, when `flush`, the whole family.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Derived {
     pub table: String,
     pub keys: Vec<String>,
+    pub lookups: Vec<Lookup>,
     pub flush: bool,
+}
+
+/// The keys a changed row reaches through other tables: `sql` followed by a list of bound
+/// values (`?, ?, ...)`) selects, for those values of the changed table's `input` column, the
+/// distinct values of the pattern's one placeholder, `param` (its second column).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lookup {
+    pub input: String,
+    pub param: String,
+    /// `SELECT DISTINCT "b"."id", "b"."author_id" FROM "books" AS "b" WHERE "b"."id" IN (`.
+    pub sql: String,
+    /// The tables the lookup reads (the chain), lowercase.
+    pub tables: Vec<String>,
+    /// For people: `books.author_id where books.id = reviews.book_id`.
+    pub via: String,
+}
+
+/// One step of a chain: the table (under its alias in the query) entered by `input`, left by
+/// `output` (the next step's tie, or the placeholder's column on the last step).
+#[derive(Debug, Clone, PartialEq)]
+struct Hop {
+    alias: String,
+    table: String,
+    input: String,
+    output: String,
+}
+
+/// How an alias reaches the one placeholder: a column tied to it, or a column tied to the next
+/// table of a chain.
+#[derive(Debug, Clone, PartialEq)]
+enum Reach {
+    Direct(String),
+    Via { column: String, hops: Vec<Hop> },
 }
 
 /// The tag an auto family's values carry, so that a rule can drop them all (a template text:
@@ -95,95 +140,304 @@ pub fn derive(pattern: &Template, query: &str) -> Result<Vec<Derived>, String> {
                 .collect()
         })
         .unwrap_or_default();
-    let mut tables: Vec<String> = Vec::new();
+    // Every table read, with how many times it is named anywhere (subqueries included).
+    let mut tables: Vec<(String, usize)> = Vec::new();
     let _ = visit_relations(query.as_ref(), |name| {
         if let Some(table) = last_part(name)
             && !ctes.contains(&table)
-            && !tables.contains(&table)
         {
-            tables.push(table);
+            match tables.iter_mut().find(|(t, _)| *t == table) {
+                Some((_, named)) => *named += 1,
+                None => tables.push((table, 1)),
+            }
         }
         ControlFlow::<()>::Continue(())
     });
     tables.sort();
-    let (relations, global, left_joined) = top_level_ties(query);
+    let top = top_level_ties(query);
     let params = pattern.params();
+    let ties: HashMap<String, Ties> = top
+        .relations
+        .iter()
+        .map(|(alias, _)| (alias.clone(), top.known_for(alias)))
+        .collect();
+    let reaches = match params.as_slice() {
+        [param] if top.plain_joins => reaches(&top.relations, &ties, param),
+        _ => HashMap::new(),
+    };
     let mut derived = Vec::new();
-    for table in tables {
-        let aliases: Vec<&String> = relations
+    for (table, named) in tables {
+        let aliases: Vec<&String> = top
+            .relations
             .iter()
             .filter(|(_, t)| *t == table)
             .map(|(alias, _)| alias)
             .collect();
-        let mut keys = Vec::new();
-        let mut tied = !aliases.is_empty();
-        for alias in &aliases {
-            // A LEFT JOIN's own condition ties its joined table only.
-            let mut ties = global.clone();
-            for (a, b) in left_joined.get(*alias).into_iter().flatten() {
-                ties.union(a.clone(), b.clone());
-            }
-            let columns: Vec<String> = ties
-                .parent
-                .keys()
-                .filter_map(|n| match n {
-                    Node::Column(a, c) if a == *alias => Some(c.clone()),
-                    _ => None,
-                })
-                .collect();
-            let key = pattern.rename_params(|param| {
-                let target = ties.find(&Node::Param(param.to_owned()));
-                columns
-                    .iter()
-                    .find(|c| ties.find(&Node::Column((*alias).clone(), (*c).clone())) == target)
-                    .cloned()
-            });
-            match key {
-                Some(key) if !keys.contains(&key) => keys.push(key),
-                Some(_) => {}
-                None => tied = false,
-            }
-        }
+        let mut rule = Derived {
+            table: table.clone(),
+            keys: Vec::new(),
+            lookups: Vec::new(),
+            flush: false,
+        };
         if params.is_empty() {
             // One key, the pattern itself: naming it is exact.
-            derived.push(Derived {
-                table,
-                keys: vec![escape_braces(pattern.source())],
-                flush: false,
-            });
-        } else if tied {
-            derived.push(Derived {
-                table,
-                keys,
-                flush: false,
-            });
-        } else {
-            derived.push(Derived {
-                table,
-                keys: Vec::new(),
-                flush: true,
-            });
+            rule.keys.push(escape_braces(pattern.source()));
+            derived.push(rule);
+            continue;
         }
+        // A table also read in a subquery is not tied there: its changes drop the family.
+        let mut tied = !aliases.is_empty() && aliases.len() == named;
+        for alias in &aliases {
+            let Some(ties) = ties.get(*alias) else {
+                tied = false;
+                continue;
+            };
+            let direct = direct_key(pattern, ties, alias);
+            match (direct, reaches.get(*alias)) {
+                (Some(key), _) => {
+                    if !rule.keys.contains(&key) {
+                        rule.keys.push(key);
+                    }
+                }
+                (None, Some(Reach::Via { column, hops })) => {
+                    let lookup = lookup(&table, column, hops, params[0]);
+                    if !rule.lookups.contains(&lookup) {
+                        rule.lookups.push(lookup);
+                    }
+                }
+                (None, _) => tied = false,
+            }
+        }
+        if !tied {
+            rule.keys.clear();
+            rule.lookups.clear();
+            rule.flush = true;
+        }
+        derived.push(rule);
     }
     Ok(derived)
 }
 
-/// The top-level FROM relations (alias → table), the sound equalities among their columns and
-/// the parameters (WHERE and inner joins), and, per LEFT-joined alias, its join condition's
-/// equalities (which constrain that table's rows only).
-#[allow(clippy::type_complexity)]
-fn top_level_ties(
-    query: &Query,
-) -> (
-    Vec<(String, String)>,
-    Ties,
-    HashMap<String, Vec<(Node, Node)>>,
-) {
-    let mut relations = Vec::new();
-    let mut ties = Ties::default();
-    let mut left_joined: HashMap<String, Vec<(Node, Node)>> = HashMap::new();
+/// The key template naming `alias`'s own columns where `ties` make each of them equal to a
+/// placeholder, when every placeholder has one.
+fn direct_key(pattern: &Template, ties: &Ties, alias: &str) -> Option<String> {
+    let columns: Vec<String> = ties
+        .parent
+        .keys()
+        .filter_map(|n| match n {
+            Node::Column(a, c) if a == alias => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    pattern.rename_params(|param| {
+        let target = ties.find(&Node::Param(param.to_owned()));
+        let mut tied: Vec<&String> = columns
+            .iter()
+            .filter(|c| ties.find(&Node::Column(alias.to_owned(), (*c).clone())) == target)
+            .collect();
+        tied.sort();
+        tied.first().map(|c| (*c).clone())
+    })
+}
+
+/// How each alias reaches `param`: directly, or through a chain whose first hop is an equality
+/// known for it and whose rest is the next alias's own reach (shortest first, then the
+/// query's order of tables: the result does not depend on a hash order).
+fn reaches(
+    relations: &[(String, String)],
+    ties: &HashMap<String, Ties>,
+    param: &str,
+) -> HashMap<String, Reach> {
+    let target = Node::Param(param.to_owned());
+    let mut reach: HashMap<String, Reach> = HashMap::new();
+    for (alias, _) in relations {
+        let Some(t) = ties.get(alias) else { continue };
+        let root = t.find(&target);
+        let mut columns = columns_of(t, alias);
+        columns.retain(|c| t.find(&Node::Column(alias.clone(), c.clone())) == root);
+        if let Some(column) = columns.first() {
+            reach.insert(alias.clone(), Reach::Direct(column.clone()));
+        }
+    }
+    for _ in 0..relations.len() {
+        let known = reach.clone();
+        for (alias, _) in relations {
+            if known.contains_key(alias) {
+                continue;
+            }
+            let Some(t) = ties.get(alias) else { continue };
+            if let Some(found) = first_hop(relations, t, alias, &known) {
+                reach.insert(alias.clone(), found);
+            }
+        }
+        if reach.len() == known.len() {
+            break;
+        }
+    }
+    reach
+}
+
+/// The first equality (known for `alias`) from one of its columns to a column of an alias that
+/// `known` already reaches, with that alias's reach after it.
+fn first_hop(
+    relations: &[(String, String)],
+    ties: &Ties,
+    alias: &str,
+    known: &HashMap<String, Reach>,
+) -> Option<Reach> {
+    for column in columns_of(ties, alias) {
+        let root = ties.find(&Node::Column(alias.to_owned(), column.clone()));
+        for (next, table) in relations {
+            let Some(rest) = known.get(next).filter(|_| next != alias) else {
+                continue;
+            };
+            let Some(input) = columns_of(ties, next)
+                .into_iter()
+                .find(|c| ties.find(&Node::Column(next.clone(), c.clone())) == root)
+            else {
+                continue;
+            };
+            let (output, after) = match rest {
+                Reach::Direct(c) => (c.clone(), Vec::new()),
+                Reach::Via { column, hops } => (column.clone(), hops.clone()),
+            };
+            if after.iter().any(|h| h.alias == alias) {
+                continue;
+            }
+            let mut hops = vec![Hop {
+                alias: next.clone(),
+                table: table.clone(),
+                input,
+                output,
+            }];
+            hops.extend(after);
+            return Some(Reach::Via { column, hops });
+        }
+    }
+    None
+}
+
+/// The columns of `alias` that `ties` mention, sorted.
+fn columns_of(ties: &Ties, alias: &str) -> Vec<String> {
+    let mut columns: Vec<String> = ties
+        .parent
+        .keys()
+        .filter_map(|n| match n {
+            Node::Column(a, c) if a == alias => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    columns.sort();
+    columns.dedup();
+    columns
+}
+
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The lookup for a change to `table` whose `column` enters the chain `hops`.
+fn lookup(table: &str, column: &str, hops: &[Hop], param: &str) -> Lookup {
+    let col = |hop: &Hop, c: &str| format!("{}.{}", quoted(&hop.alias), quoted(c));
+    let (first, last) = (&hops[0], &hops[hops.len() - 1]);
+    let mut sql = format!(
+        "SELECT DISTINCT {}, {} FROM {} AS {}",
+        col(first, &first.input),
+        col(last, &last.output),
+        quoted(&first.table),
+        quoted(&first.alias)
+    );
+    let mut wheres = vec![format!(
+        "{}.{} = {table}.{column}",
+        first.table, first.input
+    )];
+    for pair in hops.windows(2) {
+        let (from, to) = (&pair[0], &pair[1]);
+        sql.push_str(&format!(
+            " JOIN {} AS {} ON {} = {}",
+            quoted(&to.table),
+            quoted(&to.alias),
+            col(to, &to.input),
+            col(from, &from.output)
+        ));
+        wheres.push(format!(
+            "{}.{} = {}.{}",
+            to.table, to.input, from.table, from.output
+        ));
+    }
+    sql.push_str(&format!(" WHERE {} IN (", col(first, &first.input)));
+    wheres.reverse();
+    Lookup {
+        input: column.to_owned(),
+        param: param.to_owned(),
+        sql,
+        tables: hops.iter().map(|h| h.table.clone()).collect(),
+        via: format!("{}.{} where {}", last.table, last.output, wheres.join(", ")),
+    }
+}
+
+/// The query's top level: its FROM relations (alias → table), the equalities that hold in every
+/// result row (WHERE and inner joins), and per LEFT-joined alias its join condition's
+/// equalities (which hold in the result rows where that alias's row is not NULL).
+struct TopLevel {
+    relations: Vec<(String, String)>,
+    global: Vec<(Node, Node)>,
+    left_joined: HashMap<String, Vec<(Node, Node)>>,
+    /// Only inner, cross and LEFT joins (a RIGHT or FULL join makes the left side's rows
+    /// optional): lookups are derived only then.
+    plain_joins: bool,
+}
+
+impl TopLevel {
+    /// The equalities known to hold in every result row where `alias`'s row is not NULL: the
+    /// global ones, its own LEFT JOIN condition's, and, closing over them, those of every alias
+    /// they make not NULL (a column equal to something is not NULL).
+    fn known_for(&self, alias: &str) -> Ties {
+        let mut ties = Ties::default();
+        let mut pairs: Vec<&(Node, Node)> = self.global.iter().collect();
+        let mut added: Vec<&str> = Vec::new();
+        let mut not_null: Vec<String> = vec![alias.to_owned()];
+        while let Some(next) = not_null
+            .iter()
+            .find(|a| !added.contains(&a.as_str()))
+            .cloned()
+        {
+            let Some(name) = self
+                .relations
+                .iter()
+                .map(|(a, _)| a.as_str())
+                .find(|a| *a == next)
+            else {
+                break;
+            };
+            added.push(name);
+            pairs.extend(self.left_joined.get(name).into_iter().flatten());
+            for (a, b) in &pairs {
+                for node in [a, b] {
+                    if let Node::Column(other, _) = node
+                        && !not_null.contains(other)
+                    {
+                        not_null.push(other.clone());
+                    }
+                }
+            }
+        }
+        for (a, b) in pairs {
+            ties.union(a.clone(), b.clone());
+        }
+        ties
+    }
+}
+
+fn top_level_ties(query: &Query) -> TopLevel {
+    let mut top = TopLevel {
+        relations: Vec::new(),
+        global: Vec::new(),
+        left_joined: HashMap::new(),
+        plain_joins: true,
+    };
     let SetExpr::Select(select) = query.body.as_ref() else {
-        return (relations, ties, left_joined);
+        return top;
     };
     let relation = |factor: &TableFactor| -> Option<(String, String)> {
         let TableFactor::Table { name, alias, .. } = factor else {
@@ -198,11 +452,11 @@ fn top_level_ties(
     let mut inner: Vec<&Expr> = Vec::new();
     let mut left: Vec<(&Expr, String)> = Vec::new();
     for from in &select.from {
-        relations.extend(relation(&from.relation));
+        top.relations.extend(relation(&from.relation));
         for join in &from.joins {
             let joined = relation(&join.relation);
             if let Some(joined) = &joined {
-                relations.push(joined.clone());
+                top.relations.push(joined.clone());
             }
             match &join.join_operator {
                 JoinOperator::Join(JoinConstraint::On(on))
@@ -213,27 +467,33 @@ fn top_level_ties(
                         left.push((on, alias));
                     }
                 }
-                _ => {}
+                JoinOperator::Join(_)
+                | JoinOperator::Inner(_)
+                | JoinOperator::Left(_)
+                | JoinOperator::LeftOuter(_)
+                | JoinOperator::CrossJoin(_) => {}
+                _ => top.plain_joins = false,
             }
         }
     }
     if let Some(selection) = &select.selection {
         inner.push(selection);
     }
-    let single = (relations.len() == 1).then(|| relations[0].0.clone());
+    let single = (top.relations.len() == 1).then(|| top.relations[0].0.clone());
     for condition in inner {
-        let mut pairs = Vec::new();
-        equalities(condition, single.as_deref(), &relations, &mut pairs);
-        for (a, b) in pairs {
-            ties.union(a, b);
-        }
+        equalities(
+            condition,
+            single.as_deref(),
+            &top.relations,
+            &mut top.global,
+        );
     }
     for (condition, alias) in left {
         let mut pairs = Vec::new();
-        equalities(condition, single.as_deref(), &relations, &mut pairs);
-        left_joined.entry(alias).or_default().extend(pairs);
+        equalities(condition, single.as_deref(), &top.relations, &mut pairs);
+        top.left_joined.entry(alias).or_default().extend(pairs);
     }
-    (relations, ties, left_joined)
+    top
 }
 
 /// The equalities joined by AND at the top of `expr`.
@@ -345,7 +605,8 @@ mod tests {
             [
                 key("books", "book:{id}"),
                 key("reviews", "book:{book_id}"),
-                flush("users")
+                // A user's reviews name the books: a lookup.
+                ("users".to_owned(), Vec::new(), false)
             ]
         );
     }
@@ -384,6 +645,93 @@ mod tests {
             ),
             [flush("reviews"), key("users", "user:{id}")]
         );
+    }
+
+    /// Per table: each lookup's input column, SQL and description.
+    type Found = Vec<(String, Vec<(String, String, String)>)>;
+
+    fn lookups(pattern: &str, query: &str) -> Found {
+        let pattern = Template::parse(pattern, false).expect("pattern");
+        derive(&pattern, query)
+            .expect("derived")
+            .into_iter()
+            .map(|d| {
+                let found = d.lookups.into_iter().map(|l| (l.input, l.sql, l.via));
+                (d.table, found.collect())
+            })
+            .collect()
+    }
+
+    const AUTHOR: &str = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_id = a.id LEFT JOIN reviews r ON r.book_id = b.id WHERE a.id = :id GROUP BY a.id";
+
+    #[test]
+    fn a_chain_of_equi_joins_gives_a_lookup() {
+        assert_eq!(
+            derived("author:{id}", AUTHOR),
+            [
+                key("authors", "author:{id}"),
+                key("books", "author:{author_id}"),
+                ("reviews".to_owned(), Vec::new(), false)
+            ]
+        );
+        let found = lookups("author:{id}", AUTHOR);
+        assert_eq!(
+            found[2].1,
+            [(
+                "book_id".to_owned(),
+                r#"SELECT DISTINCT "b"."id", "b"."author_id" FROM "books" AS "b" WHERE "b"."id" IN ("#.to_owned(),
+                "books.author_id where books.id = reviews.book_id".to_owned()
+            )]
+        );
+        // Two hops: each is the next table's own reach.
+        let found = lookups(
+            "author:{id}",
+            "SELECT a.id FROM authors a JOIN series s ON s.author_id = a.id JOIN books b ON b.series_id = s.id JOIN reviews r ON r.book_id = b.id WHERE a.id = :id",
+        );
+        assert_eq!(
+            found[2],
+            (
+                "reviews".to_owned(),
+                vec![(
+                    "book_id".to_owned(),
+                    r#"SELECT DISTINCT "b"."id", "s"."author_id" FROM "books" AS "b" JOIN "series" AS "s" ON "s"."id" = "b"."series_id" WHERE "b"."id" IN ("#.to_owned(),
+                    "series.author_id where series.id = books.series_id, books.id = reviews.book_id".to_owned()
+                )]
+            )
+        );
+        assert_eq!(
+            found[1].1[0].2,
+            "series.author_id where series.id = books.series_id"
+        );
+    }
+
+    #[test]
+    fn no_lookup_where_the_chain_is_not_sound() {
+        // The books' tie to the author sits in the reviews' LEFT JOIN condition: it holds only
+        // where a review joined, so a book change drops the family; the reviews still look up.
+        let found = derived(
+            "author:{id}",
+            "SELECT a.id FROM authors a LEFT JOIN books b ON 1 LEFT JOIN reviews r ON r.book_id = b.id AND b.author_id = a.id WHERE a.id = :id",
+        );
+        assert_eq!(found[1], flush("books"));
+        // Two placeholders: no lookups.
+        let found = derived(
+            "author:{id}:{year}",
+            "SELECT a.id FROM authors a JOIN books b ON b.author_id = a.id JOIN reviews r ON r.book_id = b.id WHERE a.id = :id AND b.year = :year",
+        );
+        assert_eq!(found[2], flush("reviews"));
+        // A table also read in a subquery.
+        let found = derived(
+            "author:{id}",
+            "SELECT a.id, (SELECT count(*) FROM reviews) FROM authors a JOIN books b ON b.author_id = a.id JOIN reviews r ON r.book_id = b.id WHERE a.id = :id",
+        );
+        assert_eq!(found[2], flush("reviews"));
+        // A RIGHT join.
+        let found = derived(
+            "author:{id}",
+            "SELECT a.id FROM authors a JOIN books b ON b.author_id = a.id RIGHT JOIN reviews r ON r.book_id = b.id WHERE a.id = :id",
+        );
+        assert_eq!(found[2], flush("reviews"));
     }
 
     #[test]

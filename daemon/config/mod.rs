@@ -34,6 +34,7 @@ pub mod spelling;
 pub mod template;
 mod validate;
 
+pub use auto::Lookup;
 pub use check::{Reads, check_database, tracking_gaps};
 pub use diff::ConfigDiff;
 pub use hosts::{AllowedHost, split_host};
@@ -188,6 +189,17 @@ pub struct Rule {
     pub key_spans: Vec<Range<usize>>,
     /// Set for a rule `invalidate = "auto"` derived from this family's query.
     pub derived_from: Option<String>,
+    /// A derived rule's lookups: the keys a change reaches through other tables, found at apply
+    /// time (`apply::lookups`); each value found renders `key`.
+    pub lookups: Vec<RuleLookup>,
+}
+
+/// One lookup of a derived rule (see `auto`) and the key template (the family's pattern) each
+/// value it finds renders.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleLookup {
+    pub lookup: Lookup,
+    pub key: Template,
 }
 
 impl std::fmt::Debug for Config {
@@ -256,6 +268,10 @@ impl Config {
         self.rules_for(table).any(|rule| {
             rule.keys.iter().any(|k| k.may_match(&family.pattern))
                 || rule
+                    .lookups
+                    .iter()
+                    .any(|l| l.key.may_match(&family.pattern))
+                || rule
                     .tags
                     .iter()
                     .any(|t| family.tags.iter().any(|ft| t.may_match(ft)))
@@ -273,6 +289,11 @@ impl Config {
                     if !columns.iter().any(|c| c == param) {
                         columns.push(param.to_owned());
                     }
+                }
+            }
+            for input in rule.lookups.iter().map(|l| &l.lookup.input) {
+                if !columns.contains(input) {
+                    columns.push(input.clone());
                 }
             }
         }

@@ -430,6 +430,14 @@ fn derive_rules(
             strategy: family.strategy.unwrap_or(Strategy::Delete),
             table_span: family.query.span(),
             derived_from: Some(pattern_text.get_ref().clone()),
+            lookups: d
+                .lookups
+                .into_iter()
+                .map(|lookup| super::RuleLookup {
+                    lookup,
+                    key: pattern.clone(),
+                })
+                .collect(),
         });
     }
     rules
@@ -617,5 +625,6 @@ fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
         table_span: raw.table.span(),
         key_spans,
         derived_from: None,
+        lookups: Vec::new(),
     })
 }

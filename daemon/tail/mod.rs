@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::apply::Applier;
+use crate::apply::{Applier, lookups};
 use crate::cache::{BeforeBatchError, StoreError};
 use crate::capture::{self, CaptureError, InstallReport};
 use crate::counters::{Counter, Latency, now_ms, unix_ms};
@@ -371,7 +371,8 @@ impl Tail {
         let Some(last) = changes.last().map(|c| c.position) else {
             return Ok(0);
         };
-        let plan = rules::plan(&live.config, &changes);
+        let mut plan = rules::plan(&live.config, &changes);
+        lookups::resolve(&mut plan, &live.config, outbox.conn(), last);
         let renewer = outbox.renewer();
         self.applier.apply(
             (&plan, &changes),

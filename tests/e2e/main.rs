@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `cachetail` binary (or library), a real SQLite file written by
 //! separate processes, real HTTP over loopback. One test binary, so the crate links once.
 
+mod auto_lookups;
 mod browser;
 mod cache_bytes;
 mod capture_rowid;
