@@ -90,7 +90,27 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
             rule.strategy.name()
         ));
     }
+    report.warnings.extend(unusable_lookups(config, &conn));
     Ok(report)
+}
+
+/// A warning per lookup whose columns compare their values otherwise than the lookup would:
+/// its rule drops the whole family instead.
+fn unusable_lookups(config: &Config, conn: &Connection) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for rule in &config.rules {
+        for l in &rule.lookups {
+            if let Some(reason) = crate::apply::lookups::incomparable(conn, &l.lookup) {
+                warnings.push(format!(
+                    "a change to `{}` drops every key of `{}`, not just those found via {}: {reason}",
+                    rule.table,
+                    l.key.source(),
+                    l.lookup.via
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// Builds a maintained family's state (one full run, in a read transaction) and discards it.

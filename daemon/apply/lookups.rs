@@ -17,7 +17,9 @@ use std::collections::HashSet;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params_from_iter};
 
-use crate::config::{Config, RuleLookup};
+use crate::config::spelling::{Affinity, Collation};
+use crate::config::{Config, Lookup, RuleLookup};
+use crate::db;
 use crate::types::{KeyAction, LookupAsk, Plan};
 
 /// At most this many values are bound to one statement.
@@ -127,6 +129,11 @@ fn run_all(
             found.push(((index, number), None));
             continue;
         }
+        if let Some(reason) = incomparable(conn, &lookup.lookup) {
+            warn_once(&lookup.lookup.via, &reason);
+            found.push(((index, number), None));
+            continue;
+        }
         match run(conn, lookup, &ask.values) {
             Ok(values) => found.push(((index, number), Some(values))),
             Err(e) => {
@@ -140,6 +147,50 @@ fn run_all(
         }
     }
     Ok(found)
+}
+
+/// Why `lookup` could miss a row the query joins, if it could: a pair of columns it relies on
+/// whose values SQLite compares otherwise in the query's join than in the lookup's `IN` (a
+/// TEXT column joined to an INTEGER one: `'07' = 7` in the join, not in `IN`; NOCASE joined to
+/// BINARY), or a column the schema does not have. Such a lookup is not used: its family is
+/// dropped on each change instead.
+pub fn incomparable(conn: &Connection, lookup: &Lookup) -> Option<String> {
+    for [(t1, c1), (t2, c2)] in &lookup.equal {
+        let (Some((d1, k1)), Some((d2, k2))) = (
+            db::column_semantics(conn, t1, c1),
+            db::column_semantics(conn, t2, c2),
+        ) else {
+            return Some(format!("{t1}.{c1} or {t2}.{c2} is not in the database"));
+        };
+        let alike = Affinity::of_declared_type(&d1) == Affinity::of_declared_type(&d2)
+            && Collation::named(&k1) == Collation::named(&k2);
+        if !alike {
+            let described = |d: &str, k: &str| {
+                let d = if d.is_empty() { "no type" } else { d };
+                format!("{d}, collation {}", if k.is_empty() { "BINARY" } else { k })
+            };
+            return Some(format!(
+                "{t1}.{c1} ({}) and {t2}.{c2} ({}) compare their values differently: give them the same type and collation",
+                described(&d1, &k1),
+                described(&d2, &k2)
+            ));
+        }
+    }
+    None
+}
+
+/// Says once per process why a lookup is not used (it is asked again on every batch).
+fn warn_once(via: &str, reason: &str) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.len() < 1024 && !warned.iter().any(|w| w == via) {
+        warned.push(via.to_owned());
+        tracing::warn!(
+            via,
+            reason,
+            "a derived rule's lookup is not used: its family is dropped on each change instead"
+        );
+    }
 }
 
 /// The tables with an outbox row (a change, or a flush marker) after `last`, when there are at
@@ -296,5 +347,32 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         resolve(&mut plan, &config, &conn, 3);
         assert!(plan.keys.is_empty());
         assert_eq!(plan.flush_families["author:{id}"], 3);
+    }
+
+    #[test]
+    fn columns_that_compare_otherwise_than_the_lookup_drop_the_family() {
+        // reviews.book_id is TEXT: the query's join finds book 20 for '020' (numeric affinity
+        // applied to the text), `books.id IN ('020')` would not.
+        for (schema, sound) in [
+            ("book_id INTEGER", true),
+            ("book_id TEXT", false),
+            ("book_id INTEGER COLLATE NOCASE", false),
+            ("book_id", false),
+        ] {
+            let (config, conn) = (config(), database());
+            conn.execute_batch(&format!(
+                "DROP TABLE reviews; CREATE TABLE reviews (id INTEGER PRIMARY KEY, {schema});"
+            ))
+            .expect("schema");
+            let mut plan = crate::rules::plan(&config, &[review(20)]);
+            resolve(&mut plan, &config, &conn, 3);
+            let keys: Vec<&String> = plan.keys.keys().collect();
+            if sound {
+                assert_eq!(keys, ["author:2"], "{schema}");
+            } else {
+                assert!(keys.is_empty(), "{schema}: {keys:?}");
+                assert_eq!(plan.flush_families["author:{id}"], 3, "{schema}");
+            }
+        }
     }
 }

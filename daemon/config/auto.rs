@@ -57,6 +57,10 @@ pub struct Lookup {
     pub tables: Vec<String>,
     /// For people: `books.author_id where books.id = reviews.book_id`.
     pub via: String,
+    /// The column equalities the lookup relies on, as `(table, column)` pairs, the changed
+    /// table's first: the lookup finds what the query joins only where each pair compares its
+    /// values alike (the same affinity and collation), which only the schema tells.
+    pub equal: Vec<[(String, String); 2]>,
 }
 
 /// One step of a chain: the table (under its alias in the query) entered by `input`, left by
@@ -351,6 +355,10 @@ fn lookup(table: &str, column: &str, hops: &[Hop], param: &str) -> Lookup {
         "{}.{} = {table}.{column}",
         first.table, first.input
     )];
+    let mut equal = vec![[
+        (table.to_owned(), column.to_owned()),
+        (first.table.clone(), first.input.clone()),
+    ]];
     for pair in hops.windows(2) {
         let (from, to) = (&pair[0], &pair[1]);
         sql.push_str(&format!(
@@ -364,6 +372,10 @@ fn lookup(table: &str, column: &str, hops: &[Hop], param: &str) -> Lookup {
             "{}.{} = {}.{}",
             to.table, to.input, from.table, from.output
         ));
+        equal.push([
+            (from.table.clone(), from.output.clone()),
+            (to.table.clone(), to.input.clone()),
+        ]);
     }
     sql.push_str(&format!(" WHERE {} IN (", col(first, &first.input)));
     wheres.reverse();
@@ -373,6 +385,7 @@ fn lookup(table: &str, column: &str, hops: &[Hop], param: &str) -> Lookup {
         sql,
         tables: hops.iter().map(|h| h.table.clone()).collect(),
         via: format!("{}.{} where {}", last.table, last.output, wheres.join(", ")),
+        equal,
     }
 }
 
