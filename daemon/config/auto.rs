@@ -10,8 +10,9 @@
 //! conditions, and of a LEFT JOIN's condition for a row of the joined table (which is in a
 //! result row only where its condition held; and a column equal to another is not NULL, so the
 //! other column's table is in that result row too, with its own LEFT JOIN condition held); in a
-//! plain SELECT (no UNION), not inside subqueries. Anything else drops the family: too much,
-//! never too little.
+//! plain SELECT (no UNION). A correlated subquery (scalar, `EXISTS`, `IN (SELECT ...)`) is read
+//! the same way, its equalities joined to the outer ones it is compared with (`scopes.rs` says
+//! why that is sound). Anything else drops the family: too much, never too little.
 //!
 //! Where a one-placeholder pattern's placeholder is tied to a column of another table that the
 //! changed table reaches through a chain of such equalities (reviews → `books.id =
@@ -25,14 +26,15 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{
-    BinaryOperator, Expr, JoinConstraint, JoinOperator, ObjectName, ObjectNamePart, Query, SetExpr,
-    Statement, TableFactor, Value, visit_relations,
-};
+use sqlparser::ast::{Statement, visit_relations};
 use sqlparser::dialect::SQLiteDialect;
 use sqlparser::parser::Parser;
 
 use super::template::{Template, escape_braces};
+
+mod scopes;
+
+use scopes::{Node, Scopes, Ties, last_part};
 
 /// One derived rule: a change to `table` invalidates `keys` (templates over its columns) and the
 /// keys its `lookups` find, or, when `flush`, the whole family.
@@ -87,47 +89,6 @@ pub fn family_tag(pattern: &str) -> String {
     escape_braces(&format!("auto:{pattern}"))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Node {
-    Column(String, String),
-    Param(String),
-}
-
-/// Union-find over columns and parameters that the query's equalities make equal.
-#[derive(Default, Clone)]
-struct Ties {
-    parent: HashMap<Node, Node>,
-}
-
-impl Ties {
-    fn find(&self, node: &Node) -> Node {
-        let mut current = node.clone();
-        while let Some(parent) = self.parent.get(&current) {
-            if *parent == current {
-                break;
-            }
-            current = parent.clone();
-        }
-        current
-    }
-
-    fn union(&mut self, a: Node, b: Node) {
-        let (ra, rb) = (self.find(&a), self.find(&b));
-        self.parent.entry(a).or_insert_with(|| ra.clone());
-        self.parent.entry(b).or_insert_with(|| rb.clone());
-        if ra != rb {
-            self.parent.insert(ra, rb);
-        }
-    }
-}
-
-fn last_part(name: &ObjectName) -> Option<String> {
-    match name.0.last()? {
-        ObjectNamePart::Identifier(ident) => Some(ident.value.to_lowercase()),
-        ObjectNamePart::Function(_) => None,
-    }
-}
-
 /// The rules `query` implies for the family `pattern`.
 pub fn derive(pattern: &Template, query: &str) -> Result<Vec<Derived>, String> {
     let statements = Parser::parse_sql(&SQLiteDialect {}, query).map_err(|e| e.to_string())?;
@@ -158,21 +119,20 @@ pub fn derive(pattern: &Template, query: &str) -> Result<Vec<Derived>, String> {
         ControlFlow::<()>::Continue(())
     });
     tables.sort();
-    let top = top_level_ties(query);
+    let scopes = Scopes::read(query, &ctes);
+    let relations = scopes.relations();
     let params = pattern.params();
-    let ties: HashMap<String, Ties> = top
-        .relations
+    let ties: HashMap<String, Ties> = relations
         .iter()
-        .map(|(alias, _)| (alias.clone(), top.known_for(alias)))
+        .map(|(alias, _)| (alias.clone(), scopes.known_for(alias)))
         .collect();
     let reaches = match params.as_slice() {
-        [param] if top.plain_joins => reaches(&top.relations, &ties, param),
+        [param] if scopes.plain_joins => reaches(&relations, &ties, param),
         _ => HashMap::new(),
     };
     let mut derived = Vec::new();
     for (table, named) in tables {
-        let aliases: Vec<&String> = top
-            .relations
+        let aliases: Vec<&String> = relations
             .iter()
             .filter(|(_, t)| *t == table)
             .map(|(alias, _)| alias)
@@ -389,186 +349,6 @@ fn lookup(table: &str, column: &str, hops: &[Hop], param: &str) -> Lookup {
     }
 }
 
-/// The query's top level: its FROM relations (alias → table), the equalities that hold in every
-/// result row (WHERE and inner joins), and per LEFT-joined alias its join condition's
-/// equalities (which hold in the result rows where that alias's row is not NULL).
-struct TopLevel {
-    relations: Vec<(String, String)>,
-    global: Vec<(Node, Node)>,
-    left_joined: HashMap<String, Vec<(Node, Node)>>,
-    /// Only inner, cross and LEFT joins (a RIGHT or FULL join makes the left side's rows
-    /// optional): lookups are derived only then.
-    plain_joins: bool,
-}
-
-impl TopLevel {
-    /// The equalities known to hold in every result row where `alias`'s row is not NULL: the
-    /// global ones, its own LEFT JOIN condition's, and, closing over them, those of every alias
-    /// they make not NULL (a column equal to something is not NULL).
-    fn known_for(&self, alias: &str) -> Ties {
-        let mut ties = Ties::default();
-        let mut pairs: Vec<&(Node, Node)> = self.global.iter().collect();
-        let mut added: Vec<&str> = Vec::new();
-        let mut not_null: Vec<String> = vec![alias.to_owned()];
-        while let Some(next) = not_null
-            .iter()
-            .find(|a| !added.contains(&a.as_str()))
-            .cloned()
-        {
-            let Some(name) = self
-                .relations
-                .iter()
-                .map(|(a, _)| a.as_str())
-                .find(|a| *a == next)
-            else {
-                break;
-            };
-            added.push(name);
-            pairs.extend(self.left_joined.get(name).into_iter().flatten());
-            for (a, b) in &pairs {
-                for node in [a, b] {
-                    if let Node::Column(other, _) = node
-                        && !not_null.contains(other)
-                    {
-                        not_null.push(other.clone());
-                    }
-                }
-            }
-        }
-        for (a, b) in pairs {
-            ties.union(a.clone(), b.clone());
-        }
-        ties
-    }
-}
-
-fn top_level_ties(query: &Query) -> TopLevel {
-    let mut top = TopLevel {
-        relations: Vec::new(),
-        global: Vec::new(),
-        left_joined: HashMap::new(),
-        plain_joins: true,
-    };
-    let SetExpr::Select(select) = query.body.as_ref() else {
-        return top;
-    };
-    let relation = |factor: &TableFactor| -> Option<(String, String)> {
-        let TableFactor::Table { name, alias, .. } = factor else {
-            return None;
-        };
-        let table = last_part(name)?;
-        let alias = alias
-            .as_ref()
-            .map_or_else(|| table.clone(), |a| a.name.value.to_lowercase());
-        Some((alias, table))
-    };
-    let mut inner: Vec<&Expr> = Vec::new();
-    let mut left: Vec<(&Expr, String)> = Vec::new();
-    for from in &select.from {
-        top.relations.extend(relation(&from.relation));
-        for join in &from.joins {
-            let joined = relation(&join.relation);
-            if let Some(joined) = &joined {
-                top.relations.push(joined.clone());
-            }
-            match &join.join_operator {
-                JoinOperator::Join(JoinConstraint::On(on))
-                | JoinOperator::Inner(JoinConstraint::On(on)) => inner.push(on),
-                JoinOperator::Left(JoinConstraint::On(on))
-                | JoinOperator::LeftOuter(JoinConstraint::On(on)) => {
-                    if let Some((alias, _)) = joined {
-                        left.push((on, alias));
-                    }
-                }
-                JoinOperator::Join(_)
-                | JoinOperator::Inner(_)
-                | JoinOperator::Left(_)
-                | JoinOperator::LeftOuter(_)
-                | JoinOperator::CrossJoin(_) => {}
-                _ => top.plain_joins = false,
-            }
-        }
-    }
-    if let Some(selection) = &select.selection {
-        inner.push(selection);
-    }
-    let single = (top.relations.len() == 1).then(|| top.relations[0].0.clone());
-    for condition in inner {
-        equalities(
-            condition,
-            single.as_deref(),
-            &top.relations,
-            &mut top.global,
-        );
-    }
-    for (condition, alias) in left {
-        let mut pairs = Vec::new();
-        equalities(condition, single.as_deref(), &top.relations, &mut pairs);
-        top.left_joined.entry(alias).or_default().extend(pairs);
-    }
-    top
-}
-
-/// The equalities joined by AND at the top of `expr`.
-fn equalities(
-    expr: &Expr,
-    single: Option<&str>,
-    relations: &[(String, String)],
-    pairs: &mut Vec<(Node, Node)>,
-) {
-    match expr {
-        Expr::Nested(inner) => equalities(inner, single, relations, pairs),
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::And,
-            right,
-        } => {
-            equalities(left, single, relations, pairs);
-            equalities(right, single, relations, pairs);
-        }
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::Eq,
-            right,
-        } => {
-            if let (Some(a), Some(b)) = (
-                node(left, single, relations),
-                node(right, single, relations),
-            ) {
-                pairs.push((a, b));
-            }
-        }
-        _ => {}
-    }
-}
-
-fn node(expr: &Expr, single: Option<&str>, relations: &[(String, String)]) -> Option<Node> {
-    match expr {
-        Expr::Nested(inner) => node(inner, single, relations),
-        Expr::Identifier(column) => Some(Node::Column(
-            single?.to_owned(),
-            column.value.to_lowercase(),
-        )),
-        Expr::CompoundIdentifier(parts) => match parts.as_slice() {
-            [alias, column] => {
-                let alias = alias.value.to_lowercase();
-                relations
-                    .iter()
-                    .any(|(a, _)| *a == alias)
-                    .then(|| Node::Column(alias, column.value.to_lowercase()))
-            }
-            _ => None,
-        },
-        Expr::Value(value) => match &value.value {
-            Value::Placeholder(name) => Some(Node::Param(
-                name.trim_start_matches([':', '@', '$']).to_owned(),
-            )),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,13 +430,121 @@ mod tests {
             ),
             [flush("books"), key("reviews", "book:{book_id}")]
         );
-        // A table read in a subquery only.
+        // A subquery that is not correlated: every row counts for every key.
         assert_eq!(
             derived(
                 "user:{id}",
-                "SELECT u.id, (SELECT count(*) FROM reviews WHERE user_id = u.id) AS n FROM users u WHERE u.id = :id"
+                "SELECT u.id, (SELECT count(*) FROM reviews) AS n FROM users u WHERE u.id = :id"
             ),
             [flush("reviews"), key("users", "user:{id}")]
+        );
+    }
+
+    #[test]
+    fn a_correlated_subquery_carries_the_tie() {
+        let user = |query: &str| derived("user:{id}", query);
+        let tied = [key("reviews", "user:{user_id}"), key("users", "user:{id}")];
+        // A scalar subquery, an unqualified column being its own table's.
+        assert_eq!(
+            user(
+                "SELECT u.id, (SELECT count(*) FROM reviews WHERE user_id = u.id) AS n FROM users u WHERE u.id = :id"
+            ),
+            tied
+        );
+        // EXISTS and NOT EXISTS, beside other conditions.
+        for exists in ["EXISTS", "NOT EXISTS"] {
+            assert_eq!(
+                user(&format!(
+                    "SELECT u.id FROM users u WHERE u.id = :id AND {exists} (SELECT 1 FROM reviews r WHERE r.rating = 5 AND r.user_id = u.id)"
+                )),
+                tied,
+                "{exists}"
+            );
+        }
+        // IN (SELECT ...) joined by AND: its column is compared with the outer one.
+        assert_eq!(
+            user(
+                "SELECT u.id FROM users u WHERE u.id = :id AND u.id IN (SELECT r.user_id FROM reviews r WHERE r.rating = 5)"
+            ),
+            tied
+        );
+        // Under an OR too: the subquery's own condition picks the rows that count.
+        assert_eq!(
+            user(
+                "SELECT u.id FROM users u WHERE u.id = :id AND (u.id = 1 OR EXISTS (SELECT 1 FROM reviews r WHERE r.user_id = u.id))"
+            ),
+            tied
+        );
+        // The same name inside and outside: the inner one is the subquery's own.
+        assert_eq!(
+            derived(
+                "book:{id}",
+                "SELECT r.id, (SELECT count(*) FROM reviews r WHERE r.user_id = 3) FROM reviews r WHERE r.book_id = :id"
+            ),
+            [flush("reviews")]
+        );
+        // Nested: the inner subquery reaches the placeholder through both scopes.
+        assert_eq!(
+            user(
+                "SELECT u.id FROM users u WHERE u.id = :id AND EXISTS (SELECT 1 FROM books b WHERE b.id = 1 AND EXISTS (SELECT 1 FROM reviews r WHERE r.book_id = b.id AND r.user_id = u.id))"
+            ),
+            [
+                flush("books"),
+                key("reviews", "user:{user_id}"),
+                key("users", "user:{id}")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_subquery_not_tied_drops_the_family() {
+        let user = |query: &str| derived("user:{id}", query);
+        let untied = [flush("reviews"), key("users", "user:{id}")];
+        for query in [
+            // NOT IN: a NULL in the list changes every row's answer.
+            "SELECT u.id FROM users u WHERE u.id = :id AND u.id NOT IN (SELECT r.user_id FROM reviews r)",
+            // IN answered as a value (0 or NULL), not as a filter.
+            "SELECT u.id, u.id IN (SELECT r.user_id FROM reviews r) FROM users u WHERE u.id = :id",
+            // Correlated by something else than an equality.
+            "SELECT u.id, (SELECT count(*) FROM reviews r WHERE r.user_id > u.id) FROM users u WHERE u.id = :id",
+            // A derived table, a UNION.
+            "SELECT u.id, (SELECT count(*) FROM (SELECT * FROM reviews) r WHERE r.user_id = u.id) FROM users u WHERE u.id = :id",
+            "SELECT u.id, (SELECT r.id FROM reviews r WHERE r.user_id = u.id UNION SELECT 1) FROM users u WHERE u.id = :id",
+        ] {
+            assert_eq!(user(query), untied, "{query}");
+        }
+        // The outer equality under an OR: nothing ties the outer row either.
+        assert_eq!(
+            user(
+                "SELECT u.id FROM users u WHERE u.id = :id OR EXISTS (SELECT 1 FROM reviews r WHERE r.user_id = u.id)"
+            ),
+            [flush("reviews"), flush("users")]
+        );
+    }
+
+    #[test]
+    fn a_subquery_reaches_through_a_lookup() {
+        let found = lookups(
+            "author:{id}",
+            "SELECT a.id, (SELECT count(*) FROM books b JOIN reviews r ON r.book_id = b.id WHERE b.author_id = a.id) FROM authors a WHERE a.id = :id",
+        );
+        assert_eq!(
+            found[2],
+            (
+                "reviews".to_owned(),
+                vec![(
+                    "book_id".to_owned(),
+                    r#"SELECT DISTINCT "b#1"."id", "b#1"."author_id" FROM "books" AS "b#1" WHERE "b#1"."id" IN ("#.to_owned(),
+                    "books.author_id where books.id = reviews.book_id".to_owned()
+                )]
+            )
+        );
+        assert_eq!(
+            derived(
+                "author:{id}",
+                "SELECT a.id, (SELECT count(*) FROM books b JOIN reviews r ON r.book_id = b.id WHERE b.author_id = a.id) FROM authors a WHERE a.id = :id"
+            )[1],
+            key("books", "author:{author_id}")
         );
     }
 
