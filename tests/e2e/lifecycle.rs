@@ -63,11 +63,13 @@ fn check_accepts_the_reference_config_and_lists_every_problem_with_its_location(
             "r.book_id = b.id WHERE b.id = :id",
             "r.bookid = b.id WHERE b.id = :id",
         )
-        .replace("keys = [\"user:{id}\"", "keys = [\"user:{uid}\"")
         .replace(
             "FROM users u WHERE u.id = :id",
             "FROM users u WHERE u.id = :user",
-        );
+        )
+        // The reference config's rules are all derived: a hand-written one naming a column the
+        // table lacks.
+        + "\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{uid}\"]\n";
     let config = catalog.write_config(&broken);
     let bad = cachetail(&["check", "--config", config.to_str().expect("path")]);
     assert_eq!(bad.status.code(), Some(2));
@@ -158,8 +160,10 @@ fn a_missing_database_or_table_is_a_clear_error() {
         "the app's database is never created"
     );
 
+    // A rule on a table the database lacks (the reference config's rules are all derived).
     let config = catalog.write_config(
-        &reference_config(free_port()).replace("table = \"users\"", "table = \"members\""),
+        &(reference_config(free_port())
+            + "\n[[rules]]\ntable = \"members\"\nkeys = [\"user:{id}\"]\n"),
     );
     let out = cachetail(&["run", "--config", config.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(2));

@@ -2,6 +2,7 @@
 //! separate processes, real HTTP over loopback. One test binary, so the crate links once.
 
 mod auto_lookups;
+mod auto_random;
 mod auto_subqueries;
 mod browser;
 mod cache_bytes;
