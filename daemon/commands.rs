@@ -90,6 +90,9 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
             rule.strategy.name()
         ));
     }
+    report
+        .warnings
+        .extend(crate::config::lookup_scans::lookup_scans(config, &conn));
     Ok(report)
 }
 

@@ -175,3 +175,54 @@ fn check_shows_the_derived_rule_with_its_lookup() {
         "{printed}"
     );
 }
+
+/// `cachetail check` on `catalog`'s config: (stdout, stderr), after asserting it succeeded.
+fn run_check(catalog: &Catalog, config: &str) -> (String, String) {
+    let path = catalog.write_config(config);
+    let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+#[test]
+fn check_warns_when_a_lookup_would_scan_a_table_and_names_the_index() {
+    // Reviews name their book by ISBN, which books do not index: the lookup for a review
+    // would read every book on each batch.
+    let catalog = Catalog {
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    catalog.python(
+        "con.executescript('''
+         CREATE TABLE authors (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+         CREATE TABLE books (id INTEGER PRIMARY KEY, isbn TEXT NOT NULL, author_id INTEGER NOT NULL);
+         CREATE INDEX books_author ON books(author_id);
+         CREATE TABLE reviews (id INTEGER PRIMARY KEY, isbn TEXT NOT NULL);
+         CREATE INDEX reviews_isbn ON reviews(isbn);
+         ''')",
+    );
+    let config = r#"invalidate = "auto"
+database = "catalog.db"
+[keys."author:{id}"]
+query = """SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_id = a.id
+           LEFT JOIN reviews r ON r.isbn = b.isbn WHERE a.id = :id GROUP BY a.id"""
+"#;
+    let (_, stderr) = run_check(&catalog, config);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("scans")).collect();
+    assert_eq!(
+        warnings,
+        [
+            "warning: lookup for author:{id} on a change to `reviews` (via books.author_id where books.isbn = reviews.isbn) scans `books` on every batch: CREATE INDEX books_isbn ON books(isbn)"
+        ],
+        "{stderr}"
+    );
+
+    // With the index it names, the lookup searches: no warning.
+    catalog.python("con.execute('CREATE INDEX books_isbn ON books(isbn)')");
+    let (_, stderr) = run_check(&catalog, config);
+    assert!(!stderr.contains("scans"), "{stderr}");
+}
