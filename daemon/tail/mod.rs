@@ -372,7 +372,13 @@ impl Tail {
             return Ok(0);
         };
         let mut plan = rules::plan(&live.config, &changes);
-        lookups::resolve(&mut plan, &live.config, outbox.conn(), last);
+        lookups::resolve(
+            &mut plan,
+            &live.config,
+            outbox.conn(),
+            last,
+            outbox.deadline(),
+        );
         let renewer = outbox.renewer();
         self.applier.apply(
             (&plan, &changes),
