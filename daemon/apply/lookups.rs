@@ -59,32 +59,39 @@ impl Fallback {
 /// Runs the lookups `plan` asks for and adds the keys they find to it (at the latest position
 /// among their changes, with their rule's strategy), or, for a lookup that cannot be trusted,
 /// a flush of its family. `last` is the batch's last position; `deadline` is the one `conn`'s
-/// progress handler watches (each lookup query is bounded through it).
+/// progress handler watches (each lookup query is bounded through it). What each lookup did is
+/// returned for the live feed, with the values it found per value asked only when `explain`.
 pub fn resolve(
     plan: &mut Plan,
     config: &Config,
     conn: &Connection,
-    last: u64,
-    deadline: &Deadline,
-) {
+    (last, deadline): (u64, &Deadline),
+    explain: bool,
+) -> Outcomes {
     if plan.lookups.is_empty() {
-        return;
+        return Outcomes::default();
     }
     let asks = std::mem::take(&mut plan.lookups);
-    let found = match conn
-        .unchecked_transaction()
-        .and_then(|tx| run_all(&tx, config, &asks, (last, deadline)).map(|found| (tx, found)))
-    {
+    let found = match conn.unchecked_transaction().and_then(|tx| {
+        run_all(&tx, config, &asks, (last, deadline), explain).map(|found| (tx, found))
+    }) {
         Ok((tx, found)) => {
             let _ = tx.rollback();
             found
         }
         Err(e) => {
             tracing::warn!(error = %e, "the lookups of derived rules failed: their families are dropped");
-            asks.keys().map(|&k| (k, Err(Fallback::Failed))).collect()
+            asks.keys()
+                .map(|&k| (k, Err(Fallback::Failed), Vec::new()))
+                .collect()
         }
     };
-    for ((index, number), values) in found {
+    let mut outcomes = Outcomes::default();
+    for ((index, number), values, pairs) in found {
+        outcomes.0.push((
+            (index, number),
+            values.as_ref().map(|_| pairs).map_err(|f| *f),
+        ));
         let (Some(rule), Some(ask)) = (config.rules.get(index), asks.get(&(index, number))) else {
             continue;
         };
@@ -136,9 +143,34 @@ pub fn resolve(
             counts.1 += named;
         }
     }
+    outcomes
 }
 
-type Found = Vec<((usize, usize), Result<Vec<Value>, Fallback>)>;
+/// What each lookup of a batch did, per rule and lookup (their indices in the config): the
+/// (input, placeholder) value pairs it found (kept only when asked to explain), or why its
+/// family was dropped. For the live feed (`tail::feed`).
+#[derive(Debug, Default)]
+pub struct Outcomes(Vec<((usize, usize), Outcome)>);
+
+/// One lookup's (input, placeholder) value pairs, or why its family was dropped.
+type Outcome = Result<Vec<(Value, Value)>, Fallback>;
+
+impl Outcomes {
+    /// What the lookup `number` of rule `index` did in this batch, if it ran.
+    pub fn of(&self, index: usize, number: usize) -> Option<Result<&[(Value, Value)], Fallback>> {
+        self.0
+            .iter()
+            .find(|(at, _)| *at == (index, number))
+            .map(|(_, outcome)| outcome.as_ref().map(Vec::as_slice).map_err(|f| *f))
+    }
+}
+
+/// Per lookup: the values found or why not, and the (input, value) pairs when explaining.
+type Found = Vec<(
+    (usize, usize),
+    Result<Vec<Value>, Fallback>,
+    Vec<(Value, Value)>,
+)>;
 
 /// Every lookup asked, in one read transaction: the values found, or why the family must be
 /// dropped (a table it reads changed after the batch, the lookup failed or ran too long).
@@ -147,6 +179,7 @@ fn run_all(
     config: &Config,
     asks: &std::collections::HashMap<(usize, usize), LookupAsk>,
     (last, deadline): (u64, &Deadline),
+    explain: bool,
 ) -> rusqlite::Result<Found> {
     let changed = tables_changed_after(conn, last)?;
     let mut found = Vec::new();
@@ -168,18 +201,20 @@ fn run_all(
                 via = lookup.lookup.via,
                 "a table a lookup reads changed after the batch: its family is dropped"
             );
-            found.push(((index, number), Err(Fallback::ChainChanged)));
+            found.push(((index, number), Err(Fallback::ChainChanged), Vec::new()));
             continue;
         }
-        match run(conn, lookup, &ask.values, deadline) {
-            Ok(values) => found.push(((index, number), Ok(values))),
+        let mut pairs = Vec::new();
+        let keep = explain.then_some(&mut pairs);
+        match run(conn, lookup, &ask.values, (deadline, keep)) {
+            Ok(values) => found.push(((index, number), Ok(values), pairs)),
             Err(e) if crate::db::is_interrupted(&e) => {
                 tracing::warn!(
                     via = lookup.lookup.via,
                     bound_ms = BOUND.as_millis(),
                     "a derived rule's lookup ran past its time bound: its family is dropped (does `cachetail check` warn that it scans a table?)"
                 );
-                found.push(((index, number), Err(Fallback::TimedOut)));
+                found.push(((index, number), Err(Fallback::TimedOut), Vec::new()));
             }
             Err(e) => {
                 tracing::warn!(
@@ -187,7 +222,7 @@ fn run_all(
                     via = lookup.lookup.via,
                     "a derived rule's lookup failed: its family is dropped"
                 );
-                found.push(((index, number), Err(Fallback::Failed)));
+                found.push(((index, number), Err(Fallback::Failed), Vec::new()));
             }
         }
     }
@@ -227,12 +262,13 @@ fn tables_changed_after(conn: &Connection, last: u64) -> rusqlite::Result<Option
 }
 
 /// One lookup over the distinct values asked: the distinct values of the placeholder found.
-/// Each chunk's query is interrupted past `BOUND`.
+/// Each chunk's query is interrupted past `BOUND`; with `pairs`, every (input, value) row found
+/// is kept there too.
 fn run(
     conn: &Connection,
     lookup: &RuleLookup,
     values: &[Value],
-    deadline: &Deadline,
+    (deadline, mut pairs): (&Deadline, Option<&mut Vec<(Value, Value)>>),
 ) -> rusqlite::Result<Vec<Value>> {
     let mut seen: HashSet<String> = HashSet::new();
     let distinct: Vec<&Value> = values.iter().filter(|v| seen.insert(identity(v))).collect();
@@ -246,6 +282,9 @@ fn run(
         let mut rows = statement.query(params_from_iter(chunk.iter().copied()))?;
         while let Some(row) = rows.next()? {
             let value: Value = row.get(1)?;
+            if let Some(pairs) = pairs.as_deref_mut() {
+                pairs.push((row.get(0)?, value.clone()));
+            }
             if value != Value::Null && kept.insert(identity(&value)) {
                 found.push(value);
             }
@@ -324,7 +363,7 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         let (config, conn) = (config(), database());
         let mut plan = crate::rules::plan(&config, &[review(20)]);
         assert_eq!(plan.lookups.len(), 1);
-        resolve(&mut plan, &config, &conn, 3, &Deadline::default());
+        resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
         let keys: Vec<&String> = plan.keys.keys().collect();
         assert_eq!(keys, ["author:2"]);
         assert_eq!(plan.keys["author:2"].position, 3);
@@ -342,7 +381,7 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         )
         .expect("move");
         let mut plan = crate::rules::plan(&config, &[review(20)]);
-        resolve(&mut plan, &config, &conn, 3, &Deadline::default());
+        resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
         assert!(plan.keys.is_empty());
         assert_eq!(plan.flush_families["author:{id}"], 3);
     }
@@ -352,7 +391,7 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         let (config, conn) = (config(), database());
         conn.execute_batch("DROP TABLE books").expect("drop");
         let mut plan = crate::rules::plan(&config, &[review(20)]);
-        resolve(&mut plan, &config, &conn, 3, &Deadline::default());
+        resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
         assert!(plan.keys.is_empty());
         assert_eq!(plan.flush_families["author:{id}"], 3);
     }
@@ -376,11 +415,17 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         deadline.watch(&mut conn).expect("watch");
         let mut plan = crate::rules::plan(&config, &[review(20)]);
         let started = std::time::Instant::now();
-        resolve(&mut plan, &config, &conn, 3, &deadline);
+        let outcomes = resolve(&mut plan, &config, &conn, (3, &deadline), true);
         let took = started.elapsed();
         assert!(took < BOUND * 10, "cut after {took:?}");
         assert!(plan.keys.is_empty(), "{:?}", plan.keys);
         assert_eq!(plan.flush_families["author:{id}"], 3);
+        assert!(
+            outcomes
+                .0
+                .iter()
+                .all(|(_, o)| *o == Err(Fallback::TimedOut))
+        );
         // Disarmed afterwards: the connection's next statement runs to its end.
         let count: i64 = conn
             .query_row(

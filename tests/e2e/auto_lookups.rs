@@ -226,3 +226,52 @@ query = """SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author
     let (_, stderr) = run_check(&catalog, config);
     assert!(!stderr.contains("scans"), "{stderr}");
 }
+
+#[test]
+fn the_feed_shows_the_rule_and_lookup_that_reached_each_key() {
+    let catalog = catalog();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &config(port), port);
+    cache_all(&mut daemon);
+    let mut feed = crate::feed::Subscriber::connect(daemon.address);
+
+    // A review of book 20 (author 2), then a book moved from author 3 to author 4.
+    catalog.python("con.execute('INSERT INTO reviews (id, book_id, rating) VALUES (7, 20, 1)')");
+    catalog.python("con.execute('UPDATE books SET author_id = 4 WHERE id = 30')");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let raw = feed.next_raw();
+        let Some(data) = raw.strip_prefix("data: ") else {
+            continue;
+        };
+        let event: serde_json::Value = serde_json::from_str(data).expect("JSON event");
+        if event["type"] == "change" {
+            seen.push(event);
+        }
+    }
+    let review = &seen[0];
+    assert_eq!(review["table"], "reviews", "{review}");
+    assert_eq!(
+        review["keys"],
+        serde_json::json!([{
+            "key": "author:2",
+            "strategy": "delete",
+            "rule": 2,
+            "via": "books.author_id where books.id = reviews.book_id",
+        }]),
+        "{review}"
+    );
+    assert!(review.get("fallbacks").is_none(), "{review}");
+    // A direct tie: the rule, no lookup; both ends of the move.
+    let moved = &seen[1];
+    assert_eq!(moved["table"], "books", "{moved}");
+    assert_eq!(
+        moved["keys"],
+        serde_json::json!([
+            {"key": "author:3", "strategy": "delete", "rule": 1},
+            {"key": "author:4", "strategy": "delete", "rule": 1},
+        ]),
+        "{moved}"
+    );
+    assert_eq!(still_cached(&mut daemon), [1]);
+}
