@@ -180,6 +180,9 @@ pub struct ChangeEvent {
     pub keys: Vec<KeyChange>,
     pub tags: Vec<String>,
     pub flush: bool,
+    /// Families dropped whole instead of the keys a lookup would have found, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub fallbacks: Vec<FamilyFallback>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
 }
@@ -188,6 +191,25 @@ pub struct ChangeEvent {
 pub struct KeyChange {
     pub key: String,
     pub strategy: String,
+    /// The rule that reached the key: its index in the config in force (as in `/v1/status`'s
+    /// `rules` and the metrics' `rule` label).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rule: Option<usize>,
+    /// For a key a derived rule's lookup found: the lookup (`books.author_id where books.id =
+    /// reviews.book_id`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub via: Option<String>,
+}
+
+/// A family dropped whole for a change, instead of the keys its derived rule's lookup would find.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FamilyFallback {
+    pub family: String,
+    pub rule: usize,
+    pub via: String,
+    /// Why: a table of the lookup changed after the batch, the lookup failed, or it ran past
+    /// its time bound.
+    pub reason: String,
 }
 
 /// The feed's status, every second: the moving numbers, not the config.

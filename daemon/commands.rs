@@ -91,6 +91,9 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
         ));
     }
     report.warnings.extend(unusable_lookups(config, &conn));
+    report
+        .warnings
+        .extend(crate::config::lookup_scans::lookup_scans(config, &conn));
     Ok(report)
 }
 

@@ -48,71 +48,105 @@ pub fn plan(config: &Config, changes: &[Change]) -> Plan {
             }
         };
         for (index, rule) in config.rules_for_indexed(&row.layout.table) {
-            if !rule.on.contains(&row.op) {
-                continue;
-            }
-            let images: &[Option<&Vec<Value>>] = match row.op {
-                Op::Insert => &[row.new.as_ref()],
-                Op::Delete => &[row.old.as_ref()],
-                Op::Update => &[row.old.as_ref(), row.new.as_ref()],
-            };
-            let (mut named, mut recomputed) = (0, 0);
-            for image in images.iter().copied() {
-                let Some(image) = image else { continue };
-                for template in &rule.keys {
-                    match render(template, &row.layout, image, &mut rendered) {
-                        Rendered::Key => {
-                            named += 1;
-                            if rule.strategy != Strategy::Delete {
-                                recomputed += 1;
-                            }
-                            let action = KeyAction {
-                                strategy: rule.strategy,
-                                position: change.position,
-                            };
-                            match plan.keys.get_mut(rendered.as_str()) {
-                                Some(a) => {
-                                    a.strategy = a.strategy.max(action.strategy);
-                                    a.position = a.position.max(action.position);
-                                }
-                                None => {
-                                    plan.keys.insert(rendered.clone(), action);
-                                }
-                            }
-                        }
-                        Rendered::Null => {}
-                        Rendered::Uncaptured => plan.flush_all = Some(change.position),
-                    }
-                }
-                for template in &rule.tags {
-                    match render(template, &row.layout, image, &mut rendered) {
-                        Rendered::Key => {
-                            named += 1;
-                            match plan.tags.get_mut(rendered.as_str()) {
-                                Some(mark) => *mark = (*mark).max(change.position),
-                                None => {
-                                    plan.tags.insert(rendered.clone(), change.position);
-                                }
-                            }
-                        }
-                        Rendered::Null => {}
-                        Rendered::Uncaptured => plan.flush_all = Some(change.position),
-                    }
-                }
-                ask_lookups(
-                    &mut plan,
-                    (index, rule),
-                    &row.layout,
-                    image,
-                    change.position,
-                );
-            }
-            let counts = plan.per_rule.entry(index).or_insert((0, 0));
-            counts.0 += named;
-            counts.1 += recomputed;
+            plan_rule(
+                &mut plan,
+                (index, rule),
+                row,
+                change.position,
+                &mut rendered,
+            );
         }
     }
     plan
+}
+
+/// One rule's actions for one changed row, into `plan` (`rendered`: the shared buffer).
+fn plan_rule(
+    plan: &mut Plan,
+    (index, rule): (usize, &Rule),
+    row: &crate::types::RowChange,
+    position: u64,
+    rendered: &mut String,
+) {
+    if !rule.on.contains(&row.op) {
+        return;
+    }
+    let images: &[Option<&Vec<Value>>] = match row.op {
+        Op::Insert => &[row.new.as_ref()],
+        Op::Delete => &[row.old.as_ref()],
+        Op::Update => &[row.old.as_ref(), row.new.as_ref()],
+    };
+    let (mut named, mut recomputed) = (0, 0);
+    for image in images.iter().copied() {
+        let Some(image) = image else { continue };
+        for template in &rule.keys {
+            match render(template, &row.layout, image, rendered) {
+                Rendered::Key => {
+                    named += 1;
+                    if rule.strategy != Strategy::Delete {
+                        recomputed += 1;
+                    }
+                    let action = KeyAction {
+                        strategy: rule.strategy,
+                        position,
+                    };
+                    match plan.keys.get_mut(rendered.as_str()) {
+                        Some(a) => {
+                            a.strategy = a.strategy.max(action.strategy);
+                            a.position = a.position.max(action.position);
+                        }
+                        None => {
+                            plan.keys.insert(rendered.clone(), action);
+                        }
+                    }
+                }
+                Rendered::Null => {}
+                Rendered::Uncaptured => plan.flush_all = Some(position),
+            }
+        }
+        for template in &rule.tags {
+            match render(template, &row.layout, image, rendered) {
+                Rendered::Key => {
+                    named += 1;
+                    match plan.tags.get_mut(rendered.as_str()) {
+                        Some(mark) => *mark = (*mark).max(position),
+                        None => {
+                            plan.tags.insert(rendered.clone(), position);
+                        }
+                    }
+                }
+                Rendered::Null => {}
+                Rendered::Uncaptured => plan.flush_all = Some(position),
+            }
+        }
+        ask_lookups(plan, (index, rule), &row.layout, image, position);
+    }
+    let counts = plan.per_rule.entry(index).or_insert((0, 0));
+    counts.0 += named;
+    counts.1 += recomputed;
+}
+
+/// One change's actions rule by rule (each rule's own plan, with its index in the config): for
+/// the live feed, which tells what reached each key. Only computed while someone watches.
+pub fn plan_by_rule(config: &Config, change: &Change) -> Vec<(usize, Plan)> {
+    let (ChangeBody::Row(row) | ChangeBody::Replaced(row)) = &change.body else {
+        return Vec::new();
+    };
+    let mut rendered = String::new();
+    config
+        .rules_for_indexed(&row.layout.table)
+        .map(|(index, rule)| {
+            let mut plan = Plan::default();
+            plan_rule(
+                &mut plan,
+                (index, rule),
+                row,
+                change.position,
+                &mut rendered,
+            );
+            (index, plan)
+        })
+        .collect()
 }
 
 /// A derived rule's lookups (see `config::auto`) are asked for the changed row's value of their

@@ -9,17 +9,20 @@
 //! refreshes the chain's old end) is applied only with a later batch; so the family is dropped
 //! instead. A lookup that fails (a table or column gone) drops the family too: too much, never
 //! too little. So does every lookup of a batch with more than `LOOKAHEAD` rows after it (a
-//! backlog is not read through for each batch). Why the keys found are enough:
+//! backlog is not read through for each batch), and a lookup whose query runs past `BOUND`
+//! (interrupted by the connection's progress handler, `db::Deadline`). Why the keys found are enough:
 //! ARCHITECTURE.md, invariant 13.
 
 use std::collections::HashSet;
+
+use std::time::Duration;
 
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params_from_iter};
 
 use crate::config::spelling::{Affinity, Collation};
 use crate::config::{Config, Lookup, RuleLookup};
-use crate::db;
+use crate::db::{self, Deadline};
 use crate::types::{KeyAction, LookupAsk, Plan};
 
 /// At most this many values are bound to one statement.
@@ -29,36 +32,88 @@ const CHUNK: usize = 500;
 /// past that (a backlog), every lookup of the batch drops its family.
 const LOOKAHEAD: usize = 4096;
 
+/// A lookup's query (one chunk of values) running longer is interrupted, and its family dropped:
+/// an index gone or a table grown past what the join can search must not stall the tail.
+const BOUND: Duration = Duration::from_millis(100);
+
+/// Why a lookup's family is dropped instead of refreshing the keys it would find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// A table the lookup reads changed after the batch (or a backlog hides whether it did).
+    ChainChanged,
+    /// The lookup's query failed.
+    Failed,
+    /// The lookup's query ran past `BOUND`.
+    TimedOut,
+    /// Two columns the lookup joins compare values otherwise than its `IN` would.
+    Incomparable,
+}
+
+impl Fallback {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Fallback::ChainChanged => "a table of the lookup changed after the batch",
+            Fallback::Failed => "the lookup failed",
+            Fallback::TimedOut => "the lookup ran past its time bound",
+            Fallback::Incomparable => {
+                "the lookup's columns compare values differently (`cachetail check` says which)"
+            }
+        }
+    }
+}
+
 /// Runs the lookups `plan` asks for and adds the keys they find to it (at the latest position
 /// among their changes, with their rule's strategy), or, for a lookup that cannot be trusted,
-/// a flush of its family. `last` is the batch's last position.
-pub fn resolve(plan: &mut Plan, config: &Config, conn: &Connection, last: u64) {
+/// a flush of its family. `last` is the batch's last position; `deadline` is the one `conn`'s
+/// progress handler watches (each lookup query is bounded through it). What each lookup did is
+/// returned for the live feed, with the values it found per value asked only when `explain`.
+pub fn resolve(
+    plan: &mut Plan,
+    config: &Config,
+    conn: &Connection,
+    (last, deadline): (u64, &Deadline),
+    explain: bool,
+) -> Outcomes {
     if plan.lookups.is_empty() {
-        return;
+        return Outcomes::default();
     }
     let asks = std::mem::take(&mut plan.lookups);
-    let found = match conn
-        .unchecked_transaction()
-        .and_then(|tx| run_all(&tx, config, &asks, last).map(|found| (tx, found)))
-    {
+    let found = match conn.unchecked_transaction().and_then(|tx| {
+        run_all(&tx, config, &asks, (last, deadline), explain).map(|found| (tx, found))
+    }) {
         Ok((tx, found)) => {
             let _ = tx.rollback();
             found
         }
         Err(e) => {
             tracing::warn!(error = %e, "the lookups of derived rules failed: their families are dropped");
-            asks.keys().map(|&k| (k, None)).collect()
+            asks.keys()
+                .map(|&k| (k, Err(Fallback::Failed), Vec::new()))
+                .collect()
         }
     };
-    for ((index, number), values) in found {
+    let mut outcomes = Outcomes::default();
+    for ((index, number), values, pairs) in found {
+        outcomes.0.push((
+            (index, number),
+            values.as_ref().map(|_| pairs).map_err(|f| *f),
+        ));
         let (Some(rule), Some(ask)) = (config.rules.get(index), asks.get(&(index, number))) else {
             continue;
         };
         let family = rule.derived_from.clone().unwrap_or_default();
-        let Some(values) = values else {
-            let mark = plan.flush_families.entry(family).or_insert(0);
-            *mark = (*mark).max(ask.position);
-            continue;
+        let values = match values {
+            Ok(values) => values,
+            Err(fallback) => {
+                tracing::debug!(
+                    family,
+                    reason = fallback.reason(),
+                    "a derived rule's family is dropped"
+                );
+                let mark = plan.flush_families.entry(family).or_insert(0);
+                *mark = (*mark).max(ask.position);
+                continue;
+            }
         };
         let Some(lookup) = rule.lookups.get(number) else {
             continue;
@@ -94,17 +149,43 @@ pub fn resolve(plan: &mut Plan, config: &Config, conn: &Connection, last: u64) {
             counts.1 += named;
         }
     }
+    outcomes
 }
 
-type Found = Vec<((usize, usize), Option<Vec<Value>>)>;
+/// What each lookup of a batch did, per rule and lookup (their indices in the config): the
+/// (input, placeholder) value pairs it found (kept only when asked to explain), or why its
+/// family was dropped. For the live feed (`tail::feed`).
+#[derive(Debug, Default)]
+pub struct Outcomes(Vec<((usize, usize), Outcome)>);
 
-/// Every lookup asked, in one read transaction: the values found, or None where the family
-/// must be dropped (a table it reads changed after the batch, or the lookup failed).
+/// One lookup's (input, placeholder) value pairs, or why its family was dropped.
+type Outcome = Result<Vec<(Value, Value)>, Fallback>;
+
+impl Outcomes {
+    /// What the lookup `number` of rule `index` did in this batch, if it ran.
+    pub fn of(&self, index: usize, number: usize) -> Option<Result<&[(Value, Value)], Fallback>> {
+        self.0
+            .iter()
+            .find(|(at, _)| *at == (index, number))
+            .map(|(_, outcome)| outcome.as_ref().map(Vec::as_slice).map_err(|f| *f))
+    }
+}
+
+/// Per lookup: the values found or why not, and the (input, value) pairs when explaining.
+type Found = Vec<(
+    (usize, usize),
+    Result<Vec<Value>, Fallback>,
+    Vec<(Value, Value)>,
+)>;
+
+/// Every lookup asked, in one read transaction: the values found, or why the family must be
+/// dropped (a table it reads changed after the batch, the lookup failed or ran too long).
 fn run_all(
     conn: &Connection,
     config: &Config,
     asks: &std::collections::HashMap<(usize, usize), LookupAsk>,
-    last: u64,
+    (last, deadline): (u64, &Deadline),
+    explain: bool,
 ) -> rusqlite::Result<Found> {
     let changed = tables_changed_after(conn, last)?;
     let mut found = Vec::new();
@@ -126,23 +207,33 @@ fn run_all(
                 via = lookup.lookup.via,
                 "a table a lookup reads changed after the batch: its family is dropped"
             );
-            found.push(((index, number), None));
+            found.push(((index, number), Err(Fallback::ChainChanged), Vec::new()));
             continue;
         }
         if let Some(reason) = incomparable(conn, &lookup.lookup) {
             warn_once(&lookup.lookup.via, &reason);
-            found.push(((index, number), None));
+            found.push(((index, number), Err(Fallback::Incomparable), Vec::new()));
             continue;
         }
-        match run(conn, lookup, &ask.values) {
-            Ok(values) => found.push(((index, number), Some(values))),
+        let mut pairs = Vec::new();
+        let keep = explain.then_some(&mut pairs);
+        match run(conn, lookup, &ask.values, (deadline, keep)) {
+            Ok(values) => found.push(((index, number), Ok(values), pairs)),
+            Err(e) if crate::db::is_interrupted(&e) => {
+                tracing::warn!(
+                    via = lookup.lookup.via,
+                    bound_ms = BOUND.as_millis(),
+                    "a derived rule's lookup ran past its time bound: its family is dropped (does `cachetail check` warn that it scans a table?)"
+                );
+                found.push(((index, number), Err(Fallback::TimedOut), Vec::new()));
+            }
             Err(e) => {
                 tracing::warn!(
                     error = %crate::escape::Escaped(&e.to_string()),
                     via = lookup.lookup.via,
                     "a derived rule's lookup failed: its family is dropped"
                 );
-                found.push(((index, number), None));
+                found.push(((index, number), Err(Fallback::Failed), Vec::new()));
             }
         }
     }
@@ -152,15 +243,16 @@ fn run_all(
 /// Why `lookup` could miss a row the query joins, if it could: a pair of columns it relies on
 /// whose values SQLite compares otherwise in the query's join than in the lookup's `IN` (a
 /// TEXT column joined to an INTEGER one: `'07' = 7` in the join, not in `IN`; NOCASE joined to
-/// BINARY), or a column the schema does not have. Such a lookup is not used: its family is
-/// dropped on each change instead.
+/// BINARY). Such a lookup is not used: its family is dropped on each change instead.
 pub fn incomparable(conn: &Connection, lookup: &Lookup) -> Option<String> {
     for [(t1, c1), (t2, c2)] in &lookup.equal {
+        // A column SQLite cannot describe (gone, or a view's: a query reading a view is never
+        // derived) is left to the lookup itself, which then fails and drops the family.
         let (Some((d1, k1)), Some((d2, k2))) = (
             db::column_semantics(conn, t1, c1),
             db::column_semantics(conn, t2, c2),
         ) else {
-            return Some(format!("{t1}.{c1} or {t2}.{c2} is not in the database"));
+            continue;
         };
         let alike = Affinity::of_declared_type(&d1) == Affinity::of_declared_type(&d2)
             && Collation::named(&k1) == Collation::named(&k2);
@@ -226,7 +318,14 @@ fn tables_changed_after(conn: &Connection, last: u64) -> rusqlite::Result<Option
 }
 
 /// One lookup over the distinct values asked: the distinct values of the placeholder found.
-fn run(conn: &Connection, lookup: &RuleLookup, values: &[Value]) -> rusqlite::Result<Vec<Value>> {
+/// Each chunk's query is interrupted past `BOUND`; with `pairs`, every (input, value) row found
+/// is kept there too.
+fn run(
+    conn: &Connection,
+    lookup: &RuleLookup,
+    values: &[Value],
+    (deadline, mut pairs): (&Deadline, Option<&mut Vec<(Value, Value)>>),
+) -> rusqlite::Result<Vec<Value>> {
     let mut seen: HashSet<String> = HashSet::new();
     let distinct: Vec<&Value> = values.iter().filter(|v| seen.insert(identity(v))).collect();
     let mut found: Vec<Value> = Vec::new();
@@ -235,9 +334,13 @@ fn run(conn: &Connection, lookup: &RuleLookup, values: &[Value]) -> rusqlite::Re
         let marks = vec!["?"; chunk.len()].join(", ");
         let sql = format!("{}{marks})", lookup.lookup.sql);
         let mut statement = conn.prepare_cached(&sql)?;
+        let _bounded = deadline.arm(BOUND);
         let mut rows = statement.query(params_from_iter(chunk.iter().copied()))?;
         while let Some(row) = rows.next()? {
             let value: Value = row.get(1)?;
+            if let Some(pairs) = pairs.as_deref_mut() {
+                pairs.push((row.get(0)?, value.clone()));
+            }
             if value != Value::Null && kept.insert(identity(&value)) {
                 found.push(value);
             }
@@ -316,7 +419,7 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         let (config, conn) = (config(), database());
         let mut plan = crate::rules::plan(&config, &[review(20)]);
         assert_eq!(plan.lookups.len(), 1);
-        resolve(&mut plan, &config, &conn, 3);
+        resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
         let keys: Vec<&String> = plan.keys.keys().collect();
         assert_eq!(keys, ["author:2"]);
         assert_eq!(plan.keys["author:2"].position, 3);
@@ -334,7 +437,7 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         )
         .expect("move");
         let mut plan = crate::rules::plan(&config, &[review(20)]);
-        resolve(&mut plan, &config, &conn, 3);
+        resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
         assert!(plan.keys.is_empty());
         assert_eq!(plan.flush_families["author:{id}"], 3);
     }
@@ -344,9 +447,50 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         let (config, conn) = (config(), database());
         conn.execute_batch("DROP TABLE books").expect("drop");
         let mut plan = crate::rules::plan(&config, &[review(20)]);
-        resolve(&mut plan, &config, &conn, 3);
+        resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
         assert!(plan.keys.is_empty());
         assert_eq!(plan.flush_families["author:{id}"], 3);
+    }
+    #[test]
+    fn a_lookup_past_its_time_bound_is_cut_and_drops_the_family() {
+        let config = config();
+        let mut conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(include_str!("../../schema.sql"))
+            .expect("outbox");
+        // `books` made slow: a view counting through tens of millions of rows before it
+        // answers (seconds, unbounded).
+        conn.execute_batch(
+            "CREATE TABLE authors (id INTEGER PRIMARY KEY);
+             CREATE TABLE reviews (id INTEGER PRIMARY KEY, book_id INTEGER);
+             CREATE VIEW books AS WITH RECURSIVE n(i) AS
+                 (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50000000)
+                 SELECT i AS id, i % 7 AS author_id FROM n;",
+        )
+        .expect("schema");
+        let deadline = Deadline::default();
+        deadline.watch(&mut conn).expect("watch");
+        let mut plan = crate::rules::plan(&config, &[review(20)]);
+        let started = std::time::Instant::now();
+        let outcomes = resolve(&mut plan, &config, &conn, (3, &deadline), true);
+        let took = started.elapsed();
+        assert!(took < BOUND * 10, "cut after {took:?}");
+        assert!(plan.keys.is_empty(), "{:?}", plan.keys);
+        assert_eq!(plan.flush_families["author:{id}"], 3);
+        assert!(
+            outcomes
+                .0
+                .iter()
+                .all(|(_, o)| *o == Err(Fallback::TimedOut))
+        );
+        // Disarmed afterwards: the connection's next statement runs to its end.
+        let count: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM (SELECT id FROM books LIMIT 999)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("runs");
+        assert_eq!(count, 999);
     }
 
     #[test]
@@ -365,7 +509,7 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
             ))
             .expect("schema");
             let mut plan = crate::rules::plan(&config, &[review(20)]);
-            resolve(&mut plan, &config, &conn, 3);
+            resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
             let keys: Vec<&String> = plan.keys.keys().collect();
             if sound {
                 assert_eq!(keys, ["author:2"], "{schema}");

@@ -27,6 +27,7 @@ pub mod check;
 pub mod diff;
 mod hosts;
 mod limits;
+pub mod lookup_scans;
 mod parse;
 mod redis_url;
 mod secret;

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+mod deadline;
 mod pool;
 mod query;
 
+pub use deadline::Deadline;
 pub use pool::{ReadError, ReadPool, is_interrupted, open_reader};
 #[allow(unused_imports)] // encode_rows: for maintain/ (issue 17, in progress)
 pub use query::{

@@ -372,7 +372,14 @@ impl Tail {
             return Ok(0);
         };
         let mut plan = rules::plan(&live.config, &changes);
-        lookups::resolve(&mut plan, &live.config, outbox.conn(), last);
+        let watched = self.feed.watched();
+        let outcomes = lookups::resolve(
+            &mut plan,
+            &live.config,
+            outbox.conn(),
+            (last, outbox.deadline()),
+            watched,
+        );
         let renewer = outbox.renewer();
         self.applier.apply(
             (&plan, &changes),
@@ -383,7 +390,7 @@ impl Tail {
         )?;
         self.record_freshness(&changes);
         self.note_unreadable(&changes);
-        self.feed.publish(&live.config, &changes);
+        self.feed.publish(&live.config, &changes, &outcomes);
         for (&index, &(invalidations, recomputes)) in &plan.per_rule {
             if let Some(rule) = live.rules.get(index) {
                 rule.invalidations.add(invalidations);

@@ -66,11 +66,14 @@ pub struct Outbox {
     pub(super) fencing: bool,
     /// The connection the lease is renewed through from inside a batch (see `Renewer`).
     lease_conn: Arc<Mutex<Connection>>,
+    /// Interrupts a statement on `conn` that runs past it (a derived rule's lookup), from the
+    /// same progress handler that renews the lease.
+    deadline: crate::db::Deadline,
 }
 
 impl Outbox {
     pub fn open(path: &Path) -> Result<Outbox, TailError> {
-        let conn = crate::db::open_writer(path)?;
+        let mut conn = crate::db::open_writer(path)?;
         let (cursor, cursor_row) = read_durable(&conn)
             .map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
@@ -87,6 +90,10 @@ impl Outbox {
             [],
             |row| row.get(0),
         )?;
+        let deadline = crate::db::Deadline::default();
+        if let Err(e) = deadline.watch(&mut conn) {
+            tracing::warn!(error = %e, "watching the tail's queries failed: lookups run without their time bound");
+        }
         Ok(Outbox {
             conn,
             layouts,
@@ -103,6 +110,7 @@ impl Outbox {
             lease: Lease::new(Duration::from_secs(5)),
             fencing: false,
             lease_conn,
+            deadline,
         })
     }
 
@@ -113,11 +121,12 @@ impl Outbox {
         self.lease = Lease::new(duration);
         self.fencing = true;
         let renewer = self.renewer();
+        let deadline = self.deadline.clone();
         let watching = self.conn.progress_handler(
             STEPS_BETWEEN_RENEWALS,
             Some(move || {
                 renewer.renew_if_due();
-                false
+                deadline.passed()
             }),
         );
         if let Err(e) = watching {
@@ -191,6 +200,11 @@ impl Outbox {
 
     pub fn cursor(&self) -> u64 {
         self.cursor
+    }
+
+    /// The deadline `conn`'s progress handler watches (see `db::Deadline`).
+    pub fn deadline(&self) -> &crate::db::Deadline {
+        &self.deadline
     }
 
     pub fn conn(&self) -> &Connection {

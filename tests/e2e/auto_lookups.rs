@@ -175,3 +175,103 @@ fn check_shows_the_derived_rule_with_its_lookup() {
         "{printed}"
     );
 }
+
+/// `cachetail check` on `catalog`'s config: (stdout, stderr), after asserting it succeeded.
+fn run_check(catalog: &Catalog, config: &str) -> (String, String) {
+    let path = catalog.write_config(config);
+    let out = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+#[test]
+fn check_warns_when_a_lookup_would_scan_a_table_and_names_the_index() {
+    // Reviews name their book by ISBN, which books do not index: the lookup for a review
+    // would read every book on each batch.
+    let catalog = Catalog {
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    catalog.python(
+        "con.executescript('''
+         CREATE TABLE authors (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+         CREATE TABLE books (id INTEGER PRIMARY KEY, isbn TEXT NOT NULL, author_id INTEGER NOT NULL);
+         CREATE INDEX books_author ON books(author_id);
+         CREATE TABLE reviews (id INTEGER PRIMARY KEY, isbn TEXT NOT NULL);
+         CREATE INDEX reviews_isbn ON reviews(isbn);
+         ''')",
+    );
+    let config = r#"invalidate = "auto"
+database = "catalog.db"
+[keys."author:{id}"]
+query = """SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_id = a.id
+           LEFT JOIN reviews r ON r.isbn = b.isbn WHERE a.id = :id GROUP BY a.id"""
+"#;
+    let (_, stderr) = run_check(&catalog, config);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("scans")).collect();
+    assert_eq!(
+        warnings,
+        [
+            "warning: lookup for author:{id} on a change to `reviews` (via books.author_id where books.isbn = reviews.isbn) scans `books` on every batch: CREATE INDEX books_isbn ON books(isbn)"
+        ],
+        "{stderr}"
+    );
+
+    // With the index it names, the lookup searches: no warning.
+    catalog.python("con.execute('CREATE INDEX books_isbn ON books(isbn)')");
+    let (_, stderr) = run_check(&catalog, config);
+    assert!(!stderr.contains("scans"), "{stderr}");
+}
+
+#[test]
+fn the_feed_shows_the_rule_and_lookup_that_reached_each_key() {
+    let catalog = catalog();
+    let port = free_port();
+    let mut daemon = Daemon::start(&catalog, &config(port), port);
+    cache_all(&mut daemon);
+    let mut feed = crate::feed::Subscriber::connect(daemon.address);
+
+    // A review of book 20 (author 2), then a book moved from author 3 to author 4.
+    catalog.python("con.execute('INSERT INTO reviews (id, book_id, rating) VALUES (7, 20, 1)')");
+    catalog.python("con.execute('UPDATE books SET author_id = 4 WHERE id = 30')");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let raw = feed.next_raw();
+        let Some(data) = raw.strip_prefix("data: ") else {
+            continue;
+        };
+        let event: serde_json::Value = serde_json::from_str(data).expect("JSON event");
+        if event["type"] == "change" {
+            seen.push(event);
+        }
+    }
+    let review = &seen[0];
+    assert_eq!(review["table"], "reviews", "{review}");
+    assert_eq!(
+        review["keys"],
+        serde_json::json!([{
+            "key": "author:2",
+            "strategy": "delete",
+            "rule": 2,
+            "via": "books.author_id where books.id = reviews.book_id",
+        }]),
+        "{review}"
+    );
+    assert!(review.get("fallbacks").is_none(), "{review}");
+    // A direct tie: the rule, no lookup; both ends of the move.
+    let moved = &seen[1];
+    assert_eq!(moved["table"], "books", "{moved}");
+    assert_eq!(
+        moved["keys"],
+        serde_json::json!([
+            {"key": "author:3", "strategy": "delete", "rule": 1},
+            {"key": "author:4", "strategy": "delete", "rule": 1},
+        ]),
+        "{moved}"
+    );
+    assert_eq!(still_cached(&mut daemon), [1]);
+}

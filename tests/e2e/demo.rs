@@ -303,7 +303,7 @@ fn after_a_saved_rule_edit_the_next_change_on_the_feed_shows_what_the_new_rule_d
         (
             &json!("reviews"),
             &json!({"book_id": 1}),
-            &json!([{"key": "book:1", "strategy": "delete"}, {"key": "top-books", "strategy": "delete"}])
+            &json!([{"key": "book:1", "strategy": "delete", "rule": 0}, {"key": "top-books", "strategy": "delete", "rule": 0}])
         ),
         "{change}"
     );
@@ -337,9 +337,9 @@ fn after_a_saved_rule_edit_the_next_change_on_the_feed_shows_what_the_new_rule_d
             &json!("reviews"),
             &json!({"book_id": 1, "user_id": 3}),
             &json!([
-                {"key": "book:1", "strategy": "write-through"},
-                {"key": "top-books", "strategy": "write-through"},
-                {"key": "user:3", "strategy": "write-behind"}
+                {"key": "book:1", "strategy": "write-through", "rule": 0},
+                {"key": "top-books", "strategy": "write-through", "rule": 0},
+                {"key": "user:3", "strategy": "write-behind", "rule": 3}
             ]),
             &json!(false)
         ),

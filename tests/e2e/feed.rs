@@ -35,7 +35,7 @@ const STATUS_FIELDS: &[&str] = &[
 ];
 
 /// A subscriber of `/v1/events` on its own connection.
-struct Subscriber {
+pub(crate) struct Subscriber {
     reader: BufReader<TcpStream>,
     /// Decoded body text not yet split into events.
     pending: String,
@@ -43,7 +43,7 @@ struct Subscriber {
 
 impl Subscriber {
     /// Sends the request and checks the response head: 200, `text/event-stream`, chunked.
-    fn connect(address: SocketAddr) -> Subscriber {
+    pub(crate) fn connect(address: SocketAddr) -> Subscriber {
         let mut stream = TcpStream::connect(address).expect("connect");
         // A missing event fails the test instead of hanging it.
         stream
@@ -102,7 +102,7 @@ impl Subscriber {
     }
 
     /// The next event's text (`retry: …` or `data: …`), without its blank line.
-    fn next_raw(&mut self) -> String {
+    pub(crate) fn next_raw(&mut self) -> String {
         loop {
             if let Some(end) = self.pending.find("\n\n") {
                 let event = self.pending[..end].to_owned();
@@ -114,7 +114,7 @@ impl Subscriber {
     }
 
     /// The next `data:` event, as JSON.
-    fn next(&mut self) -> Value {
+    pub(crate) fn next(&mut self) -> Value {
         let raw = self.next_raw();
         let data = raw
             .strip_prefix("data: ")
@@ -265,7 +265,9 @@ fn the_feed_describes_at_most_200_changes_per_batch_and_counts_the_rest() {
         .expect("the captured book_id");
     let keys = review["keys"].as_array().expect("keys");
     assert!(
-        keys.contains(&serde_json::json!({"key": format!("book:{book}"), "strategy": "delete"})),
+        keys.contains(
+            &serde_json::json!({"key": format!("book:{book}"), "strategy": "delete", "rule": 0})
+        ),
         "{review}"
     );
     assert_eq!(review["flush"], false, "{review}");
@@ -274,7 +276,7 @@ fn the_feed_describes_at_most_200_changes_per_batch_and_counts_the_rest() {
     assert_eq!(rename["op"], "update", "{rename}");
     assert_eq!(
         rename["keys"],
-        serde_json::json!([{"key": "user:1", "strategy": "delete"}]),
+        serde_json::json!([{"key": "user:1", "strategy": "delete", "rule": 2}]),
         "{rename}"
     );
 

@@ -286,7 +286,12 @@ function onChange(c) {
   for (const key of c.keys || []) {
     const chip = el('span', 'chip key ' + key.strategy, key.key);
     chip.append(el('span', 'strategy', key.strategy));
+    if (key.rule !== undefined) chip.title = 'rule ' + key.rule + (key.via ? ' via ' + key.via : '');
+    if (key.via) chip.append(el('span', 'via', 'via ' + key.via));
     effects.append(chip);
+  }
+  for (const f of c.fallbacks || []) {
+    effects.append(el('span', 'chip flush', 'every ' + f.family + ' dropped: ' + f.reason + ' (via ' + f.via + ')'));
   }
   for (const tag of c.tags || []) effects.append(el('span', 'chip tag', 'tag ' + tag));
   if (c.flush) effects.append(el('span', 'chip flush', c.op === 'unreadable' ? 'unreadable: flushes the cache' : 'flushes the cache'));
