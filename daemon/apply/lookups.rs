@@ -27,12 +27,20 @@ const CHUNK: usize = 500;
 /// past that (a backlog), every lookup of the batch drops its family.
 const LOOKAHEAD: usize = 4096;
 
+/// How many lookups a batch asked for, and how many of them dropped their family instead.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    pub asked: u64,
+    pub fell_back: u64,
+}
+
 /// Runs the lookups `plan` asks for and adds the keys they find to it (at the latest position
 /// among their changes, with their rule's strategy), or, for a lookup that cannot be trusted,
 /// a flush of its family. `last` is the batch's last position.
-pub fn resolve(plan: &mut Plan, config: &Config, conn: &Connection, last: u64) {
+pub fn resolve(plan: &mut Plan, config: &Config, conn: &Connection, last: u64) -> Resolved {
+    let mut resolved = Resolved::default();
     if plan.lookups.is_empty() {
-        return;
+        return resolved;
     }
     let asks = std::mem::take(&mut plan.lookups);
     let found = match conn
@@ -52,8 +60,10 @@ pub fn resolve(plan: &mut Plan, config: &Config, conn: &Connection, last: u64) {
         let (Some(rule), Some(ask)) = (config.rules.get(index), asks.get(&(index, number))) else {
             continue;
         };
+        resolved.asked += 1;
         let family = rule.derived_from.clone().unwrap_or_default();
         let Some(values) = values else {
+            resolved.fell_back += 1;
             let mark = plan.flush_families.entry(family).or_insert(0);
             *mark = (*mark).max(ask.position);
             continue;
@@ -92,6 +102,7 @@ pub fn resolve(plan: &mut Plan, config: &Config, conn: &Connection, last: u64) {
             counts.1 += named;
         }
     }
+    resolved
 }
 
 type Found = Vec<((usize, usize), Option<Vec<Value>>)>;
@@ -265,7 +276,8 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         let (config, conn) = (config(), database());
         let mut plan = crate::rules::plan(&config, &[review(20)]);
         assert_eq!(plan.lookups.len(), 1);
-        resolve(&mut plan, &config, &conn, 3);
+        let resolved = resolve(&mut plan, &config, &conn, 3);
+        assert_eq!((resolved.asked, resolved.fell_back), (1, 0));
         let keys: Vec<&String> = plan.keys.keys().collect();
         assert_eq!(keys, ["author:2"]);
         assert_eq!(plan.keys["author:2"].position, 3);
@@ -283,7 +295,8 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         )
         .expect("move");
         let mut plan = crate::rules::plan(&config, &[review(20)]);
-        resolve(&mut plan, &config, &conn, 3);
+        let resolved = resolve(&mut plan, &config, &conn, 3);
+        assert_eq!((resolved.asked, resolved.fell_back), (1, 1));
         assert!(plan.keys.is_empty());
         assert_eq!(plan.flush_families["author:{id}"], 3);
     }
