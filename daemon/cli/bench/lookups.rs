@@ -247,7 +247,11 @@ fn measure(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let (reads, seconds, output) = read_beside(&mut client, writer, &zipf, sizes)?;
+    let Reading {
+        reads,
+        seconds,
+        output,
+    } = read_beside(&mut client, writer, &zipf, sizes)?;
     anyhow::ensure!(
         output.status.success(),
         "python3 writer: {}",
@@ -294,15 +298,21 @@ fn measure(
     })
 }
 
-/// Reads `author:*` (Zipf) at most `reads_per_second` until the writer exits: each read's
-/// wall-clock time (ns, taken before it is sent) and author; the seconds read; the writer's
-/// output.
+/// What the reader saw beside the writer: each read's wall-clock time (ns, taken before it is
+/// sent) and author, the seconds it read, and the writer's output.
+struct Reading {
+    reads: Vec<(u128, u32)>,
+    seconds: f64,
+    output: std::process::Output,
+}
+
+/// Reads `author:*` (Zipf) at most `reads_per_second` until the writer exits.
 fn read_beside(
     client: &mut Client,
     mut writer: std::process::Child,
     zipf: &Zipf,
     sizes: &Sizes,
-) -> anyhow::Result<(Vec<(u128, u32)>, f64, std::process::Output)> {
+) -> anyhow::Result<Reading> {
     let mut rng = Rng::new(13);
     let mut reads = Vec::new();
     let start = Instant::now();
@@ -322,8 +332,11 @@ fn read_beside(
             "the writer did not finish"
         );
     }
-    let seconds = start.elapsed().as_secs_f64();
-    Ok((reads, seconds, writer.wait_with_output()?))
+    Ok(Reading {
+        reads,
+        seconds: start.elapsed().as_secs_f64(),
+        output: writer.wait_with_output()?,
+    })
 }
 
 /// Waits until the daemon has applied everything committed.
@@ -367,7 +380,13 @@ fn percent(x: f64) -> String {
 }
 
 fn rows(sizes: &Sizes, auto: &Measured, whole: &Measured) -> Vec<Row> {
-    let points = |m: &Measured| (m.bound() - m.hit_ratio()) * 100.0;
+    let points = |m: &Measured| {
+        let below = (m.bound() - m.hit_ratio()) * 100.0;
+        match below >= 0.0 {
+            true => format!("{below:.2} points below"),
+            false => format!("{:.2} points above", -below),
+        }
+    };
     let scale = format!(
         "{} authors' values cached, {} books, {} reviews",
         human(f64::from(sizes.authors)),
@@ -411,7 +430,7 @@ fn rows(sizes: &Sizes, auto: &Measured, whole: &Measured) -> Vec<Row> {
                 percent(whole.bound())
             ),
             ratio: format!(
-                "auto {:.1} points below its bound; the whole family {:.1} points below",
+                "auto {} its bound; the whole family {} its bound",
                 points(auto),
                 points(whole)
             ),
