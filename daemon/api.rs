@@ -28,9 +28,9 @@ pub struct Status {
     pub lag_seconds: Option<f64>,
     pub latency: Latencies,
     pub head_error: Option<String>,
-    /// `events`, `batches`, `invalidations`, `tag_invalidations`, `recomputes`, `hits`,
-    /// `misses`, `fills`, `fill_errors`, `apply_errors`, `unreadable_rows`, `outbox_rebuilds`,
-    /// `verified`, `stale_found`.
+    /// `events`, `batches`, `invalidations`, `tag_invalidations`, `recomputes`, `apply_micros`,
+    /// `lookup_micros`, `lookups`, `lookup_fallbacks`, `hits`, `misses`, `fills`, `fill_errors`,
+    /// `apply_errors`, `unreadable_rows`, `outbox_rebuilds`, `verified`, `stale_found`.
     #[serde(flatten)]
     pub counters: BTreeMap<String, u64>,
     /// Values cached (None: Redis could not say).

@@ -158,6 +158,24 @@ pub fn resolve(
 #[derive(Debug, Default)]
 pub struct Outcomes(Vec<((usize, usize), Outcome)>);
 
+/// How many lookups a batch asked for, and how many of them dropped their family instead.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    pub asked: u64,
+    pub fell_back: u64,
+}
+
+impl Outcomes {
+    /// For the counters in `/v1/status` and `/metrics`.
+    pub fn counts(&self) -> Resolved {
+        let fell_back = self.0.iter().filter(|(_, o)| o.is_err()).count();
+        Resolved {
+            asked: self.0.len() as u64,
+            fell_back: fell_back as u64,
+        }
+    }
+}
+
 /// One lookup's (input, placeholder) value pairs, or why its family was dropped.
 type Outcome = Result<Vec<(Value, Value)>, Fallback>;
 
@@ -419,7 +437,9 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         let (config, conn) = (config(), database());
         let mut plan = crate::rules::plan(&config, &[review(20)]);
         assert_eq!(plan.lookups.len(), 1);
-        resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
+        let resolved =
+            resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false).counts();
+        assert_eq!((resolved.asked, resolved.fell_back), (1, 0));
         let keys: Vec<&String> = plan.keys.keys().collect();
         assert_eq!(keys, ["author:2"]);
         assert_eq!(plan.keys["author:2"].position, 3);
@@ -437,7 +457,9 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
         )
         .expect("move");
         let mut plan = crate::rules::plan(&config, &[review(20)]);
-        resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false);
+        let resolved =
+            resolve(&mut plan, &config, &conn, (3, &Deadline::default()), false).counts();
+        assert_eq!((resolved.asked, resolved.fell_back), (1, 1));
         assert!(plan.keys.is_empty());
         assert_eq!(plan.flush_families["author:{id}"], 3);
     }

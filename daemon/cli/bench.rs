@@ -17,6 +17,7 @@ mod drain;
 mod floor;
 mod fresh;
 mod incremental;
+mod lookups;
 mod memory;
 mod stampede;
 mod takeover;
@@ -79,6 +80,9 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
     }
     if wanted("incremental") {
         rows.extend(incremental::incremental(options)?);
+    }
+    if wanted("lookups") {
+        rows.extend(lookups::lookups(options)?);
     }
     println!();
     println!("| figure | measured | baseline (same run) | ratio | target |");

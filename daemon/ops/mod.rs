@@ -107,6 +107,42 @@ pub const COUNTS: &[Count] = &[
         read: |s| s.apply.recomputes.get(),
     },
     Count {
+        status: "apply_micros",
+        feed: false,
+        metric: Some((
+            "cachetail_apply_microseconds",
+            "Time spent mapping applied batches to keys and carrying out their cache actions (write-through recomputes included, lookups apart), in microseconds.",
+        )),
+        read: |s| s.tail.apply_micros.get(),
+    },
+    Count {
+        status: "lookup_micros",
+        feed: false,
+        metric: Some((
+            "cachetail_lookup_microseconds",
+            "Time spent in derived rules' lookups, in microseconds.",
+        )),
+        read: |s| s.tail.lookup_micros.get(),
+    },
+    Count {
+        status: "lookups",
+        feed: false,
+        metric: Some((
+            "cachetail_lookups",
+            "Derived rules' lookups asked (one per rule and lookup per batch).",
+        )),
+        read: |s| s.tail.lookups.get(),
+    },
+    Count {
+        status: "lookup_fallbacks",
+        feed: false,
+        metric: Some((
+            "cachetail_lookup_fallbacks",
+            "Lookups that dropped their whole family instead (a table of the chain changed after the batch, or the lookup failed).",
+        )),
+        read: |s| s.tail.lookup_fallbacks.get(),
+    },
+    Count {
         status: "hits",
         feed: true,
         metric: None,

@@ -9,7 +9,7 @@
 //! applied change (`feed`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -93,6 +93,14 @@ pub struct TailCounters {
     /// From a write (its captured time) to its cache actions done: 250 µs to ~8 s, doubling
     /// (the captured time has millisecond precision).
     pub fresh: Latency,
+    /// Time spent on applied batches, in microseconds: mapping changes to keys and carrying out
+    /// the cache actions (write-through recomputes included), and apart from it, the derived
+    /// rules' lookups. The lookups asked (one per rule and lookup per batch), and those of them
+    /// that dropped their family instead.
+    pub apply_micros: Counter,
+    pub lookup_micros: Counter,
+    pub lookups: Counter,
+    pub lookup_fallbacks: Counter,
 }
 
 impl Default for TailCounters {
@@ -105,7 +113,22 @@ impl Default for TailCounters {
             unreadable_rows: Counter::default(),
             outbox_rebuilds: Counter::default(),
             fresh: Latency::new(0.000_25, 16),
+            apply_micros: Counter::default(),
+            lookup_micros: Counter::default(),
+            lookups: Counter::default(),
+            lookup_fallbacks: Counter::default(),
         }
+    }
+}
+
+impl TailCounters {
+    /// Counts one applied batch's time: `apply` (plan and cache actions), `lookup`, and what
+    /// its lookups did.
+    fn record_batch(&self, apply: Duration, lookup: Duration, resolved: lookups::Resolved) {
+        self.apply_micros.add(apply.as_micros() as u64);
+        self.lookup_micros.add(lookup.as_micros() as u64);
+        self.lookups.add(resolved.asked);
+        self.lookup_fallbacks.add(resolved.fell_back);
     }
 }
 
@@ -371,8 +394,10 @@ impl Tail {
         let Some(last) = changes.last().map(|c| c.position) else {
             return Ok(0);
         };
+        let planning = Instant::now();
         let mut plan = rules::plan(&live.config, &changes);
         let watched = self.feed.watched();
+        let looking = Instant::now();
         let outcomes = lookups::resolve(
             &mut plan,
             &live.config,
@@ -380,6 +405,7 @@ impl Tail {
             (last, outbox.deadline()),
             watched,
         );
+        let applying = Instant::now();
         let renewer = outbox.renewer();
         self.applier.apply(
             (&plan, &changes),
@@ -388,6 +414,9 @@ impl Tail {
             (cursor, last, epoch),
             &|| renewer.renew_if_due(),
         )?;
+        let apply = (looking - planning) + applying.elapsed();
+        self.counters
+            .record_batch(apply, applying - looking, outcomes.counts());
         self.record_freshness(&changes);
         self.note_unreadable(&changes);
         self.feed.publish(&live.config, &changes, &outcomes);

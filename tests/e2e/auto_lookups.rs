@@ -76,14 +76,24 @@ fn a_review_refreshes_exactly_its_authors_key() {
     let mut daemon = Daemon::start(&catalog, &config(port), port);
     cache_all(&mut daemon);
 
+    let before = daemon.status();
     catalog.python("con.execute('INSERT INTO reviews (id, book_id, rating) VALUES (4, 20, 1)')");
-    daemon.wait_caught_up();
+    let after = daemon.wait_caught_up();
     assert_eq!(
         still_cached(&mut daemon),
         [1, 3, 4],
         "a review of book 20 reaches author 2 only"
     );
     assert_fresh(&mut daemon);
+    // The lookup is counted and timed beside the apply, in the status and the metrics.
+    let counted =
+        |name: &str| after[name].as_u64().unwrap_or(0) - before[name].as_u64().unwrap_or(0);
+    assert_eq!(counted("lookups"), 1, "one lookup for the batch: {after}");
+    assert_eq!(counted("lookup_fallbacks"), 0, "{after}");
+    assert!(counted("lookup_micros") > 0, "the lookup's time: {after}");
+    assert!(counted("apply_micros") > 0, "the apply's time: {after}");
+    let metrics = daemon.get_path("/metrics").text();
+    assert!(metrics.contains("cachetail_lookups_total 1\n"), "{metrics}");
 
     // An update moving a review between books of different authors: both ends.
     cache_all(&mut daemon);
