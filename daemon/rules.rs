@@ -90,15 +90,7 @@ fn plan_rule(
                         strategy: rule.strategy,
                         position,
                     };
-                    match plan.keys.get_mut(rendered.as_str()) {
-                        Some(a) => {
-                            a.strategy = a.strategy.max(action.strategy);
-                            a.position = a.position.max(action.position);
-                        }
-                        None => {
-                            plan.keys.insert(rendered.clone(), action);
-                        }
-                    }
+                    plan.name_key(rendered, action);
                 }
                 Rendered::Null => {}
                 Rendered::Uncaptured => plan.flush_all = Some(position),

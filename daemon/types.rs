@@ -167,6 +167,22 @@ pub struct Plan {
     pub lookups: HashMap<(usize, usize), LookupAsk>,
 }
 
+impl Plan {
+    /// Names `key` with `action`, merged with what the batch already asked of it: the strongest
+    /// strategy, at the latest position.
+    pub fn name_key(&mut self, key: &str, action: KeyAction) {
+        match self.keys.get_mut(key) {
+            Some(a) => {
+                a.strategy = a.strategy.max(action.strategy);
+                a.position = a.position.max(action.position);
+            }
+            None => {
+                self.keys.insert(key.to_owned(), action);
+            }
+        }
+    }
+}
+
 /// The changed rows' values of a lookup's input column within one batch, and the latest
 /// position among them (the keys found are refreshed at it).
 #[derive(Debug, Default)]

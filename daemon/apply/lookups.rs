@@ -133,15 +133,7 @@ pub fn resolve(
                 strategy: rule.strategy,
                 position: ask.position,
             };
-            match plan.keys.get_mut(rendered.as_str()) {
-                Some(a) => {
-                    a.strategy = a.strategy.max(action.strategy);
-                    a.position = a.position.max(action.position);
-                }
-                None => {
-                    plan.keys.insert(rendered.clone(), action);
-                }
-            }
+            plan.name_key(&rendered, action);
         }
         let counts = plan.per_rule.entry(index).or_insert((0, 0));
         counts.0 += named;
