@@ -8,7 +8,22 @@ use rusqlite::Connection;
 use crate::config::{Config, check};
 use crate::{Error, capture, db};
 
-pub use crate::explain::{ExplainError, Explanation, explain};
+pub use crate::explain::{ExplainError, Explanation, Looked, explain};
+
+/// `cachetail explain`: the change mapped through the rules, derived rules' lookups run on the
+/// database (read only) when it can be opened, else only listed.
+pub fn explain_change(
+    config: &Config,
+    table: &str,
+    change: (Op, Option<&str>, Option<&str>),
+) -> Result<Explanation, ExplainError> {
+    let conn = config
+        .database
+        .exists()
+        .then(|| db::open_reader(&config.database).ok())
+        .flatten();
+    explain(config, table, change, conn.as_ref())
+}
 pub use crate::types::{Op, Strategy};
 
 /// Opens the app's database for cachetail's writes; it must exist (cachetail never creates it).

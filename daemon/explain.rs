@@ -1,13 +1,17 @@
-//! `cachetail explain`: what a change would do to the cache under a config, without a daemon or
-//! a database: the keys (with their strategy) and tags the rules map it to.
+//! `cachetail explain`: what a change would do to the cache under a config, without a daemon: the
+//! keys (with their strategy) and tags the rules map it to, and the lookups derived rules would
+//! run, with the keys they find when the database is at hand.
 
 use std::sync::Arc;
 
+use rusqlite::Connection;
 use rusqlite::types::Value;
 
+use crate::apply::lookups::{self, Fallback};
 use crate::config::Config;
+use crate::db::Deadline;
 use crate::rules;
-use crate::types::{Change, ChangeBody, Layout, Op, RowChange, Strategy};
+use crate::types::{Change, ChangeBody, Layout, Op, Plan, RowChange, Strategy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
@@ -31,15 +35,28 @@ pub struct Explanation {
     pub not_shown: Vec<String>,
     /// Families `maintain = "incremental"` whose state takes the change in: (pattern, shape).
     pub maintained: Vec<(String, &'static str)>,
+    /// The lookups derived rules ask for the change: (key template, via, the values asked, what
+    /// running it on the database gave: the keys found, or why the family is dropped instead;
+    /// None without a database).
+    pub lookups: Vec<Looked>,
 }
 
-/// Maps a change of `table` (`old` / `new`: JSON objects of column values) through the rules.
+/// One lookup a change asks for, and what it gave.
+#[derive(Debug, PartialEq)]
+pub struct Looked {
+    pub key: String,
+    pub via: String,
+    pub values: Vec<String>,
+    pub outcome: Option<Result<Vec<String>, &'static str>>,
+}
+
+/// Maps a change of `table` (`old` / `new`: JSON objects of column values) through the rules;
+/// with `conn` (the database, read), derived rules' lookups are run on it as the tail would.
 pub fn explain(
     config: &Config,
     table: &str,
-    op: Op,
-    old: Option<&str>,
-    new: Option<&str>,
+    (op, old, new): (Op, Option<&str>, Option<&str>),
+    conn: Option<&Connection>,
 ) -> Result<Explanation, ExplainError> {
     let captured = config.captured_columns();
     let Some(columns) = captured.get(table) else {
@@ -110,7 +127,8 @@ pub fn explain(
             new,
         }),
     };
-    let plan = rules::plan(config, std::slice::from_ref(&change));
+    let mut plan = rules::plan(config, std::slice::from_ref(&change));
+    let lookups = run_lookups(config, &mut plan, conn);
     let mut keys: Vec<(String, Strategy)> = plan
         .keys
         .into_iter()
@@ -132,7 +150,55 @@ pub fn explain(
         flush_all: plan.flush_all.is_some(),
         not_shown: missing.into_inner(),
         maintained,
+        lookups,
     })
+}
+
+/// The lookups `plan` asks for; run on `conn` when given (their keys then join the plan's).
+fn run_lookups(config: &Config, plan: &mut Plan, conn: Option<&Connection>) -> Vec<Looked> {
+    let mut asked: Vec<((usize, usize), Looked)> = plan
+        .lookups
+        .iter()
+        .filter_map(|(&(index, number), ask)| {
+            let lookup = config.rules.get(index)?.lookups.get(number)?;
+            let values = ask.values.iter().map(shown).collect();
+            let looked = Looked {
+                key: lookup.key.source().to_owned(),
+                via: lookup.lookup.via.clone(),
+                values,
+                outcome: None,
+            };
+            Some(((index, number), looked))
+        })
+        .collect();
+    asked.sort_by_key(|a| a.0);
+    let Some(conn) = conn else {
+        return asked.into_iter().map(|(_, l)| l).collect();
+    };
+    // As the tail does, at the database's present (no change after it to look at).
+    let outcomes = lookups::resolve(plan, config, conn, (u64::MAX, &Deadline::default()), true);
+    for ((index, number), looked) in &mut asked {
+        looked.outcome = outcomes.of(*index, *number).map(|outcome| {
+            outcome
+                .map(|pairs| pairs.iter().map(|(_, found)| shown(found)).collect())
+                .map_err(Fallback::reason)
+        });
+    }
+    asked.into_iter().map(|(_, l)| l).collect()
+}
+
+/// A value as SQL would write it.
+fn shown(value: &Value) -> String {
+    match value {
+        Value::Null => "NULL".to_owned(),
+        Value::Integer(i) => i.to_string(),
+        Value::Real(r) => r.to_string(),
+        Value::Text(t) => format!("'{}'", t.replace('\'', "''")),
+        Value::Blob(b) => format!(
+            "X'{}'",
+            b.iter().map(|x| format!("{x:02X}")).collect::<String>()
+        ),
+    }
 }
 
 /// A JSON value as SQLite would store it (objects and arrays as their JSON text).
@@ -168,9 +234,12 @@ mod tests {
         let explained = explain(
             &config,
             "reviews",
-            Op::Update,
-            Some(r#"{"book_id": 3, "user_id": 1}"#),
-            Some(r#"{"book_id": 5, "user_id": 1}"#),
+            (
+                Op::Update,
+                Some(r#"{"book_id": 3, "user_id": 1}"#),
+                Some(r#"{"book_id": 5, "user_id": 1}"#),
+            ),
+            None,
         )
         .expect("explained");
         assert_eq!(
@@ -185,9 +254,8 @@ mod tests {
         let partial = explain(
             &config,
             "reviews",
-            Op::Insert,
+            (Op::Insert, None, Some(r#"{"book_id": 3}"#)),
             None,
-            Some(r#"{"book_id": 3}"#),
         )
         .expect("explained");
         assert!(partial.tags.is_empty());
@@ -196,7 +264,7 @@ mod tests {
             ["`user:{user_id}` needs column `user_id` of the new row"]
         );
         assert!(matches!(
-            explain(&config, "books", Op::Insert, None, Some("{}")),
+            explain(&config, "books", (Op::Insert, None, Some("{}")), None),
             Err(ExplainError::NotWatched(..))
         ));
     }

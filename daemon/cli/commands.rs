@@ -137,7 +137,7 @@ pub fn explain(
         "update" => Op::Update,
         _ => Op::Delete,
     };
-    let explained = match library::explain(&config, table, op, old, new) {
+    let explained = match library::explain_change(&config, table, (op, old, new)) {
         Ok(explained) => explained,
         Err(e) => {
             eprintln!("error: {}", Escaped(&e));
@@ -165,11 +165,18 @@ pub fn explain(
     for tag in &explained.tags {
         println!("  tag  {}", Escaped(tag));
     }
-    if explained.keys.is_empty() && explained.tags.is_empty() && !explained.flush_all {
+    if explained.keys.is_empty()
+        && explained.tags.is_empty()
+        && explained.lookups.is_empty()
+        && !explained.flush_all
+    {
         println!("  nothing (no rule fires for it)");
     }
     for note in &explained.not_shown {
         println!("  (not shown: {note})");
+    }
+    for looked in &explained.lookups {
+        println!("{}", looked_line(looked));
     }
     for (pattern, shape) in &explained.maintained {
         println!(
@@ -177,6 +184,21 @@ pub fn explain(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One lookup a change asks for, and what it found (or why its family is dropped instead).
+fn looked_line(looked: &library::Looked) -> String {
+    let asked = Escaped(&looked.values.join(", ")).to_string();
+    let head = format!("  lookup  {} via {} for {asked}", looked.key, looked.via);
+    match &looked.outcome {
+        None => format!("{head} (the database is not at hand: not run)"),
+        Some(Ok(found)) => {
+            let mut found = found.clone();
+            found.dedup();
+            format!("{head}: found {}", Escaped(&found.join(", ")))
+        }
+        Some(Err(reason)) => format!("{head}: the whole family is dropped instead ({reason})"),
+    }
 }
 
 /// `cachetail verify`: `POST /v1/verify` on the running daemon; exit 1 if anything was stale.

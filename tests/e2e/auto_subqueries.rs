@@ -199,4 +199,39 @@ fn check_shows_the_rules_subqueries_derive() {
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
+
+    // `explain` runs the lookups on the database (capture installed: it reads the outbox).
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_cachetail"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("cachetail runs");
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    run(&["install"]);
+    let explained = run(&[
+        "explain",
+        "--table",
+        "reviews",
+        "--op",
+        "update",
+        "--old",
+        r#"{"id": 2, "book_id": 20, "rating": 3}"#,
+        "--new",
+        r#"{"id": 2, "book_id": 30, "rating": 5}"#,
+    ]);
+    for line in [
+        "key  author:2 ",
+        "key  author:3 ",
+        "key  book:20:loved ",
+        "lookup  author:{id} via books.author_id where books.id = reviews.book_id for 20, 30: found 2, 3",
+    ] {
+        assert!(
+            explained.contains(line),
+            "missing `{line}` in:\n{explained}"
+        );
+    }
 }
