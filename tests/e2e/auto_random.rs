@@ -15,14 +15,19 @@ use crate::common::*;
 
 const SCHEMA: &str = "
 CREATE TABLE authors (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
-CREATE TABLE books (id INTEGER PRIMARY KEY, author_id INTEGER NOT NULL, title TEXT NOT NULL);
+CREATE TABLE series (id INTEGER PRIMARY KEY, author_id INTEGER NOT NULL);
+CREATE INDEX series_author ON series(author_id);
+CREATE TABLE books (id INTEGER PRIMARY KEY, author_id INTEGER NOT NULL, title TEXT NOT NULL,
+                    series_id INTEGER NOT NULL DEFAULT 1);
 CREATE INDEX books_author ON books(author_id);
+CREATE INDEX books_series ON books(series_id);
 CREATE TABLE reviews (id INTEGER PRIMARY KEY, book_id INTEGER NOT NULL, rating INTEGER NOT NULL);
 CREATE INDEX reviews_book ON reviews(book_id);
 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 6)
 INSERT INTO authors SELECT i, 'author ' || i FROM n;
 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12)
-INSERT INTO books SELECT i, i % 6 + 1, 'book ' || i FROM n;
+INSERT INTO books SELECT i, i % 6 + 1, 'book ' || i, i % 4 + 1 FROM n;
+INSERT INTO series VALUES (1, 1), (2, 2), (3, 3), (4, 4);
 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 30)
 INSERT INTO reviews SELECT i, i % 12 + 1, i % 5 + 1 FROM n;
 ";
@@ -39,6 +44,13 @@ strategy = "write-through"
 query = """SELECT a.id,
              (SELECT count(*) FROM books b JOIN reviews r ON r.book_id = b.id WHERE b.author_id = a.id) AS reviews
            FROM authors a WHERE a.id = :id"""
+
+[keys."author:{id}:series"]
+query = """SELECT a.id, count(r.id) AS reviews FROM authors a
+           JOIN series s ON s.author_id = a.id JOIN books b ON b.series_id = s.id
+           JOIN reviews r ON r.book_id = b.id WHERE a.id = :id GROUP BY a.id"""
+many = true
+strategy = "write-through"
 
 [keys."author:{id}:loved"]
 query = """SELECT a.id FROM authors a WHERE a.id = :id AND EXISTS
@@ -81,8 +93,13 @@ for _ in range({transactions}):
                 con.execute("UPDATE reviews SET rating = ? WHERE id = ?", (rng.randint(1, 5), some("reviews")))
             elif kind == 4:
                 con.execute("DELETE FROM reviews WHERE id = ?", (some("reviews"),))
-            elif kind == 5:
+            elif kind == 5 and rng.random() < 0.5:
                 con.execute("UPDATE books SET author_id = ? WHERE id = ?", (rng.randint(1, 7), some("books")))
+            elif kind == 5:
+                if rng.random() < 0.5:
+                    con.execute("UPDATE books SET series_id = ? WHERE id = ?", (rng.randint(1, 5), some("books")))
+                else:
+                    con.execute("UPDATE series SET author_id = ? WHERE id = ?", (rng.randint(1, 7), rng.randint(1, 4)))
             elif kind == 6:
                 if rng.random() < 0.5:
                     con.execute("DELETE FROM books WHERE id = ?", (some("books"),))
@@ -99,6 +116,7 @@ fn keys() -> Vec<String> {
     for id in 1..=7 {
         keys.push(format!("author:{id}"));
         keys.push(format!("author:{id}:count"));
+        keys.push(format!("author:{id}:series"));
         keys.push(format!("author:{id}:loved"));
     }
     for id in 1..=14 {

@@ -7,12 +7,18 @@ use crate::common::*;
 
 const SCHEMA: &str = "
 CREATE TABLE authors (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
-CREATE TABLE books (id INTEGER PRIMARY KEY, author_id INTEGER NOT NULL, title TEXT NOT NULL);
+CREATE TABLE series (id INTEGER PRIMARY KEY, author_id INTEGER NOT NULL);
+CREATE INDEX series_author ON series(author_id);
+CREATE TABLE books (id INTEGER PRIMARY KEY, author_id INTEGER NOT NULL, title TEXT NOT NULL,
+                    series_id INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX books_author ON books(author_id);
+CREATE INDEX books_series ON books(series_id);
 CREATE TABLE reviews (id INTEGER PRIMARY KEY, book_id INTEGER NOT NULL, rating INTEGER NOT NULL);
 CREATE INDEX reviews_book ON reviews(book_id);
 INSERT INTO authors VALUES (1, 'Ann'), (2, 'Bo'), (3, 'Cy'), (4, 'Di');
-INSERT INTO books VALUES (10, 1, 'A1'), (11, 1, 'A2'), (20, 2, 'B1'), (30, 3, 'C1'), (40, 4, 'D1');
+INSERT INTO series VALUES (1, 1), (2, 2), (3, 3), (4, 4);
+INSERT INTO books VALUES (10, 1, 'A1', 1), (11, 1, 'A2', 1), (20, 2, 'B1', 2), (30, 3, 'C1', 3),
+                         (40, 4, 'D1', 4);
 INSERT INTO reviews VALUES (1, 10, 4), (2, 20, 3), (3, 30, 5);
 ";
 
@@ -21,6 +27,12 @@ const FAMILIES: &str = r#"
 query = """SELECT a.id, a.name,
              (SELECT count(*) FROM books b JOIN reviews r ON r.book_id = b.id WHERE b.author_id = a.id) AS reviews
            FROM authors a WHERE a.id = :id"""
+
+[keys."author:{id}:series"]
+query = """SELECT a.id, count(r.id) AS reviews FROM authors a
+           JOIN series s ON s.author_id = a.id JOIN books b ON b.series_id = s.id
+           JOIN reviews r ON r.book_id = b.id WHERE a.id = :id GROUP BY a.id"""
+many = true
 
 [keys."author:{id}:loved"]
 query = """SELECT a.id FROM authors a WHERE a.id = :id AND EXISTS
@@ -68,6 +80,7 @@ fn keys() -> Vec<String> {
     let mut keys = Vec::new();
     for id in AUTHORS {
         keys.push(format!("author:{id}"));
+        keys.push(format!("author:{id}:series"));
         keys.push(format!("author:{id}:loved"));
     }
     for id in BOOKS {
@@ -133,6 +146,7 @@ fn each_change_refreshes_exactly_the_keys_its_subqueries_reach() {
     daemon.wait_caught_up();
     let mut expected = vec![
         "author:2",
+        "author:2:series",
         "author:2:loved",
         "book:20:loved",
         "book:20:if-loved",
@@ -147,8 +161,10 @@ fn each_change_refreshes_exactly_the_keys_its_subqueries_reach() {
     daemon.wait_caught_up();
     let mut expected = vec![
         "author:2",
+        "author:2:series",
         "author:2:loved",
         "author:3",
+        "author:3:series",
         "author:3:loved",
         "book:20:loved",
         "book:20:if-loved",
@@ -160,12 +176,14 @@ fn each_change_refreshes_exactly_the_keys_its_subqueries_reach() {
     assert_fresh(&mut daemon);
 
     // Book 11 moved from author 1 to author 4: both authors, and the sibling lists of the
-    // books of both (the self-join), nothing about reviews.
+    // books of both (the self-join), nothing about reviews; its series (author 1's) is
+    // refreshed through a lookup from the book's row.
     cache_all(&mut daemon);
     catalog.python("con.execute('UPDATE books SET author_id = 4 WHERE id = 11')");
     daemon.wait_caught_up();
     let expected = [
         "author:1",
+        "author:1:series",
         "author:1:loved",
         "author:4",
         "author:4:loved",
@@ -175,6 +193,31 @@ fn each_change_refreshes_exactly_the_keys_its_subqueries_reach() {
         "book:11:siblings",
         "book:40:siblings",
     ];
+    assert_eq!(refreshed(&mut daemon), names(&expected));
+    assert_fresh(&mut daemon);
+
+    // Three hops: series 3 handed from author 3 to author 2 refreshes both ends of the series
+    // family, and nothing that does not read series.
+    cache_all(&mut daemon);
+    catalog.python("con.execute('UPDATE series SET author_id = 2 WHERE id = 3')");
+    daemon.wait_caught_up();
+    assert_eq!(
+        refreshed(&mut daemon),
+        names(&["author:2:series", "author:3:series"])
+    );
+    assert_fresh(&mut daemon);
+    // And a review of book 30 (series 3, now author 2's) reaches author 2 through all three.
+    cache_all(&mut daemon);
+    catalog.python("con.execute('INSERT INTO reviews (id, book_id, rating) VALUES (5, 30, 2)')");
+    daemon.wait_caught_up();
+    let mut expected = vec![
+        "author:2:series",
+        "author:3",
+        "author:3:loved",
+        "book:30:loved",
+        "book:30:if-loved",
+    ];
+    expected.extend(every_rated());
     assert_eq!(refreshed(&mut daemon), names(&expected));
     assert_fresh(&mut daemon);
 }
@@ -192,6 +235,7 @@ fn check_shows_the_rules_subqueries_derive() {
     assert!(output.status.success(), "{text}");
     for line in [
         "on `author:{id}`): a change to `reviews` → author:{id} via books.author_id where books.id = reviews.book_id",
+        "on `author:{id}:series`): a change to `reviews` → author:{id}:series via series.author_id where series.id = books.series_id, books.id = reviews.book_id",
         "on `book:{id}:loved`): a change to `reviews` → book:{book_id}:loved",
         "on `book:{id}:if-loved`): a change to `reviews` → book:{book_id}:if-loved",
         "on `book:{id}:siblings`): a change to `books` → book:{id}:siblings, book:{id}:siblings via books.id where books.author_id = books.author_id",
