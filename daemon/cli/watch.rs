@@ -118,7 +118,10 @@ fn describe_change(change: &ChangeEvent) -> String {
     let keys: Vec<String> = change
         .keys
         .iter()
-        .map(|k| format!("{} ({})", k.key, k.strategy))
+        .map(|k| match &k.via {
+            Some(via) => format!("{} ({}, via {via})", k.key, k.strategy),
+            None => format!("{} ({})", k.key, k.strategy),
+        })
         .collect();
     let mut line = format!(
         "#{} {} {} {{{}}} → {}",
@@ -137,6 +140,12 @@ fn describe_change(change: &ChangeEvent) -> String {
     }
     if change.flush {
         line.push_str("; drops everything");
+    }
+    for fallback in &change.fallbacks {
+        line.push_str(&format!(
+            "; drops every {} ({}: lookup via {})",
+            fallback.family, fallback.reason, fallback.via
+        ));
     }
     line
 }
@@ -161,4 +170,26 @@ fn describe_status(status: &LiveStatus) -> String {
         ms(fresh.p99_ms),
         status.write_behind_queue
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_line_names_the_lookup_and_the_families_dropped() {
+        let change: ChangeEvent = serde_json::from_str(
+            r#"{"position": 7, "table": "reviews", "op": "insert", "row": {"book_id": 20},
+                "keys": [{"key": "author:2", "strategy": "delete", "rule": 2,
+                          "via": "books.author_id where books.id = reviews.book_id"}],
+                "tags": [], "flush": false,
+                "fallbacks": [{"family": "user:{id}", "rule": 3, "via": "x.y where x.z = reviews.w",
+                               "reason": "the lookup failed"}]}"#,
+        )
+        .expect("a change event");
+        assert_eq!(
+            describe_change(&change),
+            "#7 insert reviews {book_id=20} → author:2 (delete, via books.author_id where books.id = reviews.book_id); drops every user:{id} (the lookup failed: lookup via x.y where x.z = reviews.w)"
+        );
+    }
 }
