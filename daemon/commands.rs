@@ -117,6 +117,15 @@ pub fn check(config: &Config) -> Result<CheckReport, Error> {
 fn unusable_lookups(config: &Config, conn: &Connection) -> Vec<String> {
     let mut warnings = Vec::new();
     for rule in &config.rules {
+        if let (Some(family), Some(reason)) = (
+            &rule.derived_from,
+            crate::apply::lookups::differ(conn, &rule.alike),
+        ) {
+            warnings.push(format!(
+                "a change to `{}` drops every key of `{family}`, not just the keys it names: {reason}",
+                rule.table
+            ));
+        }
         for l in &rule.lookups {
             if let Some(reason) = crate::apply::lookups::incomparable(conn, &l.lookup) {
                 warnings.push(format!(

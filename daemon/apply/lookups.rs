@@ -255,7 +255,13 @@ fn run_all(
 /// TEXT column joined to an INTEGER one: `'07' = 7` in the join, not in `IN`; NOCASE joined to
 /// BINARY). Such a lookup is not used: its family is dropped on each change instead.
 pub fn incomparable(conn: &Connection, lookup: &Lookup) -> Option<String> {
-    for [(t1, c1), (t2, c2)] in &lookup.equal {
+    differ(conn, &lookup.equal)
+}
+
+/// The first pair of columns whose values SQLite compares otherwise (another affinity or
+/// collation), said for people.
+pub fn differ(conn: &Connection, pairs: &[[(String, String); 2]]) -> Option<String> {
+    for [(t1, c1), (t2, c2)] in pairs {
         // A column SQLite cannot describe (gone, or a view's: a query reading a view is never
         // derived) is left to the lookup itself, which then fails and drops the family.
         let (Some((d1, k1)), Some((d2, k2))) = (
@@ -281,16 +287,37 @@ pub fn incomparable(conn: &Connection, lookup: &Lookup) -> Option<String> {
     None
 }
 
-/// Says once per process why a lookup is not used (it is asked again on every batch).
+/// A derived rule's direct key is rendered from the changed row's column, while readers' keys
+/// are spelled as the query compares the placeholder with another column: where the two compare
+/// values otherwise (a TEXT `reviews.book_id` holding `'07'` joined to an INTEGER `books.id`:
+/// the key rendered, `book:07`, is not the `book:7` its value is cached under), the family is
+/// dropped at `last` for each batch such a rule fires in, instead of trusting the key.
+pub fn guard_direct_ties(plan: &mut Plan, config: &Config, conn: &Connection, last: u64) {
+    for &index in plan.per_rule.keys() {
+        let Some(rule) = config.rules.get(index) else {
+            continue;
+        };
+        let (Some(family), false) = (&rule.derived_from, rule.alike.is_empty()) else {
+            continue;
+        };
+        if let Some(reason) = differ(conn, &rule.alike) {
+            warn_once(family, &reason);
+            let mark = plan.flush_families.entry(family.clone()).or_insert(0);
+            *mark = (*mark).max(last);
+        }
+    }
+}
+
+/// Says once per process why a lookup or a rule's keys are not used (asked on every batch).
 fn warn_once(via: &str, reason: &str) {
     static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
     if warned.len() < 1024 && !warned.iter().any(|w| w == via) {
         warned.push(via.to_owned());
         tracing::warn!(
-            via,
+            rule = via,
             reason,
-            "a derived rule's lookup is not used: its family is dropped on each change instead"
+            "a derived rule's keys cannot be trusted here: its family is dropped on each change instead"
         );
     }
 }

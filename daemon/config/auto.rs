@@ -44,6 +44,11 @@ pub struct Derived {
     pub keys: Vec<String>,
     pub lookups: Vec<Lookup>,
     pub flush: bool,
+    /// The column pairs its direct keys rely on: the key is rendered from the changed table's
+    /// column, while the query compares the placeholder with the other; only where the two
+    /// compare values alike (the same affinity and collation, which only the schema tells) is
+    /// the rendered key the one a reader's value is cached under.
+    pub alike: Vec<[(String, String); 2]>,
 }
 
 /// The keys a changed row reaches through other tables: `sql` followed by a list of bound
@@ -142,6 +147,7 @@ pub fn derive(pattern: &Template, query: &str) -> Result<Vec<Derived>, String> {
             keys: Vec::new(),
             lookups: Vec::new(),
             flush: false,
+            alike: Vec::new(),
         };
         if params.is_empty() {
             // One key, the pattern itself: naming it is exact.
@@ -161,6 +167,11 @@ pub fn derive(pattern: &Template, query: &str) -> Result<Vec<Derived>, String> {
                 (Some(key), _) => {
                     if !rule.keys.contains(&key) {
                         rule.keys.push(key);
+                    }
+                    for pair in alike(&relations, ties, alias) {
+                        if !rule.alike.contains(&pair) {
+                            rule.alike.push(pair);
+                        }
                     }
                 }
                 (None, Some(Reach::Via { column, hops })) => {
@@ -202,6 +213,50 @@ fn direct_key(pattern: &Template, ties: &Ties, alias: &str) -> Option<String> {
         tied.sort();
         tied.first().map(|c| (*c).clone())
     })
+}
+
+/// For a direct key of `alias`: each of its columns tied to a placeholder, paired with every
+/// other table's column tied to the same placeholder.
+fn alike(relations: &[(String, String)], ties: &Ties, alias: &str) -> Vec<[(String, String); 2]> {
+    let table_of = |a: &str| {
+        relations
+            .iter()
+            .find(|(x, _)| x == a)
+            .map(|(_, t)| t.clone())
+    };
+    let Some(table) = table_of(alias) else {
+        return Vec::new();
+    };
+    let params: Vec<Node> = ties
+        .parent
+        .keys()
+        .filter(|n| matches!(n, Node::Param(_)))
+        .map(|n| ties.find(n))
+        .collect();
+    let mut pairs = Vec::new();
+    for column in columns_of(ties, alias) {
+        let root = ties.find(&Node::Column(alias.to_owned(), column.clone()));
+        if !params.contains(&root) {
+            continue;
+        }
+        for node in ties.parent.keys() {
+            if let Node::Column(other, other_column) = node
+                && other != alias
+                && ties.find(node) == root
+                && let Some(other_table) = table_of(other)
+            {
+                let pair = [
+                    (table.clone(), column.clone()),
+                    (other_table, other_column.clone()),
+                ];
+                if !pairs.contains(&pair) {
+                    pairs.push(pair);
+                }
+            }
+        }
+    }
+    pairs.sort();
+    pairs
 }
 
 /// How each alias reaches `param`: directly, or through a chain whose first hop is an equality

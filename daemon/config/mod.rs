@@ -193,6 +193,9 @@ pub struct Rule {
     /// A derived rule's lookups: the keys a change reaches through other tables, found at apply
     /// time (`apply::lookups`); each value found renders `key`.
     pub lookups: Vec<RuleLookup>,
+    /// A derived rule's column pairs its direct keys rely on comparing alike (see
+    /// `auto::Derived::alike`); checked against the schema when the rule fires.
+    pub alike: Vec<[(String, String); 2]>,
 }
 
 /// One lookup of a derived rule (see `auto`) and the key template (the family's pattern) each

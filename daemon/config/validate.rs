@@ -430,6 +430,7 @@ fn derive_rules(
             strategy: family.strategy.unwrap_or(Strategy::Delete),
             table_span: family.query.span(),
             derived_from: Some(pattern_text.get_ref().clone()),
+            alike: d.alike,
             lookups: d
                 .lookups
                 .into_iter()
@@ -626,5 +627,6 @@ fn validate_rule(raw: RawRule, problems: &mut Problems<'_>) -> Option<Rule> {
         key_spans,
         derived_from: None,
         lookups: Vec::new(),
+        alike: Vec::new(),
     })
 }

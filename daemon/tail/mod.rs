@@ -405,6 +405,7 @@ impl Tail {
             (last, outbox.deadline()),
             watched,
         );
+        lookups::guard_direct_ties(&mut plan, &live.config, outbox.conn(), last);
         let applying = Instant::now();
         let renewer = outbox.renewer();
         self.applier.apply(

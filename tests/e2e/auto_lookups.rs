@@ -285,3 +285,51 @@ fn the_feed_shows_the_rule_and_lookup_that_reached_each_key() {
     );
     assert_eq!(still_cached(&mut daemon), [1]);
 }
+
+/// A review whose `book_id` is TEXT `'020'`: the query's join finds book 20 (numeric affinity
+/// applied to the text), but the key rendered from the row would be `book:020`, not the
+/// `book:20` readers' values are cached under. The family is dropped instead: never stale.
+#[test]
+fn a_key_rendered_from_a_column_of_another_type_drops_the_family() {
+    let catalog = Catalog {
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    catalog.python(&format!(
+        "con.executescript({:?})",
+        "CREATE TABLE books (id INTEGER PRIMARY KEY, title TEXT NOT NULL);
+         CREATE TABLE reviews (id INTEGER PRIMARY KEY, book_id TEXT NOT NULL, rating INTEGER);
+         INSERT INTO books VALUES (20, 'B'), (30, 'C');
+         INSERT INTO reviews VALUES (1, '20', 4);"
+    ));
+    let port = free_port();
+    let config = format!(
+        "invalidate = \"auto\"\ndatabase = \"catalog.db\"\nlisten = \"127.0.0.1:{port}\"\n{}",
+        r#"
+[keys."book:{id}"]
+query = """SELECT b.id, count(r.id) AS reviews FROM books b LEFT JOIN reviews r ON r.book_id = b.id
+           WHERE b.id = :id GROUP BY b.id"""
+"#
+    );
+    let mut daemon = Daemon::start(&catalog, &config, port);
+    for key in ["book:20", "book:30"] {
+        assert_eq!(daemon.get(key).status, 200);
+    }
+    catalog
+        .python("con.execute(\"INSERT INTO reviews (id, book_id, rating) VALUES (2, '020', 5)\")");
+    let fresh = daemon.get_path("/v1/keys/book:20?fresh=1");
+    assert_eq!(json(&fresh), json(&daemon.get_uncached("book:20")));
+    assert_eq!(json(&fresh)["reviews"], 2, "{}", fresh.text());
+    // The whole family went: book:30 too.
+    assert_ne!(daemon.peek("book:30").status, 200);
+    let output = Command::new(env!("CARGO_BIN_EXE_cachetail"))
+        .args(["check", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .expect("check runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("reviews.book_id (TEXT, collation BINARY) and books.id (INTEGER, collation BINARY) compare their values differently"),
+        "{text}"
+    );
+}
