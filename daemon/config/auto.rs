@@ -538,6 +538,19 @@ mod tests {
             ),
             [flush("reviews")]
         );
+        // A nested join inside may name a `b` of its own: not taken for the outer `b`.
+        assert_eq!(
+            derived(
+                "book:{id}",
+                "SELECT b.id, (SELECT count(*) FROM reviews rv, (users x JOIN json_each('[1, 2]') AS b ON 1) WHERE rv.book_id = b.id) FROM books b WHERE b.id = :id"
+            ),
+            [
+                key("books", "book:{id}"),
+                flush("json_each"),
+                flush("reviews"),
+                flush("users")
+            ]
+        );
         // Nested: the inner subquery reaches the placeholder through both scopes.
         assert_eq!(
             user(

@@ -81,6 +81,10 @@ pub(super) struct Scopes {
     pub(super) plain_joins: bool,
 }
 
+/// Stands among a scope's names for a FROM item whose names are not read: a qualified name not
+/// found in that scope is then not looked for outside it (it may be that item's).
+const UNKNOWN: &str = "*";
+
 /// The names a scope's expressions see: per scope, innermost last, each alias with its unique
 /// name (None: a derived table or a CTE, whose columns tie nothing).
 type Visible = Vec<Vec<(String, Option<String>)>>;
@@ -168,7 +172,12 @@ impl Scopes {
                 TableFactor::Derived { alias, .. } => {
                     (alias.as_ref()?.name.value.to_lowercase(), None)
                 }
-                _ => return None,
+                // A table function, a nested join, ...: names of its own that this reading does
+                // not know; none of the scope's names may be taken for an outer one.
+                _ => {
+                    names.push((UNKNOWN.to_owned(), None));
+                    return None;
+                }
             };
             let unique = table.map(|table| {
                 let unique = if index == 0 {
@@ -346,7 +355,7 @@ fn node(expr: &Expr, visible: &Visible) -> Option<Node> {
                 let unique = visible
                     .iter()
                     .rev()
-                    .find_map(|names| names.iter().find(|(a, _)| *a == alias))?
+                    .find_map(|names| names.iter().find(|(a, _)| *a == alias || a == UNKNOWN))?
                     .1
                     .clone()?;
                 Some(Node::Column(unique, column.value.to_lowercase()))
