@@ -352,12 +352,11 @@ fn node(expr: &Expr, visible: &Visible) -> Option<Node> {
         Expr::CompoundIdentifier(parts) => match parts.as_slice() {
             [alias, column] => {
                 let alias = alias.value.to_lowercase();
-                let unique = visible
-                    .iter()
-                    .rev()
-                    .find_map(|names| names.iter().find(|(a, _)| *a == alias || a == UNKNOWN))?
-                    .1
-                    .clone()?;
+                let unique = visible.iter().rev().find_map(|names| {
+                    let exact = names.iter().find(|(a, _)| *a == alias);
+                    exact.or_else(|| names.iter().find(|(a, _)| a == UNKNOWN))
+                })?;
+                let unique = unique.1.clone()?;
                 Some(Node::Column(unique, column.value.to_lowercase()))
             }
             _ => None,
