@@ -398,14 +398,16 @@ fn identity(value: &Value) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
     use super::*;
     use crate::types::{Change, ChangeBody, Layout, Op, RowChange};
 
-    fn config() -> Config {
+    /// `author:{id}` through authors → books → reviews, on auto: a review reaches its author
+    /// through a lookup (also the feed's tests' config).
+    pub(crate) fn config() -> Config {
         Config::parse(
             r#"database = "x.db"
 invalidate = "auto"
@@ -435,7 +437,7 @@ query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_i
     }
 
     /// A review of `book` inserted at position 3.
-    fn review(book: i64) -> Change {
+    pub(crate) fn review(book: i64) -> Change {
         Change {
             position: 3,
             written_ms: None,

@@ -217,44 +217,11 @@ fn to_json(value: &Value) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-    use std::sync::Arc;
-
     use rusqlite::Connection;
 
     use super::*;
-    use crate::apply::lookups;
+    use crate::apply::lookups::{self, tests::config, tests::review};
     use crate::db::Deadline;
-    use crate::types::{Layout, Op, RowChange};
-
-    fn config() -> Config {
-        Config::parse(
-            r#"database = "x.db"
-invalidate = "auto"
-[keys."author:{id}"]
-query = "SELECT a.id, count(r.id) FROM authors a LEFT JOIN books b ON b.author_id = a.id LEFT JOIN reviews r ON r.book_id = b.id WHERE a.id = :id GROUP BY a.id"
-"#,
-            "test.toml",
-            Path::new("."),
-        )
-        .expect("valid")
-    }
-
-    fn review(book: i64) -> Change {
-        Change {
-            position: 3,
-            written_ms: None,
-            body: ChangeBody::Row(RowChange {
-                layout: Arc::new(Layout {
-                    table: "reviews".into(),
-                    columns: vec!["book_id".into()],
-                }),
-                op: Op::Insert,
-                old: None,
-                new: Some(vec![Value::Integer(book)]),
-            }),
-        }
-    }
 
     /// The batch's lookups run on `schema` (after the outbox's tables), explained.
     fn described(schema: &str, change: &Change) -> ChangeEvent {
